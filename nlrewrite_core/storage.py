@@ -220,10 +220,10 @@ class StageWriter:
         sha = self.store.write_parquet(f"{self.dir}/{name}.parquet", table)
         self.files.append({"name": name, "file": f"{name}.parquet", "rows": table.num_rows, "sha256": sha})
 
-    def json(self, name: str, obj: Any) -> None:
-        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    def bytes(self, name: str, data: bytes, rows: int | None = None) -> None:
+        """Write a whole file into the artifact."""
         self.store.write_bytes(f"{self.dir}/{name}", data)
-        self.files.append({"name": name, "file": name, "rows": None, "sha256": sha256_bytes(data)})
+        self.files.append({"name": name.removesuffix(".parquet"), "file": name, "rows": rows, "sha256": sha256_bytes(data)})
 
     def directory(self, name: str, local_dir: str | Path) -> None:
         """Copy a local directory (e.g. a `save_pretrained` output) into the artifact."""

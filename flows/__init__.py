@@ -1,0 +1,1 @@
+"""Prefect flows (nouns): `rewrite`, the whole DAG."""

@@ -1,0 +1,376 @@
+"""Per-latent calibration of simulator predictions.
+
+A calibration map sends one latent's raw prediction (already mapped linearly into
+``[0, max_act]``) to a calibrated activation. Every map is a monotone piecewise-linear function
+stored as knots ``(x, y)``: ``x`` non-decreasing prediction values, ``y`` non-decreasing
+activation values, with equal ``y`` wherever ``x`` ties, so the map is a function. Between knots
+it interpolates linearly; outside them it is clamped to the end values, or, for methods that
+declare ``extrapolate`` (``none``, later ``affine``), continued along the end segments.
+
+Methods (registry :data:`METHODS`, name -> :class:`CalibrationMethod`):
+
+- ``none``: the identity (knots ``(0, 0), (1, 1)``, extrapolated).
+- ``quantile``: the paper's quantile normalisation. Each latent's prediction goes through the
+  empirical CDF of its calib predictions onto the empirical inverse CDF of its true calib
+  activations: ``x_j = Q_pred(p_j)``, ``y_j = Q_true(p_j)`` on ``n_knots`` probabilities ``p_j``
+  (:func:`quantile_grid`: even on [0, 0.5], crowded towards 1 where sparse latents are active;
+  linear interpolation between order statistics, numpy's default type 7).
+  A run of tied prediction quantiles (a prediction value that a whole range of probabilities
+  shares, e.g. a constant prediction) gets one value: ``Q_true`` at the run's middle
+  probability, so a constant-prediction latent maps to the median true activation.
+
+New methods (``quantile-hf-<type>``, ``isotonic``, ``affine``) are added by registering a fit
+function that returns knot arrays for a block of latents.
+
+Maps are joined to prediction columns by latent id, never by position:
+:func:`apply_calibration` takes the latent id of each column, and :func:`maps_from_table`
+sorts rows by latent id whatever their order in the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+KnotFit = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""Fit for a block of latents: (pred [n, L], true [n, L], n_knots) -> (x [L, K], y [L, K])."""
+
+LATENT_BLOCK = 512
+"""Latents fitted at once: bounds the memory of the sorted copies to n_contexts x 512 values."""
+
+
+@dataclass(frozen=True)
+class CalibrationMethod:
+    """A registered calibration method."""
+
+    fit: KnotFit
+    """Knot fit for a block of latents (see :data:`KnotFit`)."""
+    extrapolate: bool
+    """Continue the end segments linearly outside the knots (else clamp to the end values)."""
+
+
+@dataclass(frozen=True)
+class CalibrationMaps:
+    """Per-latent piecewise-linear maps of one method.
+
+    Row ``i`` of ``x`` and ``y`` is the map of latent ``latents[i]``. Rows are padded to a common
+    length by repeating their last knot, which leaves the function unchanged.
+    """
+
+    method: str
+    latents: np.ndarray
+    """int64 [L], sorted, unique latent ids."""
+    x: np.ndarray
+    """float32 [L, K], non-decreasing along each row."""
+    y: np.ndarray
+    """float32 [L, K], non-decreasing along each row, equal where x ties."""
+    extrapolate: bool
+
+    @property
+    def n_latents(self) -> int:
+        """Number of latents with a map."""
+        return int(self.latents.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Knot fits
+# ---------------------------------------------------------------------------------------------
+
+
+def _fit_identity(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Identity map for every latent: knots (0, 0) and (1, 1), to be extrapolated."""
+    n_latents = pred.shape[1]
+    knots = np.tile(np.array([0.0, 1.0]), (n_latents, 1))
+    return knots, knots.copy()
+
+
+def _quantile_sorted(sorted_cols: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Quantiles of each column of ``sorted_cols`` [n, L] at per-column probabilities [K, L].
+
+    Linear interpolation between order statistics (Hyndman & Fan type 7, numpy's default):
+    ``h = (n - 1) p``, ``Q = s[floor h] + (h - floor h) (s[floor h + 1] - s[floor h])``.
+    """
+    n = sorted_cols.shape[0]
+    h = np.clip(probs, 0.0, 1.0) * (n - 1)
+    lo = np.floor(h).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    frac = h - lo
+    s_lo = np.take_along_axis(sorted_cols, lo, axis=0)
+    s_hi = np.take_along_axis(sorted_cols, hi, axis=0)
+    return s_lo + frac * (s_hi - s_lo)
+
+
+def _tie_runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last index of the run of equal values containing each entry, along axis 0.
+
+    ``x`` is [K, L] and non-decreasing along axis 0.
+    """
+    k = x.shape[0]
+    idx = np.arange(k)[:, None]
+    starts = np.ones(x.shape, dtype=bool)
+    starts[1:] = x[1:] != x[:-1]
+    ends = np.ones(x.shape, dtype=bool)
+    ends[:-1] = x[:-1] != x[1:]
+    first = np.maximum.accumulate(np.where(starts, idx, 0), axis=0)
+    last = np.minimum.accumulate(np.where(ends, idx, k - 1)[::-1], axis=0)[::-1]
+    return first, last
+
+
+def quantile_grid(n_knots: int, n_contexts: int) -> np.ndarray:
+    """Probabilities of the ``n_knots`` quantile knots: strictly increasing from 0 to 1.
+
+    Half the knots are evenly spaced on [0, 0.5]; the other half crowd geometrically towards 1,
+    with ``1 - p`` running from 0.5 down to ``1 / (n_contexts - 1)`` (the spacing of the order
+    statistics) before the final knot at 1. Latents are sparse: their non-zero activations
+    fill only the top fraction of a percent of the probability range, and an even grid would
+    leave that part to one linear segment. With too few knots or contexts for a tail, the
+    grid is even on [0, 1].
+    """
+    n_even = n_knots // 2 + 1
+    n_tail = n_knots - n_even
+    even = np.linspace(0.0, 0.5, n_even)
+    smallest = 1.0 / max(n_contexts - 1, 1)
+    if n_tail < 2 or smallest >= 0.5:
+        return np.linspace(0.0, 1.0, n_knots)
+    tail = 1.0 - np.geomspace(0.5, smallest, n_tail)[1:]
+    return np.concatenate([even, tail, [1.0]])
+
+
+def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quantile-normalisation knots for a block of latents (see the module docstring)."""
+    n_latents = pred.shape[1]
+    probs = quantile_grid(n_knots, pred.shape[0])
+    grid = np.broadcast_to(probs[:, None], (n_knots, n_latents))
+    sorted_pred = np.sort(pred.astype(np.float64), axis=0)
+    sorted_true = np.sort(true.astype(np.float64), axis=0)
+    # Ties are found on the stored (float32) knots, so rounding cannot create a jump.
+    x = _quantile_sorted(sorted_pred, grid).astype(np.float32)
+    first, last = _tie_runs(x)
+    mid_probs = 0.5 * (probs[first] + probs[last])
+    y = _quantile_sorted(sorted_true, mid_probs)
+    # Guard against rounding: quantiles of sorted data at increasing probabilities never decrease.
+    y = np.maximum.accumulate(y, axis=0)
+    return x.T.astype(np.float64), y.T
+
+
+METHODS: dict[str, CalibrationMethod] = {
+    "none": CalibrationMethod(fit=_fit_identity, extrapolate=True),
+    "quantile": CalibrationMethod(fit=_fit_quantile, extrapolate=False),
+}
+"""Calibration methods by name."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _method(name: str) -> CalibrationMethod:
+    """The registered method ``name``; a clear error for an unknown one."""
+    if name not in METHODS:
+        raise ValueError(f"unknown calibration method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def validate_maps(maps: CalibrationMaps) -> None:
+    """Raise ValueError unless ``maps`` is well formed (finite, monotone, a function, unique ids)."""
+    x, y, latents = maps.x, maps.y, maps.latents
+    if x.ndim != 2 or x.shape != y.shape or x.shape[0] != latents.shape[0] or x.shape[1] < 1:
+        raise ValueError(f"bad map shapes: latents {latents.shape}, x {x.shape}, y {y.shape}")
+    if latents.size and np.any(np.diff(latents) <= 0):
+        raise ValueError("latent ids of calibration maps must be sorted and unique")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError(f"calibration maps ({maps.method}) contain NaN or inf")
+    if np.any(np.diff(x, axis=1) < 0) or np.any(np.diff(y, axis=1) < 0):
+        raise ValueError(f"calibration maps ({maps.method}) are not monotone")
+    tied = np.diff(x, axis=1) == 0
+    if np.any(tied & (np.diff(y, axis=1) != 0)):
+        raise ValueError(f"calibration maps ({maps.method}) give two values to one prediction")
+
+
+def _make_maps(method: str, latents: np.ndarray, x: np.ndarray, y: np.ndarray) -> CalibrationMaps:
+    """Maps sorted by latent id, cast to storage types, and validated."""
+    order = np.argsort(latents, kind="stable")
+    maps = CalibrationMaps(
+        method=method,
+        latents=np.asarray(latents, dtype=np.int64)[order],
+        x=np.ascontiguousarray(x[order], dtype=np.float32),
+        y=np.ascontiguousarray(y[order], dtype=np.float32),
+        extrapolate=_method(method).extrapolate,
+    )
+    validate_maps(maps)
+    return maps
+
+
+def _check_matrix(name: str, a: np.ndarray) -> np.ndarray:
+    """``a`` as a 2-D float array with only finite values."""
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [n_contexts, n_latents], got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return a
+
+
+def _column_latents(latents: np.ndarray | None, n_cols: int) -> np.ndarray:
+    """Latent id of each column: ``latents`` checked, or 0..n_cols-1."""
+    if latents is None:
+        return np.arange(n_cols, dtype=np.int64)
+    latents = np.asarray(latents, dtype=np.int64)
+    if latents.shape != (n_cols,):
+        raise ValueError(f"latents has shape {latents.shape}, expected ({n_cols},)")
+    if np.unique(latents).size != n_cols:
+        raise ValueError("latent ids must be unique")
+    return latents
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_calibration(
+    method: str,
+    pred: np.ndarray,
+    true: np.ndarray,
+    n_knots: int = 257,
+    *,
+    latents: np.ndarray | None = None,
+) -> CalibrationMaps:
+    """Fit one map per latent on the calib split.
+
+    ``pred`` and ``true`` are [n_contexts, n_latents]: raw predictions and true post-TopK
+    activations of the same contexts. ``latents`` gives the latent id of each column (default:
+    column j is latent j). ``n_knots`` is the number of quantile probabilities (see
+    :func:`quantile_grid`); methods that need fewer knots ignore it.
+    """
+    spec = _method(method)
+    pred = _check_matrix("pred", pred)
+    true = _check_matrix("true", true)
+    if pred.shape != true.shape:
+        raise ValueError(f"pred {pred.shape} and true {true.shape} differ in shape")
+    if pred.shape[0] < 1:
+        raise ValueError("calibration needs at least one context")
+    if n_knots < 2:
+        raise ValueError(f"n_knots must be >= 2, got {n_knots}")
+    ids = _column_latents(latents, pred.shape[1])
+    xs, ys = [], []
+    for start in range(0, pred.shape[1], LATENT_BLOCK):
+        block = slice(start, start + LATENT_BLOCK)
+        x, y = spec.fit(pred[:, block], true[:, block], n_knots)
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        return _make_maps(method, ids, np.zeros((0, 2)), np.zeros((0, 2)))
+    return _make_maps(method, ids, np.concatenate(xs), np.concatenate(ys))
+
+
+def _distinct_knots(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One row's knots with ties removed (strictly increasing x)."""
+    keep = np.ones(x.shape, dtype=bool)
+    keep[1:] = x[1:] != x[:-1]
+    return x[keep], y[keep]
+
+
+def _apply_one(x: np.ndarray, y: np.ndarray, values: np.ndarray, extrapolate: bool) -> np.ndarray:
+    """One latent's map applied to ``values`` (float64)."""
+    xk, yk = _distinct_knots(x.astype(np.float64), y.astype(np.float64))
+    out = np.interp(values, xk, yk)
+    if extrapolate and xk.size >= 2:
+        below = values < xk[0]
+        above = values > xk[-1]
+        slope_lo = (yk[1] - yk[0]) / (xk[1] - xk[0])
+        slope_hi = (yk[-1] - yk[-2]) / (xk[-1] - xk[-2])
+        out[below] = yk[0] + (values[below] - xk[0]) * slope_lo
+        out[above] = yk[-1] + (values[above] - xk[-1]) * slope_hi
+    return out
+
+
+def apply_calibration(
+    maps: CalibrationMaps, pred_eval: np.ndarray, latents: np.ndarray | None = None
+) -> np.ndarray:
+    """Calibrated predictions, float32 with the shape of ``pred_eval`` [n_contexts, n_cols].
+
+    ``latents`` gives the latent id of each column (default: column j is latent j); each column
+    uses the map of its latent id, and a column whose latent has no map is an error.
+    """
+    pred_eval = _check_matrix("pred_eval", pred_eval)
+    ids = _column_latents(latents, pred_eval.shape[1])
+    rows = np.minimum(np.searchsorted(maps.latents, ids), max(maps.n_latents - 1, 0))
+    found = maps.latents[rows] == ids if maps.n_latents else np.zeros(ids.shape, dtype=bool)
+    if not np.all(found):
+        missing = ids[~found]
+        raise KeyError(f"no {maps.method} calibration map for latents {missing[:10].tolist()}")
+    out = np.empty(pred_eval.shape, dtype=np.float32)
+    values = pred_eval.astype(np.float64)
+    for col, row in enumerate(rows):
+        out[:, col] = _apply_one(maps.x[row], maps.y[row], values[:, col], maps.extrapolate)
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"calibration ({maps.method}) produced NaN or inf")
+    return out
+
+
+TABLE_SCHEMA = pa.schema(
+    [
+        ("latent", pa.int32()),
+        ("method", pa.string()),
+        ("x", pa.list_(pa.float32())),
+        ("y", pa.list_(pa.float32())),
+    ]
+)
+"""Schema of the ``calibration`` table: one row per (latent, method)."""
+
+
+def maps_to_table(maps: CalibrationMaps) -> pa.Table:
+    """The maps as a table (schema :data:`TABLE_SCHEMA`), ties and padding removed from the knots."""
+    validate_maps(maps)
+    keep = np.ones(maps.x.shape, dtype=bool)
+    keep[:, 1:] = maps.x[:, 1:] != maps.x[:, :-1]
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
+    x = pa.ListArray.from_arrays(pa.array(offsets), pa.array(maps.x[keep], type=pa.float32()))
+    y = pa.ListArray.from_arrays(pa.array(offsets), pa.array(maps.y[keep], type=pa.float32()))
+    return pa.Table.from_arrays(
+        [
+            pa.array(maps.latents.astype(np.int32), type=pa.int32()),
+            pa.array([maps.method] * maps.n_latents, type=pa.string()),
+            x,
+            y,
+        ],
+        schema=TABLE_SCHEMA,
+    )
+
+
+def _padded(lists: pa.ChunkedArray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """A list<float32> column as a float32 [rows, width] array, each row padded with its last value."""
+    if lengths.size == 0:
+        return np.zeros((0, width), dtype=np.float32)
+    if np.any(lengths < 1):
+        raise ValueError("calibration table has a row without knots")
+    values = np.asarray(pc.list_flatten(lists).to_numpy(zero_copy_only=False), dtype=np.float32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    take = starts[:, None] + np.minimum(np.arange(width), lengths[:, None] - 1)
+    return values[take]
+
+
+def maps_from_table(table: pa.Table, method: str) -> CalibrationMaps:
+    """The maps of ``method`` from a calibration table, in latent-id order whatever the row order."""
+    _method(method)
+    missing = set(TABLE_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"calibration table lacks columns {sorted(missing)}")
+    rows = table.filter(pc.equal(table["method"], method))
+    latents = np.asarray(rows["latent"].to_numpy(), dtype=np.int64)
+    if np.unique(latents).size != latents.size:
+        raise ValueError(f"calibration table has duplicate latents for method {method!r}")
+    if rows["x"].null_count or rows["y"].null_count or rows["latent"].null_count:
+        raise ValueError("calibration table has null latents or knots")
+    x_len = np.asarray(pc.list_value_length(rows["x"]).to_numpy(), dtype=np.int64)
+    y_len = np.asarray(pc.list_value_length(rows["y"]).to_numpy(), dtype=np.int64)
+    if not np.array_equal(x_len, y_len):
+        raise ValueError("calibration table rows have x and y of different lengths")
+    width = int(x_len.max()) if x_len.size else 2
+    return _make_maps(method, latents, _padded(rows["x"], x_len, width), _padded(rows["y"], y_len, width))

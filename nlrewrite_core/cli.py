@@ -1,0 +1,150 @@
+"""The `nlrewrite` command line: `run` the pipeline, `query` a run's tables with SQL.
+
+Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run) exits
+with status 2 and one message naming the field or file, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, ConfigError, RewriteConfig, load_config
+
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "nlrewrite",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class UsageError(Exception):
+    """Bad input reported with exit status 2."""
+
+
+def check_storage(storage: str) -> None:
+    """Fail early if a local storage root cannot be written (nothing is created here)."""
+    if storage.startswith("s3://"):
+        if len(storage) <= len("s3://") or storage[len("s3://"):].startswith("/"):
+            raise UsageError(f"--storage {storage!r}: an S3 root must look like s3://bucket[/prefix]")
+        return
+    if "://" in storage:
+        raise UsageError(f"--storage {storage!r}: use a local directory or s3://bucket/prefix")
+    path = Path(storage).resolve()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--storage {storage!r}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--storage {storage!r}: {probe} is not writable; choose a directory you can write")
+
+
+def format_table(cols: list[str], rows: list[tuple[Any, ...]] | list[list[Any]], fmt: str = "table") -> str:
+    """Render rows as an aligned text table, CSV or JSON lines."""
+    if fmt == "json":
+        return "\n".join(json.dumps(dict(zip(cols, r)), default=str) for r in rows)
+    if fmt == "csv":
+        import io
+
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(cols)
+        writer.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+CE_COLUMNS = ["condition", "selection", "fraction", "calibration", "seed", "n_latents", "ce_mean", "ce_lo", "ce_hi",
+              "delta_zero_mean"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg: RewriteConfig = load_config(args.preset, args.config)
+    check_storage(args.storage)
+    for k, v in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    from flows.rewrite import rewrite  # imports Prefect: only after validation
+
+    result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
+                     storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
+    rows = [[r[c] for c in CE_COLUMNS] for r in result["ce"]]
+    print()
+    print(f"CE on the eval split ({cfg.evaluate.positions} positions), run {result['run_id']}:")
+    print(format_table(CE_COLUMNS, rows))
+    print()
+    for k, v in result["summary"].items():
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    print(f"run record: {result['run_json']}")
+    print(f"report: {result['report']}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from .query import RunNotFound, query
+    from .storage import Store
+
+    if not args.storage.startswith("s3://") and not Path(args.storage).is_dir():
+        raise UsageError(f"--storage {args.storage!r} does not exist; run `nlrewrite run` first or pass --storage")
+    try:
+        cols, rows = query(Store(args.storage, endpoint_url=args.endpoint_url), args.run_id, args.sql)
+    except RunNotFound as e:
+        raise UsageError(str(e)) from None
+    except Exception as e:  # duckdb errors: bad SQL, unknown table
+        if type(e).__module__.startswith("duckdb") or "duckdb" in type(e).__module__:
+            raise UsageError(f"SQL error: {e}") from None
+        raise
+    print(format_table(cols, rows, args.format))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nlrewrite", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the pipeline (every finished stage is reused from cache)")
+    r.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
+    r.add_argument("--config", help="YAML file overriding any config field")
+    r.add_argument("--storage", default="./nlrewrite-data", help="local directory or s3://bucket/prefix")
+    r.add_argument("--run-id", help="name of the run (default: <preset>-<content key>)")
+    r.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
+    r.set_defaults(func=cmd_run)
+    q = sub.add_parser("query", help="SQL over a run's tables (DuckDB)")
+    q.add_argument("run_id")
+    q.add_argument("sql")
+    q.add_argument("--storage", default="./nlrewrite-data")
+    q.add_argument("--endpoint-url")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.set_defaults(func=cmd_query)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as e:
+        print(f"nlrewrite: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

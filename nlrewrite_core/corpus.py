@@ -1,0 +1,239 @@
+"""Corpus stage: English text that ships with Python, a byte-level BPE tokenizer, and splits.
+
+Everything here is a pure function of its arguments (and of the Python installation whose
+documentation is read): the same config gives the same text, tokenizer, sequences and splits.
+No storage I/O: the caller writes the artifacts.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import re
+import sysconfig
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from nlrewrite_core.config import CorpusConfig
+
+EOS = "<|endoftext|>"
+"""Special token that separates documents (and ends each one)."""
+
+DOC_SEPARATOR = "\n\n"
+"""How documents are joined in the collected text (and split again before tokenizing)."""
+
+SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
+"""Standard-library directories whose files are not read."""
+
+SPLITS = ("eval", "calib", "explain", "train")
+"""Split names, in the order sequences are assigned to them."""
+
+MIN_TRAIN_SEQUENCES = 16
+"""The train split must hold at least this many sequences."""
+
+
+# ----------------------------------------------------------------------------------- text
+
+
+def normalise_whitespace(text: str) -> str:
+    """Light whitespace clean-up: strip line ends, collapse runs of blank lines and tabs.
+
+    Paragraph breaks inside a document become a single newline, so that ``DOC_SEPARATOR``
+    ("\\n\\n") only ever separates documents.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", "    ")
+    lines = [line.rstrip() for line in text.split("\n")]
+    text = "\n".join(lines).strip()
+    return re.sub(r"\n{2,}", "\n", text)
+
+
+def pydoc_topic_texts() -> list[str]:
+    """The texts of ``pydoc_data.topics.topics`` (the language reference), sorted by key."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def stdlib_source_files(root: Path | None = None) -> list[Path]:
+    """Standard-library ``.py`` files in sorted order, skipping test, idlelib and site-packages dirs."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if any(part in SKIP_DIRS for part in rel.parts[:-1]):
+            continue
+        files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def module_docstrings(source: str) -> list[str]:
+    """Module, class and function docstrings of Python source, in source order (parsed, never imported)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid escape sequences in old files
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            return []
+    nodes = [tree] + [n for n in ast.walk(tree)
+                      if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    nodes.sort(key=lambda n: (getattr(n, "lineno", 0), getattr(n, "col_offset", 0)))
+    docs = []
+    for node in nodes:
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            docs.append(doc)
+    return docs
+
+
+def stdlib_docstrings(root: Path | None = None) -> Iterator[str]:
+    """Docstrings of the standard library's source files, files in sorted order."""
+    for path in stdlib_source_files(root):
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        yield from module_docstrings(source)
+
+
+def collect_documents(cfg: CorpusConfig) -> Iterator[str]:
+    """Normalised, non-empty documents in a fixed order: pydoc topics, then stdlib docstrings."""
+    if cfg.source != "python-docs":
+        raise ValueError(f"unknown corpus.source {cfg.source!r}")
+    for doc in pydoc_topic_texts():
+        doc = normalise_whitespace(doc)
+        if doc:
+            yield doc
+    for doc in stdlib_docstrings():
+        doc = normalise_whitespace(doc)
+        if doc:
+            yield doc
+
+
+def collect_text(cfg: CorpusConfig) -> str:
+    """English text that ships with Python, documents joined by "\\n\\n", capped at ``cfg.max_chars``.
+
+    The order is fixed (pydoc topics sorted by key, then docstrings of stdlib files in sorted
+    path order), so the result is deterministic for a given Python installation.
+    """
+    parts: list[str] = []
+    total = 0
+    for doc in collect_documents(cfg):
+        parts.append(doc)
+        total += len(doc) + len(DOC_SEPARATOR)
+        if total >= cfg.max_chars:
+            break
+    return DOC_SEPARATOR.join(parts)[: cfg.max_chars]
+
+
+# ------------------------------------------------------------------------------ tokenizer
+
+
+def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``text`` (deterministic), with ``<|endoftext|>`` as id 0."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(split_documents(text), trainer=trainer, length=None)
+    return tokenizer
+
+
+def split_documents(text: str) -> list[str]:
+    """The documents of a collected text (non-empty pieces between ``DOC_SEPARATOR``)."""
+    return [doc for doc in text.split(DOC_SEPARATOR) if doc.strip()]
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """Id of the ``<|endoftext|>`` token."""
+    token_id = tokenizer.token_to_id(EOS)
+    if token_id is None:
+        raise ValueError(f"tokenizer has no {EOS!r} token")
+    return token_id
+
+
+def tokenize_sequences(tokenizer: Tokenizer, text: str, seq_len: int) -> np.ndarray:
+    """Tokenize documents, join them with the eos id, and cut non-overlapping ``seq_len`` windows.
+
+    Each document is followed by eos. The remainder that does not fill a window is dropped.
+    Returns int32 of shape (n_seq, seq_len).
+    """
+    eos = eos_id(tokenizer)
+    stream: list[int] = []
+    for enc in tokenizer.encode_batch(split_documents(text)):
+        stream.extend(enc.ids)
+        stream.append(eos)
+    n_seq = len(stream) // seq_len
+    return np.asarray(stream[: n_seq * seq_len], dtype=np.int32).reshape(n_seq, seq_len)
+
+
+# --------------------------------------------------------------------------------- splits
+
+
+def sequence_hash(seed: int, tokens: np.ndarray) -> bytes:
+    """Stable hash of one sequence: sha256 of the seed and the sequence's int32 token bytes."""
+    h = hashlib.sha256(str(seed).encode() + b":")
+    h.update(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
+    return h.digest()
+
+
+def assign_splits(seqs: np.ndarray, cfg: CorpusConfig) -> np.ndarray:
+    """Split name of each sequence ("eval", "calib", "explain" or "train").
+
+    Sequences are ordered by a stable hash (ties, i.e. duplicate sequences, by index); the first
+    ``n_eval`` go to eval, the next ``n_calib`` to calib, the next ``n_explain`` to explain and
+    the rest to train. Raises ValueError, naming the fields, if fewer than
+    ``n_eval + n_calib + n_explain + MIN_TRAIN_SEQUENCES`` sequences exist.
+    """
+    n = len(seqs)
+    held_out = cfg.n_eval + cfg.n_calib + cfg.n_explain
+    if n < held_out + MIN_TRAIN_SEQUENCES:
+        raise ValueError(
+            f"the corpus has {n} sequences, too few for corpus.n_eval ({cfg.n_eval}) + corpus.n_calib "
+            f"({cfg.n_calib}) + corpus.n_explain ({cfg.n_explain}) + at least {MIN_TRAIN_SEQUENCES} "
+            f"train sequences: lower those fields or corpus.seq_len, or raise corpus.max_chars"
+        )
+    order = sorted(range(n), key=lambda i: (sequence_hash(cfg.seed, seqs[i]), i))
+    splits = np.empty(n, dtype=object)
+    bounds = np.cumsum([0, cfg.n_eval, cfg.n_calib, cfg.n_explain, n - held_out])
+    for name, start, stop in zip(SPLITS, bounds[:-1], bounds[1:]):
+        splits[order[start:stop]] = name
+    return splits.astype(str)
+
+
+def build_corpus(cfg: CorpusConfig) -> tuple[pa.Table, Tokenizer]:
+    """Collect text, train the tokenizer, cut sequences and assign splits.
+
+    Returns a table (seq_id int64, split string, tokens list<int32>) and the tokenizer.
+    """
+    text = collect_text(cfg)
+    tokenizer = train_tokenizer(text, cfg.vocab_size)
+    seqs = tokenize_sequences(tokenizer, text, cfg.seq_len)
+    splits = assign_splits(seqs, cfg)
+    table = pa.table({
+        "seq_id": pa.array(np.arange(len(seqs), dtype=np.int64)),
+        "split": pa.array(splits.tolist(), type=pa.string()),
+        "tokens": pa.array(list(seqs), type=pa.list_(pa.int32())),
+    })
+    return table, tokenizer
+
+
+def split_tokens(table: pa.Table, split: str) -> np.ndarray:
+    """Token matrix (n_seq, seq_len) int32 of one split of a corpus table, in seq_id order."""
+    mask = np.asarray(table.column("split").to_pylist()) == split
+    ids = np.asarray(table.column("seq_id").to_numpy())[mask]
+    rows = [np.asarray(t, dtype=np.int32) for t, m in zip(table.column("tokens").to_pylist(), mask) if m]
+    order = np.argsort(ids, kind="stable")
+    if not rows:
+        return np.zeros((0, 0), dtype=np.int32)
+    return np.stack(rows)[order]

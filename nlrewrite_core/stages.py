@@ -1,0 +1,603 @@
+"""The pipeline's stages: each reads its upstream artifacts, computes, and writes its own.
+
+Every stage is a function of (store, config, keys) that returns an ArtifactRef. It first looks
+for its manifest and returns at once when it is there (the manifest is the source of truth for
+"done"), so a rerun, or a Prefect cache miss, never recomputes finished work. All the stage
+keys of a run come from `plan()`, a pure function of the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from . import activations as acts_lib
+from . import calibrate as calib_lib
+from . import corpus as corpus_lib
+from . import embedding as emb_lib
+from . import evaluate as eval_lib
+from . import explain as explain_lib
+from . import score as score_lib
+from . import simulate as sim_lib
+from . import subject as subject_lib
+from . import transcoder as tc_lib
+from .config import RewriteConfig
+from .storage import ArtifactRef, StageWriter, Store, stage_key
+
+log = logging.getLogger("nlrewrite")
+
+VERSIONS = {
+    "corpus": "1", "subject": "1", "transcoder": "1", "activations": "1", "explain": "1",
+    "embed": "1", "score": "1", "simulate": "1", "calibrate": "1", "evaluate": "1", "report": "1",
+}
+CACHED_SPLITS = ("explain", "calib", "eval")
+
+
+# ---- keys ---------------------------------------------------------------------------------------
+def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[str]]]:
+    """Each stage's config section and its upstream stages (the DAG)."""
+    d = cfg.model_dump(mode="json")
+    return {
+        "corpus": (d["corpus"], []),
+        "subject": (d["subject"], ["corpus"]),
+        "transcoder": (d["transcoder"], ["subject", "corpus"]),
+        "activations": (d["activations"], ["corpus", "subject", "transcoder"]),
+        "explain": (d["explain"], ["corpus", "activations"]),
+        "embed": ({"embedding": d["embedding"], "window": d["simulate"]["window"]}, ["corpus"]),
+        "score": ({"score": d["score"], "token_weight": d["simulate"]["token_weight"]},
+                  ["activations", "explain", "embed"]),
+        "simulate": ({"simulate": d["simulate"], "embedding": d["embedding"]}, ["activations", "explain", "embed"]),
+        "calibrate": (d["calibrate"], ["activations", "simulate"]),
+        "evaluate": (d["evaluate"], ["corpus", "subject", "transcoder", "activations", "score", "calibrate"]),
+        "report": ({}, ["transcoder", "subject", "activations", "score", "calibrate", "evaluate"]),
+    }
+
+
+def plan(cfg: RewriteConfig) -> dict[str, str]:
+    """The content key of every stage, in DAG order."""
+    keys: dict[str, str] = {}
+    for stage, (section, ups) in stage_configs(cfg).items():
+        keys[stage] = stage_key(stage, VERSIONS[stage], section, {u: keys[u] for u in ups})
+    return keys
+
+
+def shard_ranges(num_latents: int, shard_latents: int) -> list[tuple[int, int]]:
+    """Latent ranges [start, stop) of the simulation shards."""
+    return [(a, min(a + shard_latents, num_latents)) for a in range(0, num_latents, shard_latents)]
+
+
+def _writer(store: Store, stage: str, cfg: RewriteConfig, keys: dict[str, str], sub: str = "") -> StageWriter:
+    section, ups = stage_configs(cfg)[stage]
+    return StageWriter(store, stage, keys[stage], config=section, upstream={u: keys[u] for u in ups},
+                       version=VERSIONS[stage], sub=sub)
+
+
+def _done(store: Store, stage: str, keys: dict[str, str]) -> ArtifactRef | None:
+    if store.has_manifest(stage, keys[stage]):
+        log.info("%s: found manifest for key %s, nothing to do", stage, keys[stage])
+        return store.ref(stage, keys[stage])
+    return None
+
+
+def _device(cfg: RewriteConfig) -> str:
+    dev = cfg.execution.device
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return dev
+
+
+def _table(store: Store, stage: str, key: str, name: str, **kw: Any) -> pa.Table:
+    return store.read_parquet(f"{store.artifact_dir(stage, key)}/{name}.parquet", **kw)
+
+
+# ---- loaders ------------------------------------------------------------------------------------
+def load_tokens(store: Store, keys: dict[str, str], splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(seq_ids, tokens [n, seq_len]) of the given splits, ordered by seq_id."""
+    t = _table(store, "corpus", keys["corpus"], "tokens", filters=pc.field("split").isin(list(splits)))
+    t = t.sort_by("seq_id")
+    seq_ids = t.column("seq_id").to_numpy()
+    tokens = np.asarray(t.column("tokens").to_pylist(), dtype=np.int64) if len(t) else np.zeros((0, 0), np.int64)
+    return seq_ids, tokens
+
+
+def load_tokenizer(store: Store, keys: dict[str, str]):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(store.read_bytes(f"{store.artifact_dir('corpus', keys['corpus'])}/tokenizer.json").decode())
+
+
+def load_subject(store: Store, keys: dict[str, str], device: str = "cpu") -> torch.nn.Module:
+    from transformers import GPTNeoXForCausalLM
+
+    path = store.local_dir(store.artifact_dir("subject", keys["subject"], "model"))
+    return GPTNeoXForCausalLM.from_pretrained(path).to(device).eval()
+
+
+def load_sae(store: Store, keys: dict[str, str], device: str = "cpu") -> torch.nn.Module:
+    path = store.local_dir(store.artifact_dir("transcoder", keys["transcoder"], "sae"))
+    return tc_lib.load_transcoder(path).to(device).eval()
+
+
+def explain_halves(seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split the explain split's sequences in two: the explainer sees the first half (even rank),
+    the detection scorer judges on the second (odd rank), so scoring never reuses shown examples."""
+    s = np.sort(seq_ids)
+    return s[0::2], s[1::2]
+
+
+def dense(rows_ctx: np.ndarray, rows_lat: np.ndarray, values: np.ndarray, ctx_index: dict[int, int] | np.ndarray,
+          shape: tuple[int, int], fill: float = 0.0) -> np.ndarray:
+    """Scatter long-format (context_id, latent, value) rows into a dense [n_ctx, n_lat] array,
+    joined by context id and latent id. `ctx_index` maps a context id to its row."""
+    out = np.full(shape, fill, dtype=np.float32)
+    out[ctx_index[rows_ctx], rows_lat] = values
+    return out
+
+
+def context_index(context_ids: np.ndarray) -> np.ndarray:
+    """A lookup array: index[context_id] = row, -1 elsewhere."""
+    idx = np.full(int(context_ids.max()) + 1 if len(context_ids) else 1, -1, dtype=np.int64)
+    idx[context_ids] = np.arange(len(context_ids))
+    return idx
+
+
+def context_ids(seq_ids: np.ndarray, seq_len: int) -> np.ndarray:
+    """Context id of every (seq, pos), row-major: seq_id * seq_len + pos."""
+    return (seq_ids[:, None] * seq_len + np.arange(seq_len)[None, :]).reshape(-1)
+
+
+def true_activations(store: Store, keys: dict[str, str], split: str, seq_ids: np.ndarray, seq_len: int,
+                     num_latents: int) -> np.ndarray:
+    """Dense true activations [n_ctx, num_latents] of a split, rows in context_ids(seq_ids) order."""
+    t = _table(store, "activations", keys["activations"], "activations", filters=pc.field("split") == split)
+    cids = t.column("seq_id").to_numpy() * seq_len + t.column("pos").to_numpy()
+    idx = context_index(context_ids(seq_ids, seq_len))
+    return dense(cids, t.column("latent").to_numpy(), t.column("act").to_numpy(), idx,
+                 (len(seq_ids) * seq_len, num_latents))
+
+
+# ---- stages -------------------------------------------------------------------------------------
+def run_corpus(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    if ref := _done(store, "corpus", keys):
+        return ref
+    w = _writer(store, "corpus", cfg, keys)
+    table, tokenizer = corpus_lib.build_corpus(cfg.corpus)
+    w.table("tokens", table)
+    w.bytes("tokenizer.json", tokenizer.to_str().encode())
+    splits = table.column("split").to_numpy(zero_copy_only=False)
+    counts = {s: int((splits == s).sum()) for s in ("train", "explain", "calib", "eval")}
+    log.info("corpus: %d sequences of %d tokens, splits %s", len(table), cfg.corpus.seq_len, counts)
+    return w.finish(metrics={"n_sequences": len(table), "splits": counts, "vocab_size": tokenizer.get_vocab_size(),
+                             "n_tokens": len(table) * cfg.corpus.seq_len})
+
+
+def run_subject(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    if ref := _done(store, "subject", keys):
+        return ref
+    w = _writer(store, "subject", cfg, keys)
+    device = _device(cfg)
+    _, train = load_tokens(store, keys, ("train",))
+    _, eval_tokens = load_tokens(store, keys, ("eval",))
+    tokenizer = load_tokenizer(store, keys)
+    if cfg.subject.source == "hub":
+        model = subject_lib.load_hub_model(cfg.subject.hub_id).to(device)
+        metrics: dict[str, Any] = {"hub_id": cfg.subject.hub_id}
+    else:
+        model = subject_lib.build_model(cfg.subject, tokenizer.get_vocab_size(), cfg.corpus.seq_len).to(device)
+        metrics = subject_lib.train_subject(model, train, cfg.subject)
+    model.eval()
+    ce = eval_lib.ce_with(model, 0, eval_tokens, cfg.evaluate.batch_size, None)
+    metrics["eval_ce"] = float(ce.mean())
+    metrics["unigram_ce"] = subject_lib.unigram_ce(train, eval_tokens, tokenizer.get_vocab_size())
+    metrics["mlp_ablation_ce"] = subject_lib.mlp_ablation_costs(model, eval_tokens, cfg.evaluate.batch_size)
+    log.info("subject: eval CE %.3f (unigram %.3f); CE with each layer's MLP zeroed: %s", metrics["eval_ce"],
+             metrics["unigram_ce"], [round(c, 3) for c in metrics["mlp_ablation_ce"]])
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        w.directory("model", tmp)
+    return w.finish(metrics=metrics)
+
+
+def run_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    if ref := _done(store, "transcoder", keys):
+        return ref
+    w = _writer(store, "transcoder", cfg, keys)
+    device = _device(cfg)
+    model = load_subject(store, keys, device)
+    layer = cfg.transcoder.layer
+    n_layers = model.config.num_hidden_layers
+    if layer >= n_layers:
+        raise ValueError(f"transcoder.layer ({layer}) is out of range: the subject has {n_layers} layers")
+    if cfg.transcoder.checkpoint:
+        sae = tc_lib.load_transcoder(cfg.transcoder.checkpoint).to(device)
+        metrics: dict[str, Any] = {"checkpoint": cfg.transcoder.checkpoint}
+    else:
+        _, train = load_tokens(store, keys, ("train",))
+        n_seq = max(1, min(len(train), cfg.transcoder.max_train_tokens // train.shape[1]))
+        X, Y = tc_lib.collect_mlp_io(model, layer, train[:n_seq], cfg.evaluate.batch_size)
+        sae, metrics = tc_lib.train_transcoder(X, Y, cfg.transcoder)
+        del X, Y
+    sae.eval()
+    # The fit on the eval split: FVU, dead latents, and CE (clean, transcoder, zero-ablation, MLP zeroed).
+    _, eval_tokens = load_tokens(store, keys, ("eval",))
+    Xe, Ye = tc_lib.collect_mlp_io(model, layer, eval_tokens, cfg.evaluate.batch_size)
+    with torch.no_grad():
+        out = eval_lib.patched_output(sae, Xe)
+        fvu = float(((Ye - out) ** 2).sum() / ((Ye - Ye.mean(0)) ** 2).sum())
+        _, idx, _ = sae.encode(Xe.to(sae.dtype))
+        alive = torch.zeros(sae.num_latents, dtype=torch.bool)
+        alive[idx.reshape(-1).cpu()] = True
+    bs = cfg.evaluate.batch_size
+    ce = {
+        "clean": float(eval_lib.ce_with(model, layer, eval_tokens, bs, None).mean()),
+        "transcoder": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: eval_lib.flat(
+            lambda x: eval_lib.patched_output(sae, x))).mean()),
+        "zero_ablation": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: eval_lib.flat(
+            lambda x: eval_lib.skip_path(sae, x))).mean()),
+        "mlp_ablation": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: torch.zeros_like).mean()),
+    }
+    recovered = (ce["zero_ablation"] - ce["transcoder"]) / max(ce["zero_ablation"] - ce["clean"], 1e-12)
+    fit = {"eval_fvu": fvu, "eval_dead_fraction": float(1 - alive.float().mean()), "ce": ce,
+           "ce_recovered": recovered, "zero_ablation_cost_frac": (ce["zero_ablation"] - ce["clean"]) / ce["clean"],
+           "layer": layer}
+    log.info("transcoder: FVU %.4f, dead %.1f%%, CE recovered %.3f, CE %s", fvu, 100 * fit["eval_dead_fraction"],
+             recovered, {k: round(v, 4) for k, v in ce.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        tc_lib.save_transcoder(sae, tmp)
+        w.directory("sae", tmp)
+    w.table("fit", pa.table({"metric": list(fit["ce"].keys()) + ["fvu", "dead_fraction", "ce_recovered"],
+                             "value": list(fit["ce"].values()) + [fvu, fit["eval_dead_fraction"], recovered]}))
+    return w.finish(metrics={**metrics, **fit})
+
+
+def run_activations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    if ref := _done(store, "activations", keys):
+        return ref
+    import pyarrow.parquet as pq
+
+    w = _writer(store, "activations", cfg, keys)
+    device = _device(cfg)
+    model = load_subject(store, keys, device)
+    sae = load_sae(store, keys, device)
+    layer = cfg.transcoder.layer
+    schema = acts_lib.ACTIVATION_SCHEMA.append(pa.field("split", pa.string()))
+    if cfg.activations.dtype == "float16":
+        schema = schema.set(schema.get_field_index("act"), pa.field("act", pa.float16()))
+    n_tokens: dict[str, int] = {}
+    parts: list[pa.Table] = []  # only (split, latent, act) for the statistics: 3 narrow columns
+    rows, t0 = 0, time.perf_counter()
+    tmp_path = Path(tempfile.mkdtemp()) / "activations.parquet"
+    with pq.ParquetWriter(tmp_path, schema, compression="zstd") as writer:
+        for split in CACHED_SPLITS:
+            seq_ids, tokens = load_tokens(store, keys, (split,))
+            n_tokens[split] = tokens.size
+            for batch in acts_lib.iter_latents(model, sae, layer, tokens, seq_ids, cfg.activations.batch_size, device):
+                b = pa.Table.from_batches([batch]).append_column("split", pa.array([split] * batch.num_rows))
+                writer.write_table(b.cast(schema))
+                parts.append(b.select(["split", "latent", "act"]))
+                rows += batch.num_rows
+    dt = time.perf_counter() - t0
+    total_tokens = sum(n_tokens.values())
+    log.info("activations: %d tokens, %d non-zero latents in %.1fs (%.0f tokens/s)", total_tokens, rows, dt,
+             total_tokens / max(dt, 1e-9))
+    w.bytes("activations.parquet", tmp_path.read_bytes(), rows=rows)
+    tmp_path.unlink()
+    stats = acts_lib.latent_stats(pa.concat_tables(parts), n_tokens, sae.num_latents)
+    w.table("latent_stats", stats)
+    return w.finish(metrics={"rows": rows, "n_tokens": n_tokens, "tokens_per_s": total_tokens / max(dt, 1e-9),
+                             "num_latents": sae.num_latents, "k": sae.cfg.k})
+
+
+def _max_act(store: Store, keys: dict[str, str], num_latents: int) -> np.ndarray:
+    """Per-latent maximum activation on the explain split (the scale the simulator maps onto)."""
+    s = _table(store, "activations", keys["activations"], "latent_stats", filters=pc.field("split") == "explain")
+    out = np.zeros(num_latents, dtype=np.float32)
+    out[s.column("latent").to_numpy()] = s.column("max_act").to_numpy()
+    return out
+
+
+def _num_latents(store: Store, keys: dict[str, str]) -> int:
+    return int(store.read_manifest("activations", keys["activations"])["metrics"]["num_latents"])
+
+
+def run_explain(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    if ref := _done(store, "explain", keys):
+        return ref
+    w = _writer(store, "explain", cfg, keys)
+    num_latents = _num_latents(store, keys)
+    seq_ids, tokens = load_tokens(store, keys, ("explain",))
+    shown, _ = explain_halves(seq_ids)
+    a = _table(store, "activations", keys["activations"], "activations",
+               filters=(pc.field("split") == "explain") & pc.field("seq_id").isin(shown.tolist()))
+    tokenizer = load_tokenizer(store, keys)
+    by_seq = {int(s): tokens[i] for i, s in enumerate(seq_ids)}
+    t0 = time.perf_counter()
+    table = explain_lib.ngram_explanations(
+        a.column("seq_id").to_numpy(), a.column("pos").to_numpy(), a.column("latent").to_numpy(),
+        a.column("act").to_numpy().astype(np.float32), by_seq, lambda t: tokenizer.decode([t]),
+        lambda ids: tokenizer.decode(ids), num_latents, cfg.explain)
+    n_expl = int(pc.sum(pc.equal(table.column("status"), "explained")).as_py() or 0)
+    log.info("explain: %d of %d latents explained (%.0f latents/s)", n_expl, num_latents,
+             num_latents / max(time.perf_counter() - t0, 1e-9))
+    w.table("explanations", table)
+    return w.finish(metrics={"n_explained": n_expl, "n_dead": num_latents - n_expl})
+
+
+def run_embed(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """Embed every context window the scorer and simulator need, once: the explain split's scoring
+    half and all calib and eval positions, plus every vocabulary token alone."""
+    if ref := _done(store, "embed", keys):
+        return ref
+    w = _writer(store, "embed", cfg, keys)
+    tokenizer = load_tokenizer(store, keys)
+    seq_len = cfg.corpus.seq_len
+    frames = []
+    for split in CACHED_SPLITS:
+        seq_ids, tokens = load_tokens(store, keys, (split,))
+        if split == "explain":
+            keep = np.isin(seq_ids, explain_halves(seq_ids)[1])
+            seq_ids, tokens = seq_ids[keep], tokens[keep]
+        windows = sim_lib.context_windows(tokens, cfg.simulate.window)
+        texts = [tokenizer.decode(tokens[r, a:b].tolist()) for r, a, b in windows]
+        t0 = time.perf_counter()
+        emb = emb_lib.embed_texts(texts, cfg.embedding)
+        log.info("embed: %s split, %d windows, %.0f windows/s", split, len(texts),
+                 len(texts) / max(time.perf_counter() - t0, 1e-9))
+        frames.append(pa.table({
+            "context_id": pa.array(context_ids(seq_ids, seq_len)),
+            "split": pa.array([split] * len(texts)),
+            "token": pa.array(tokens.reshape(-1).astype(np.int32)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
+        }))
+    vocab = tokenizer.get_vocab_size()
+    tok_emb = emb_lib.embed_texts([tokenizer.decode([t]) for t in range(vocab)], cfg.embedding)
+    w.table("contexts", pa.concat_tables(frames))
+    w.table("token_embeddings", pa.table({
+        "token": pa.array(np.arange(vocab, dtype=np.int32)),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(tok_emb.reshape(-1)), tok_emb.shape[1]),
+    }))
+    return w.finish(metrics={"n_contexts": sum(len(f) for f in frames), "dim": int(tok_emb.shape[1])})
+
+
+def _embeddings(store: Store, keys: dict[str, str], splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(context_ids, window embeddings, target-token embeddings) of the embedded contexts of `splits`."""
+    t = _table(store, "embed", keys["embed"], "contexts", filters=pc.field("split").isin(list(splits)))
+    t = t.sort_by("context_id")
+    dim = t.schema.field("embedding").type.list_size
+    win = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    v = _table(store, "embed", keys["embed"], "token_embeddings").sort_by("token")
+    vocab_emb = v.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    return t.column("context_id").to_numpy(), win, vocab_emb[t.column("token").to_numpy()]
+
+
+def _explained(store: Store, keys: dict[str, str], cfg: RewriteConfig, lo: int = 0, hi: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(latent ids, explanation embeddings) of the explained latents in [lo, hi)."""
+    t = _table(store, "explain", keys["explain"], "explanations", filters=pc.field("status") == "explained")
+    lat = t.column("latent").to_numpy()
+    keep = (lat >= lo) & (lat < (hi if hi is not None else np.iinfo(np.int32).max))
+    texts = [s for s, k in zip(t.column("explanation").to_pylist(), keep) if k]
+    return lat[keep], emb_lib.embed_texts(texts, cfg.embedding)
+
+
+def run_score(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    if ref := _done(store, "score", keys):
+        return ref
+    w = _writer(store, "score", cfg, keys)
+    num_latents = _num_latents(store, keys)
+    seq_len = cfg.corpus.seq_len
+    cids, win, tok = _embeddings(store, keys, ("explain",))
+    latents, expl = _explained(store, keys, cfg)
+    sim = emb_lib.similarity(expl, win, tok, cfg.simulate.token_weight)
+    seq_ids = np.unique(cids // seq_len)
+    true = true_activations(store, keys, "explain", seq_ids, seq_len, num_latents)
+    true = true[context_index(context_ids(seq_ids, seq_len))[cids]]
+    t0 = time.perf_counter()
+    table = score_lib.score_latents(sim, true[:, latents] > 0, latents, cfg.score.n_pos, cfg.score.n_neg,
+                                    cfg.score.seed, "embedding-detection")
+    scores = table.column("score").to_numpy(zero_copy_only=False)
+    mean = float(np.nanmean(scores.astype(float))) if len(scores) else float("nan")
+    log.info("score: %d latents scored in %.1fs, mean detection score %.3f", len(table), time.perf_counter() - t0, mean)
+    w.table("scores", table)
+    return w.finish(metrics={"mean_detection_score": mean, "n_scored": int(np.isfinite(scores.astype(float)).sum())})
+
+
+def run_simulate_shard(store: Store, cfg: RewriteConfig, keys: dict[str, str], shard: int) -> ArtifactRef:
+    """Predictions of every calib and eval context for one shard's latents."""
+    sub = f"shard-{shard:05d}"
+    if store.has_manifest("simulate", keys["simulate"], sub):
+        m = store.read_manifest("simulate", keys["simulate"], sub)
+        return ArtifactRef(stage="simulate", key=keys["simulate"], uri=store.uri("artifacts", "simulate", keys["simulate"], sub),
+                           rows={f["name"]: f["rows"] for f in m["files"] if f["rows"] is not None})
+    num_latents = _num_latents(store, keys)
+    lo, hi = shard_ranges(num_latents, cfg.simulate.shard_latents)[shard]
+    w = _writer(store, "simulate", cfg, keys, sub=sub)
+    t0 = time.perf_counter()
+    cids, win, tok = _embeddings(store, keys, ("calib", "eval"))
+    latents, expl = _explained(store, keys, cfg, lo, hi)
+    max_act = _max_act(store, keys, num_latents)[latents]
+    pred = sim_lib.simulate_block(expl, win, tok, max_act, cfg.simulate.token_weight)
+    table = sim_lib.predictions_table(cids, latents, pred)
+    w.table("predictions", table)
+    dt = time.perf_counter() - t0
+    log.info("simulate shard %d (latents %d-%d): %d predictions in %.1fs (%.0f/s)", shard, lo, hi, len(table), dt,
+             len(table) / max(dt, 1e-9))
+    return w.finish(metrics={"latents": [lo, hi], "n_predictions": len(table), "n_failed": 0})
+
+
+def finish_simulate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """Verify every shard's manifest, then write the stage manifest that lists them."""
+    if ref := _done(store, "simulate", keys):
+        return ref
+    num_latents = _num_latents(store, keys)
+    n_shards = len(shard_ranges(num_latents, cfg.simulate.shard_latents))
+    missing = [i for i in range(n_shards) if not store.has_manifest("simulate", keys["simulate"], f"shard-{i:05d}")]
+    if missing:
+        raise RuntimeError(f"simulate: shards {missing} have no manifest; rerun the flow to finish them")
+    w = _writer(store, "simulate", cfg, keys)
+    total = 0
+    for i in range(n_shards):
+        m = store.read_manifest("simulate", keys["simulate"], f"shard-{i:05d}")
+        for f in m["files"]:
+            w.files.append({**f, "name": f"shard-{i:05d}/{f['name']}", "file": f"shard-{i:05d}/{f['file']}"})
+            total += f["rows"] or 0
+    return w.finish(metrics={"n_shards": n_shards, "n_predictions": total})
+
+
+def read_predictions(store: Store, keys: dict[str, str], filters: Any = None) -> pa.Table:
+    """All shards' predictions (the stage manifest lists the shard files)."""
+    m = store.read_manifest("simulate", keys["simulate"])
+    base = store.artifact_dir("simulate", keys["simulate"])
+    return pa.concat_tables([store.read_parquet(f"{base}/{f['file']}", filters=filters)
+                             for f in m["files"] if f["file"].endswith(".parquet")])
+
+
+def run_calibrate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    if ref := _done(store, "calibrate", keys):
+        return ref
+    w = _writer(store, "calibrate", cfg, keys)
+    num_latents, seq_len = _num_latents(store, keys), cfg.corpus.seq_len
+    mats: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for split in ("calib", "eval"):
+        seq_ids, _ = load_tokens(store, keys, (split,))
+        cids = context_ids(seq_ids, seq_len)
+        p = read_predictions(store, keys, filters=pc.field("context_id").isin(cids.tolist()))
+        pred = dense(p.column("context_id").to_numpy(), p.column("latent").to_numpy(), p.column("pred").to_numpy(),
+                     context_index(cids), (len(cids), num_latents))
+        mats[split] = (cids, pred, true_activations(store, keys, split, seq_ids, seq_len, num_latents))
+    latents = np.unique(read_predictions(store, keys).column("latent").to_numpy())
+    maps_tables, calibrated = [], []
+    eval_cids, eval_pred, _ = mats["eval"]
+    for method in cfg.calibrate.methods:
+        maps = calib_lib.fit_calibration(method, mats["calib"][1][:, latents], mats["calib"][2][:, latents],
+                                         latents=latents)
+        maps_tables.append(calib_lib.maps_to_table(maps))
+        out = calib_lib.apply_calibration(maps, eval_pred[:, latents], latents=latents)
+        t = sim_lib.predictions_table(eval_cids, latents, out)
+        calibrated.append(t.append_column("method", pa.array([method] * len(t))))
+    w.table("calibration", pa.concat_tables(maps_tables))
+    w.table("calibrated", pa.concat_tables(calibrated))
+    return w.finish(metrics={"methods": list(cfg.calibrate.methods), "n_latents": int(len(latents)),
+                             "n_calib_contexts": int(len(mats["calib"][0]))})
+
+
+def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    if ref := _done(store, "evaluate", keys):
+        return ref
+    w = _writer(store, "evaluate", cfg, keys)
+    ev = cfg.evaluate
+    device = _device(cfg)
+    model, sae = load_subject(store, keys, device), load_sae(store, keys, device)
+    layer, seq_len, num_latents = cfg.transcoder.layer, cfg.corpus.seq_len, sae.num_latents
+    seq_ids, tokens = load_tokens(store, keys, ("eval",))
+    cids = context_ids(seq_ids, seq_len)
+    cidx = context_index(cids)
+    true = true_activations(store, keys, "eval", seq_ids, seq_len, num_latents)
+    cal = _table(store, "calibrate", keys["calibrate"], "calibrated")
+    preds: dict[str, np.ndarray] = {}
+    for method in ev_methods(cfg):
+        t = cal.filter(pc.field("method") == method)
+        preds[method] = dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
+                              t.column("pred").to_numpy(), cidx, (len(cids), num_latents), fill=np.nan)
+    sc = _table(store, "score", keys["score"], "scores")
+    scores = np.full(num_latents, np.nan)
+    sv = sc.column("score").to_numpy(zero_copy_only=False).astype(float)
+    scores[sc.column("latent").to_numpy()] = sv
+    live = np.unique(cal.column("latent").to_numpy())
+    bs = ev.batch_size
+
+    def run(fn_for_rows) -> np.ndarray:
+        return eval_lib.per_sequence(eval_lib.ce_with(model, layer, tokens, bs, fn_for_rows), ev.positions)
+
+    def simulated(method: str, sel: np.ndarray):
+        sel_t = torch.as_tensor(sel, device=device)
+        def make(rows: slice):
+            r = np.arange(rows.start * seq_len, rows.stop * seq_len)
+            vals = torch.as_tensor(preds[method][r][:, sel], device=device)
+            return eval_lib.flat(lambda x: eval_lib.patched_output(sae, x, sel_t, vals))
+        return make
+
+    t0 = time.perf_counter()
+    zero = run(lambda r: eval_lib.flat(lambda x: eval_lib.skip_path(sae, x)))
+    base = {
+        "clean": run(None),
+        "transcoder": run(lambda r: eval_lib.flat(lambda x: eval_lib.patched_output(sae, x))),
+        "zero_ablation": zero,
+        "mlp_ablation": run(lambda r: torch.zeros_like),
+    }
+    rows = [eval_lib.ce_row(name, v, zero, ev.n_bootstrap) for name, v in base.items()]
+    for method in ev_methods(cfg):
+        for selection in ev.selections:
+            for seed in (ev.random_seeds if selection == "random" else [-1]):
+                for frac in ev.fractions:
+                    sel = eval_lib.select_latents(live, scores[live], frac, selection, seed)
+                    ce = run(simulated(method, sel))
+                    rows.append(eval_lib.ce_row("simulated", ce, zero, ev.n_bootstrap, selection=selection,
+                                                fraction=frac, calibration=method, seed=seed, n_latents=len(sel)))
+    log.info("evaluate: %d conditions in %.1fs", len(rows), time.perf_counter() - t0)
+    ce_table = pa.Table.from_pylist(rows, schema=eval_lib.CE_SCHEMA)
+    metric_rows = []
+    for method in ev_methods(cfg):
+        m = eval_lib.activity_metrics(preds[method][:, live], true[:, live], ev.active_threshold)
+        for j, lat in enumerate(live):
+            metric_rows.append({"latent": int(lat), "calibration": method, "detection_score": scores[lat],
+                                "specificity": m["specificity"][j], "sensitivity": m["sensitivity"][j],
+                                "precision": m["precision"][j], "n_true_active": int(m["n_true_active"][j]),
+                                "threshold": ev.active_threshold})
+    w.table("ce", ce_table)
+    w.table("latent_metrics", pa.Table.from_pylist(metric_rows))
+    return w.finish(metrics={"n_conditions": len(rows), "positions": ev.positions, "n_sequences": len(seq_ids)})
+
+
+def ev_methods(cfg: RewriteConfig) -> list[str]:
+    return list(cfg.calibrate.methods)
+
+
+def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    if ref := _done(store, "report", keys):
+        return ref
+    from . import report as report_lib
+
+    w = _writer(store, "report", cfg, keys)
+    ce = _table(store, "evaluate", keys["evaluate"], "ce").to_pandas()
+    lm = _table(store, "evaluate", keys["evaluate"], "latent_metrics").to_pandas()
+    fit = store.read_manifest("transcoder", keys["transcoder"])["metrics"]
+    subj = store.read_manifest("subject", keys["subject"])["metrics"]
+    score_m = store.read_manifest("score", keys["score"])["metrics"]
+    # Activation distributions on the eval split, before and after calibration, for explained latents.
+    num_latents, seq_len = _num_latents(store, keys), cfg.corpus.seq_len
+    seq_ids, _ = load_tokens(store, keys, ("eval",))
+    true = true_activations(store, keys, "eval", seq_ids, seq_len, num_latents)
+    cal = _table(store, "calibrate", keys["calibrate"], "calibrated")
+    cidx = context_index(context_ids(seq_ids, seq_len))
+    dists: dict[str, np.ndarray] = {}
+    for method in ev_methods(cfg):
+        t = cal.filter(pc.field("method") == method)
+        c, l = t.column("context_id").to_numpy(), t.column("latent").to_numpy()
+        dists["raw" if method == "none" else method] = t.column("pred").to_numpy()
+        dists["true"] = true[cidx[c], l]
+    summary = {
+        "eval CE, clean subject": subj.get("eval_ce"),
+        "unigram CE": subj.get("unigram_ce"),
+        "transcoder layer": cfg.transcoder.layer,
+        "latents / k": f"{num_latents} / {cfg.transcoder.k}",
+        "FVU (eval)": fit.get("eval_fvu"),
+        "dead fraction (eval)": fit.get("eval_dead_fraction"),
+        "CE recovered": fit.get("ce_recovered"),
+        "mean detection score": score_m.get("mean_detection_score"),
+        "positions": cfg.evaluate.positions,
+        "active_threshold": cfg.evaluate.active_threshold,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        report_lib.write_report(Path(tmp), ce, lm, dists, summary)
+        w.directory("html", tmp)
+    return w.finish(metrics={"summary": summary})

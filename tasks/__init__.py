@@ -1,0 +1,1 @@
+"""Thin Prefect tasks, one per stage: each calls the library and returns a small ArtifactRef."""

@@ -1,0 +1,95 @@
+"""One Prefect task per stage. Tasks are verbs; the work is in nlrewrite_core.stages.
+
+Each task's cache key is its stage's content key, so Prefect's cache and the manifests agree;
+the library function also checks the manifest first, so a cache miss never redoes finished work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from nlrewrite_core import stages
+from nlrewrite_core.storage import ArtifactRef
+
+from .context import RunContext
+
+
+def stage_cache_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """cache_key_fn: the stage's content key (plus the shard for sharded stages)."""
+    def key_fn(_ctx: TaskRunContext, params: dict[str, Any]) -> str:
+        run: RunContext = params["run"]
+        shard = params.get("shard")
+        return f"{stage}-{run.keys[stage]}" + (f"-shard-{shard}" if shard is not None else "")
+    return key_fn
+
+
+def stage_task(stage: str, name: str, retries: int = 0, run_name: str | None = None):
+    """A Prefect task decorator with the stage's cache key and result persistence."""
+    return task(name=name, cache_key_fn=stage_cache_key(stage), persist_result=True,
+                cache_expiration=timedelta(days=365), retries=retries, retry_delay_seconds=[5, 30, 120][:retries],
+                task_run_name=run_name or name)
+
+
+@stage_task("corpus", "build_corpus")
+def build_corpus(run: RunContext) -> ArtifactRef:
+    return stages.run_corpus(run.store(), run.config, run.keys)
+
+
+@stage_task("subject", "train_subject")
+def train_subject(run: RunContext) -> ArtifactRef:
+    return stages.run_subject(run.store(), run.config, run.keys)
+
+
+@stage_task("transcoder", "train_transcoder")
+def train_transcoder(run: RunContext) -> ArtifactRef:
+    return stages.run_transcoder(run.store(), run.config, run.keys)
+
+
+@stage_task("activations", "cache_activations")
+def cache_activations(run: RunContext) -> ArtifactRef:
+    return stages.run_activations(run.store(), run.config, run.keys)
+
+
+@stage_task("explain", "explain_latents", retries=2)
+def explain_latents(run: RunContext) -> ArtifactRef:
+    return stages.run_explain(run.store(), run.config, run.keys)
+
+
+@stage_task("embed", "embed_contexts")
+def embed_contexts(run: RunContext) -> ArtifactRef:
+    return stages.run_embed(run.store(), run.config, run.keys)
+
+
+@stage_task("score", "score_explanations", retries=2)
+def score_explanations(run: RunContext) -> ArtifactRef:
+    return stages.run_score(run.store(), run.config, run.keys)
+
+
+@stage_task("simulate", "simulate_shard", retries=2, run_name="simulate_shard-{shard}")
+def simulate_shard(run: RunContext, shard: int) -> ArtifactRef:
+    return stages.run_simulate_shard(run.store(), run.config, run.keys, shard)
+
+
+@stage_task("simulate", "collect_shards")
+def collect_shards(run: RunContext) -> ArtifactRef:
+    return stages.finish_simulate(run.store(), run.config, run.keys)
+
+
+@stage_task("calibrate", "calibrate_predictions")
+def calibrate_predictions(run: RunContext) -> ArtifactRef:
+    return stages.run_calibrate(run.store(), run.config, run.keys)
+
+
+@stage_task("evaluate", "evaluate_rewrite")
+def evaluate_rewrite(run: RunContext) -> ArtifactRef:
+    return stages.run_evaluate(run.store(), run.config, run.keys)
+
+
+@stage_task("report", "write_report")
+def write_report(run: RunContext) -> ArtifactRef:
+    return stages.run_report(run.store(), run.config, run.keys)

@@ -1,0 +1,270 @@
+"""Tests of per-latent calibration maps (nlrewrite_core.calibrate)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from nlrewrite_core.calibrate import (
+    METHODS,
+    TABLE_SCHEMA,
+    CalibrationMaps,
+    apply_calibration,
+    fit_calibration,
+    maps_from_table,
+    maps_to_table,
+    quantile_grid,
+)
+
+
+def sparse_data(
+    n: int = 4000, n_latents: int = 6, active: float = 0.03, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions correlated with sparse true activations (about ``active`` of them non-zero)."""
+    rng = np.random.default_rng(seed)
+    signal = rng.normal(size=(n, n_latents))
+    cut = np.quantile(signal, 1 - active, axis=0)
+    true = np.where(signal > cut, (signal - cut) * 3.0 + 0.5, 0.0).astype(np.float32)
+    pred = np.clip(2.0 + signal + 0.7 * rng.normal(size=signal.shape), 0.0, 9.0).astype(np.float32)
+    return pred, true
+
+
+def test_registry_has_paper_methods() -> None:
+    assert {"none", "quantile"} <= set(METHODS)
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        fit_calibration("nope", np.zeros((3, 1)), np.zeros((3, 1)))
+
+
+def test_none_is_identity_everywhere() -> None:
+    pred, true = sparse_data()
+    maps = fit_calibration("none", pred, true)
+    wide = np.array([[-1.0, 0.0], [0.25, 3.0], [9.0, 50.0]], dtype=np.float32)
+    out = apply_calibration(maps, wide, latents=np.array([0, 5]))
+    np.testing.assert_array_equal(out, wide)
+    np.testing.assert_array_equal(apply_calibration(maps, pred), pred)
+
+
+def test_quantile_is_monotone_in_prediction() -> None:
+    pred, true = sparse_data()
+    maps = fit_calibration("quantile", pred, true)
+    grid = np.linspace(-1.0, 10.0, 2001, dtype=np.float32)
+    out = apply_calibration(maps, np.tile(grid[:, None], (1, pred.shape[1])))
+    assert np.all(np.diff(out, axis=0) >= 0)
+    assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("active", [0.03, 0.002])
+def test_quantile_reproduces_target_distribution_on_fit_data(active: float) -> None:
+    pred, true = sparse_data(n=5000, active=active)
+    out = apply_calibration(fit_calibration("quantile", pred, true, n_knots=257), pred)
+    for j in range(pred.shape[1]):
+        zero_true = np.mean(true[:, j] == 0)
+        assert zero_true == pytest.approx(1 - active, abs=0.002)
+        assert np.mean(out[:, j] == 0) == pytest.approx(zero_true, abs=0.002)
+        # Top values match: the maximum exactly, the largest eight closely.
+        assert out[:, j].max() == pytest.approx(true[:, j].max(), rel=1e-6)
+        top_true = np.sort(true[:, j])[-8:]
+        top_out = np.sort(out[:, j])[-8:]
+        np.testing.assert_allclose(top_out, top_true, rtol=0.05)
+        for q in (0.5, 0.98, 0.99, 0.995, 0.999):
+            assert np.quantile(out[:, j], q) == pytest.approx(np.quantile(true[:, j], q), rel=0.05, abs=0.02)
+        # Rank order is kept: the context with the largest prediction gets the largest value.
+        assert out[np.argmax(pred[:, j]), j] == out[:, j].max()
+
+
+def test_quantile_grid() -> None:
+    for n_knots, n in [(257, 10_000), (257, 50), (64, 1000), (5, 100), (3, 100), (2, 100), (257, 2)]:
+        grid = quantile_grid(n_knots, n)
+        assert grid.shape == (n_knots,)
+        assert grid[0] == 0.0 and grid[-1] == 1.0
+        assert np.all(np.diff(grid) > 0)
+    grid = quantile_grid(257, 10_000)
+    assert 0.5 in grid
+    assert np.sum(grid > 0.999) >= 30  # dense where sparse latents are active
+    assert grid[-2] == pytest.approx(1 - 1 / 9_999)
+
+
+def test_end_points_clamp_to_target_range() -> None:
+    pred, true = sparse_data()
+    maps = fit_calibration("quantile", pred, true)
+    below = np.full((1, pred.shape[1]), -100.0, dtype=np.float32)
+    above = np.full((1, pred.shape[1]), 100.0, dtype=np.float32)
+    np.testing.assert_allclose(apply_calibration(maps, below)[0], true.min(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(apply_calibration(maps, above)[0], true.max(axis=0), rtol=1e-6)
+    # The prediction extremes of the fit data land on the target extremes.
+    lo = pred.min(axis=0, keepdims=True)
+    hi = pred.max(axis=0, keepdims=True)
+    np.testing.assert_allclose(apply_calibration(maps, lo)[0], true.min(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(apply_calibration(maps, hi)[0], true.max(axis=0), rtol=1e-6)
+    # Knot ends: first knot is (min pred, min true), last is (max pred, max true).
+    np.testing.assert_allclose(maps.x[:, 0], pred.min(axis=0))
+    np.testing.assert_allclose(maps.x[:, -1], pred.max(axis=0))
+    np.testing.assert_allclose(maps.y[:, -1], true.max(axis=0))
+
+
+def test_ties_in_predictions_map_to_one_value() -> None:
+    rng = np.random.default_rng(1)
+    n = 1000
+    # 60% of predictions tied at 0.0, 20% tied at 3.0, the rest spread.
+    pred = np.concatenate([np.zeros(600), np.full(200, 3.0), rng.uniform(4, 9, 200)])
+    true = np.sort(rng.exponential(size=n)) * (rng.uniform(size=n) < 0.5)
+    pred = pred[:, None].astype(np.float32)
+    true = true[:, None].astype(np.float32)
+    maps = fit_calibration("quantile", pred, true)
+    out = apply_calibration(maps, pred)
+    assert np.all(np.isfinite(out))
+    assert np.unique(out[:600]).size == 1
+    assert np.unique(out[600:800]).size == 1
+    assert out[0, 0] <= out[600, 0] <= out[800:].min()
+    # The tied run at 0 covers probabilities 0..0.6: it takes the true quantile at its middle.
+    assert out[0, 0] == pytest.approx(np.quantile(true[:, 0], 0.3), abs=1e-2)
+
+
+def test_constant_prediction_maps_to_true_median() -> None:
+    rng = np.random.default_rng(2)
+    pred = np.full((501, 2), 4.2, dtype=np.float32)
+    true = rng.exponential(size=(501, 2)).astype(np.float32)
+    maps = fit_calibration("quantile", pred, true)
+    out = apply_calibration(maps, np.array([[0.0, 4.2], [4.2, 9.0], [4.3, 1.0]], dtype=np.float32))
+    for j in range(2):
+        np.testing.assert_allclose(out[:, j], np.median(true[:, j]), rtol=1e-6)
+    assert np.unique(maps_to_table(maps)["x"].to_pylist()[0]).size == 1
+
+
+def test_all_zero_true_latent_maps_to_zero() -> None:
+    pred, true = sparse_data(n_latents=3)
+    true[:, 1] = 0.0
+    maps = fit_calibration("quantile", pred, true)
+    out = apply_calibration(maps, np.concatenate([pred, pred * 10 - 5]))
+    assert np.all(out[:, 1] == 0.0)
+    assert np.any(out[:, 0] > 0)
+
+
+def test_no_nan_inf_or_sentinel() -> None:
+    pred, true = sparse_data(n=300, n_latents=20, seed=3)
+    pred[:, 0] = 0.0  # constant
+    true[:, 1] = 0.0  # dead
+    pred[:150, 2] = 1.0  # half tied
+    true[:, 3] = 7.0  # constant target
+    for method in METHODS:
+        maps = fit_calibration(method, pred, true)
+        out = apply_calibration(maps, pred)
+        assert np.all(np.isfinite(out))
+        assert np.all(np.isfinite(maps.x)) and np.all(np.isfinite(maps.y))
+        if method == "quantile":
+            assert np.all(out >= true.min(axis=0)) and np.all(out <= true.max(axis=0))
+            assert not np.any(out == -1.0)
+            np.testing.assert_allclose(out[:, 3], 7.0)
+
+
+def test_rejects_non_finite_inputs() -> None:
+    pred, true = sparse_data(n=50, n_latents=2)
+    bad = pred.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_calibration("quantile", bad, true)
+    maps = fit_calibration("quantile", pred, true)
+    bad[3, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        apply_calibration(maps, bad)
+    with pytest.raises(ValueError, match="shape"):
+        fit_calibration("quantile", pred, true[:, :1])
+
+
+def test_fit_spans_latent_blocks() -> None:
+    from nlrewrite_core import calibrate
+
+    pred, true = sparse_data(n=200, n_latents=calibrate.LATENT_BLOCK + 7, seed=4)
+    maps = fit_calibration("quantile", pred, true, n_knots=33)
+    assert maps.n_latents == pred.shape[1]
+    assert maps.x.shape == (pred.shape[1], 33)
+    single = fit_calibration("quantile", pred[:, -1:], true[:, -1:], n_knots=33)
+    np.testing.assert_array_equal(maps.y[-1], single.y[0])
+
+
+def test_table_round_trip() -> None:
+    pred, true = sparse_data(n_latents=5)
+    pred[:, 2] = 1.5  # a single-knot map after de-duplication
+    for method in METHODS:
+        maps = fit_calibration(method, pred, true, latents=np.array([10, 3, 7, 0, 42]))
+        table = maps_to_table(maps)
+        assert table.schema.equals(TABLE_SCHEMA)
+        assert table.num_rows == 5
+        assert set(table["method"].to_pylist()) == {method}
+        back = maps_from_table(table, method)
+        np.testing.assert_array_equal(back.latents, [0, 3, 7, 10, 42])
+        probe = np.linspace(-2, 12, 97, dtype=np.float32)[:, None].repeat(5, axis=1)
+        ids = np.array([42, 0, 10, 7, 3])
+        np.testing.assert_array_equal(
+            apply_calibration(back, probe, latents=ids), apply_calibration(maps, probe, latents=ids)
+        )
+
+
+def test_fit_joins_columns_by_latent_id() -> None:
+    pred, true = sparse_data(n_latents=4)
+    ids = np.array([9, 2, 5, 1])
+    maps = fit_calibration("quantile", pred, true, latents=ids)
+    # Latent 9 is column 0: its map must reproduce column 0's fit whatever the column order.
+    alone = fit_calibration("quantile", pred[:, :1], true[:, :1])
+    row = int(np.flatnonzero(maps.latents == 9)[0])
+    np.testing.assert_array_equal(maps.y[row], alone.y[0])
+    perm = np.array([3, 0, 2, 1])
+    out = apply_calibration(maps, pred[:, perm], latents=ids[perm])
+    np.testing.assert_array_equal(out, apply_calibration(maps, pred, latents=ids)[:, perm])
+
+
+def test_permuted_table_joins_by_latent_id() -> None:
+    pred, true = sparse_data(n_latents=6, seed=5)
+    # Give each latent a distinct scale so a mix-up between latents is visible.
+    true = true * np.arange(1, 7, dtype=np.float32)
+    maps = fit_calibration("quantile", pred, true)
+    table = maps_to_table(maps)
+    perm = np.array([4, 1, 5, 0, 3, 2])
+    permuted = table.take(pa.array(perm))
+    assert permuted["latent"].to_pylist() != table["latent"].to_pylist()
+    back = maps_from_table(permuted, "quantile")
+    np.testing.assert_array_equal(back.latents, np.arange(6))
+    expected = apply_calibration(maps, pred)
+    np.testing.assert_array_equal(apply_calibration(back, pred), expected)
+    # Each latent's calibrated maximum is its own true maximum (not a neighbour's).
+    np.testing.assert_allclose(expected.max(axis=0), true.max(axis=0), rtol=1e-6)
+
+
+def test_table_with_several_methods_selects_one() -> None:
+    pred, true = sparse_data(n_latents=3)
+    both = pa.concat_tables(
+        [maps_to_table(fit_calibration(m, pred, true)) for m in ("quantile", "none")]
+    )
+    back = maps_from_table(both.take(pa.array([5, 0, 3, 1, 4, 2])), "none")
+    np.testing.assert_array_equal(apply_calibration(back, pred), pred)
+
+
+def test_missing_or_duplicate_latents_are_errors() -> None:
+    pred, true = sparse_data(n_latents=3)
+    maps = fit_calibration("quantile", pred, true)
+    with pytest.raises(KeyError, match="no quantile calibration map"):
+        apply_calibration(maps, pred, latents=np.array([0, 1, 99]))
+    table = maps_to_table(maps)
+    with pytest.raises(ValueError, match="duplicate"):
+        maps_from_table(pa.concat_tables([table, table]), "quantile")
+
+
+def test_invalid_maps_are_rejected() -> None:
+    from nlrewrite_core.calibrate import validate_maps
+
+    x = np.array([[0.0, 1.0, 1.0]], dtype=np.float32)
+    y = np.array([[0.0, 1.0, 2.0]], dtype=np.float32)  # two values at x = 1
+    with pytest.raises(ValueError, match="two values"):
+        validate_maps(CalibrationMaps("quantile", np.array([0]), x, y, False))
+    with pytest.raises(ValueError, match="not monotone"):
+        validate_maps(CalibrationMaps("quantile", np.array([0]), x, y[:, ::-1].copy(), False))
+
+
+def test_table_without_the_method_gives_no_maps() -> None:
+    pred, true = sparse_data(n_latents=2)
+    table = maps_to_table(fit_calibration("none", pred, true))
+    maps = maps_from_table(table, "quantile")
+    assert maps.n_latents == 0
+    with pytest.raises(KeyError):
+        apply_calibration(maps, pred)
