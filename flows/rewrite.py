@@ -25,7 +25,7 @@ def ensure(task_fn, stage: str, run: RunContext, store: Store, **kwargs: Any) ->
     """
     ref = task_fn(run, **kwargs)
     sub = f"shard-{kwargs['shard']:05d}" if "shard" in kwargs else ""
-    if not store.has_manifest(stage, run.keys[stage], sub):
+    if not store.has_manifest(stage, run.stage_keys[stage], sub):
         get_run_logger().warning("%s: cached result points at a missing manifest; recomputing", stage)
         ref = task_fn.with_options(refresh_cache=True)(run, **kwargs)
     return ref
@@ -34,9 +34,9 @@ def ensure(task_fn, stage: str, run: RunContext, store: Store, **kwargs: Any) ->
 def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
     """Run every simulation shard as its own task (skipping finished ones), with a progress artifact."""
     logger = get_run_logger()
-    num_latents = stages._num_latents(store, run.keys)
+    num_latents = stages._num_latents(store, run.stage_keys)
     ranges = stages.shard_ranges(num_latents, run.config.simulate.shard_latents)
-    done = sum(store.has_manifest("simulate", run.keys["simulate"], f"shard-{i:05d}") for i in range(len(ranges)))
+    done = sum(store.has_manifest("simulate", run.stage_keys["simulate"], f"shard-{i:05d}") for i in range(len(ranges)))
     progress = create_progress_artifact(100.0 * done / len(ranges), key="simulate-shards",
                                         description=f"simulate: shards done / {len(ranges)}")
     for i in range(len(ranges)):
@@ -60,7 +60,7 @@ def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_
     store = Store(storage, endpoint_url=endpoint_url)
     keys = stages.plan(cfg)
     run_id = run_id or f"{cfg.preset}-{keys['report'][:10]}"
-    run = RunContext(run_id=run_id, storage=storage, endpoint_url=endpoint_url, config=cfg, keys=keys)
+    run = RunContext(run_id=run_id, storage=storage, endpoint_url=endpoint_url, config=cfg, stage_keys=keys)
     logger = get_run_logger()
     logger.info("run %s: storage %s", run_id, store.root)
     stage_tasks = [("corpus", t.build_corpus), ("subject", t.train_subject), ("transcoder", t.train_transcoder),

@@ -22,14 +22,6 @@ def pre_activations(sae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.relu(F.linear(x.to(sae.dtype), sae.encoder.weight, sae.encoder.bias))
 
 
-def skip_path(sae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """b_dec + x @ W_skip.T: the transcoder's output when every latent is zero."""
-    out = sae.b_dec.expand(x.shape[0], -1).clone()
-    if sae.W_skip is not None:
-        out = out + x.to(sae.dtype) @ sae.W_skip.mT
-    return out
-
-
 def decode_topk(sae: torch.nn.Module, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """Apply TopK to pre-activations [n, latents] and decode: W_dec(topk) + b_dec + skip."""
     acts, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)

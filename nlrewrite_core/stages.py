@@ -241,9 +241,8 @@ def run_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         "clean": float(eval_lib.ce_with(model, layer, eval_tokens, bs, None).mean()),
         "transcoder": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: eval_lib.flat(
             lambda x: eval_lib.patched_output(sae, x))).mean()),
-        "zero_ablation": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: eval_lib.flat(
-            lambda x: eval_lib.skip_path(sae, x))).mean()),
-        "mlp_ablation": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: torch.zeros_like).mean()),
+        "zero_ablation": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: tc_lib.skip_fn(sae)).mean()),
+        "mlp_ablation": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: subject_lib.zero_mlp).mean()),
     }
     recovered = (ce["zero_ablation"] - ce["transcoder"]) / max(ce["zero_ablation"] - ce["clean"], 1e-12)
     fit = {"eval_fvu": fvu, "eval_dead_fraction": float(1 - alive.float().mean()), "ce": ce,
@@ -527,12 +526,12 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
         return make
 
     t0 = time.perf_counter()
-    zero = run(lambda r: eval_lib.flat(lambda x: eval_lib.skip_path(sae, x)))
+    zero = run(lambda r: tc_lib.skip_fn(sae))
     base = {
         "clean": run(None),
         "transcoder": run(lambda r: eval_lib.flat(lambda x: eval_lib.patched_output(sae, x))),
         "zero_ablation": zero,
-        "mlp_ablation": run(lambda r: torch.zeros_like),
+        "mlp_ablation": run(lambda r: subject_lib.zero_mlp),
     }
     rows = [eval_lib.ce_row(name, v, zero, ev.n_bootstrap) for name, v in base.items()]
     for method in ev_methods(cfg):

@@ -194,7 +194,7 @@ def train_transcoder(X: torch.Tensor, Y: torch.Tensor, cfg: TranscoderConfig,
         fvus.append(float(out.fvu.detach()))
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             log.info("transcoder step %d/%d fvu %.4f auxk %.4f dead %d", step + 1, cfg.steps, fvus[-1],
-                     float(out.auxk_loss), int((since_fired > DEAD_AFTER_TOKENS).sum()))
+                     float(out.auxk_loss.detach()), int((since_fired > DEAD_AFTER_TOKENS).sum()))
     sae.eval()
     metrics = evaluate_fit(sae, X[val_idx], Y[val_idx])
     metrics.update({

@@ -17,7 +17,7 @@ class RunContext(BaseModel):
     endpoint_url: str | None = None
     """S3 endpoint for non-AWS S3 (credentials come from the AWS environment, never from here)."""
     config: RewriteConfig
-    keys: dict[str, str]
+    stage_keys: dict[str, str]
     """Content key of every stage (nlrewrite_core.stages.plan)."""
 
     def store(self) -> Store:

@@ -6,6 +6,7 @@ the library function also checks the manifest first, so a cache miss never redoe
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -20,11 +21,12 @@ from .context import RunContext
 
 
 def stage_cache_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    """cache_key_fn: the stage's content key (plus the shard for sharded stages)."""
+    """cache_key_fn: the stage's content key (plus the shard for sharded stages) in its storage root."""
     def key_fn(_ctx: TaskRunContext, params: dict[str, Any]) -> str:
         run: RunContext = params["run"]
         shard = params.get("shard")
-        return f"{stage}-{run.keys[stage]}" + (f"-shard-{shard}" if shard is not None else "")
+        root = hashlib.sha256(f"{run.storage}|{run.endpoint_url}".encode()).hexdigest()[:8]
+        return f"{stage}-{run.stage_keys[stage]}-{root}" + (f"-shard-{shard}" if shard is not None else "")
     return key_fn
 
 
@@ -37,59 +39,59 @@ def stage_task(stage: str, name: str, retries: int = 0, run_name: str | None = N
 
 @stage_task("corpus", "build_corpus")
 def build_corpus(run: RunContext) -> ArtifactRef:
-    return stages.run_corpus(run.store(), run.config, run.keys)
+    return stages.run_corpus(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("subject", "train_subject")
 def train_subject(run: RunContext) -> ArtifactRef:
-    return stages.run_subject(run.store(), run.config, run.keys)
+    return stages.run_subject(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("transcoder", "train_transcoder")
 def train_transcoder(run: RunContext) -> ArtifactRef:
-    return stages.run_transcoder(run.store(), run.config, run.keys)
+    return stages.run_transcoder(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("activations", "cache_activations")
 def cache_activations(run: RunContext) -> ArtifactRef:
-    return stages.run_activations(run.store(), run.config, run.keys)
+    return stages.run_activations(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("explain", "explain_latents", retries=2)
 def explain_latents(run: RunContext) -> ArtifactRef:
-    return stages.run_explain(run.store(), run.config, run.keys)
+    return stages.run_explain(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("embed", "embed_contexts")
 def embed_contexts(run: RunContext) -> ArtifactRef:
-    return stages.run_embed(run.store(), run.config, run.keys)
+    return stages.run_embed(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("score", "score_explanations", retries=2)
 def score_explanations(run: RunContext) -> ArtifactRef:
-    return stages.run_score(run.store(), run.config, run.keys)
+    return stages.run_score(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("simulate", "simulate_shard", retries=2, run_name="simulate_shard-{shard}")
 def simulate_shard(run: RunContext, shard: int) -> ArtifactRef:
-    return stages.run_simulate_shard(run.store(), run.config, run.keys, shard)
+    return stages.run_simulate_shard(run.store(), run.config, run.stage_keys, shard)
 
 
 @stage_task("simulate", "collect_shards")
 def collect_shards(run: RunContext) -> ArtifactRef:
-    return stages.finish_simulate(run.store(), run.config, run.keys)
+    return stages.finish_simulate(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("calibrate", "calibrate_predictions")
 def calibrate_predictions(run: RunContext) -> ArtifactRef:
-    return stages.run_calibrate(run.store(), run.config, run.keys)
+    return stages.run_calibrate(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("evaluate", "evaluate_rewrite")
 def evaluate_rewrite(run: RunContext) -> ArtifactRef:
-    return stages.run_evaluate(run.store(), run.config, run.keys)
+    return stages.run_evaluate(run.store(), run.config, run.stage_keys)
 
 
 @stage_task("report", "write_report")
 def write_report(run: RunContext) -> ArtifactRef:
-    return stages.run_report(run.store(), run.config, run.keys)
+    return stages.run_report(run.store(), run.config, run.stage_keys)

@@ -1,0 +1,145 @@
+"""The rewrite flow on the micro preset: complete, cached on rerun, resumable after a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from nlrewrite_core import stages
+from nlrewrite_core.config import load_config
+from nlrewrite_core.query import query
+from nlrewrite_core.storage import MANIFEST, Store
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """{task run name: state name} of one flow run."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def read_all_tables(storage: str, keys: dict[str, str]) -> dict[str, bytes]:
+    store = Store(storage)
+    out = {}
+    for stage in ("corpus", "activations", "explain", "score", "calibrate", "evaluate"):
+        m = store.read_manifest(stage, keys[stage])
+        for f in m["files"]:
+            if f["file"].endswith(".parquet"):
+                out[f"{stage}/{f['file']}"] = Path(store.artifact_dir(stage, keys[stage]), f["file"]).read_bytes()
+    return out
+
+
+def test_micro_run_is_complete(micro_run):
+    storage, result = micro_run
+    store = Store(storage)
+    for stage, key in result["keys"].items():
+        assert store.has_manifest(stage, key), stage
+    ce = {(r["condition"], r["selection"], r["fraction"], r["calibration"], r["seed"]): r for r in result["ce"]}
+    for cond in ("clean", "transcoder", "zero_ablation", "mlp_ablation"):
+        assert (cond, "all", None, "", -1) in ce
+    cfg = load_config("micro")
+    n_sim = len(cfg.evaluate.fractions) * len(cfg.calibrate.methods) * (1 + len(cfg.evaluate.random_seeds))
+    assert sum(r["condition"] == "simulated" for r in result["ce"]) == n_sim
+    for r in result["ce"]:
+        assert r["ce_lo"] <= r["ce_mean"] <= r["ce_hi"]
+    report = Path(result["report"])
+    html = report.read_text()
+    for png in ("fig1_distributions.png", "fig3_ce_vs_fraction.png", "fig4_specificity_sensitivity.png"):
+        assert png in html and (report.parent / png).stat().st_size > 1000
+    run = json.loads((Path(storage) / "runs" / "micro-test" / "run.json").read_text())
+    assert run["keys"] == result["keys"]
+
+
+def test_manifest_lists_files_with_rows_and_hashes(micro_run):
+    storage, result = micro_run
+    store = Store(storage)
+    m = store.read_manifest("activations", result["keys"]["activations"])
+    assert m["upstream"] == {k: result["keys"][k] for k in ("corpus", "subject", "transcoder")}
+    by_name = {f["name"]: f for f in m["files"]}
+    t = pq.read_table(f"{store.artifact_dir('activations', result['keys']['activations'])}/activations.parquet")
+    assert by_name["activations"]["rows"] == t.num_rows > 0
+    assert len(by_name["activations"]["sha256"]) == 64
+
+
+def test_splits_never_leak(micro_run):
+    storage, result = micro_run
+    cols, rows = query(Store(storage), "micro-test",
+                       "select count(*) from (select seq_id from tokens group by seq_id having count(distinct split) > 1)")
+    assert rows[0][0] == 0
+    # explanations come from the explain split only; CE from eval only
+    _, splits = query(Store(storage), "micro-test", "select distinct split from activations order by 1")
+    assert [s for (s,) in splits] == ["calib", "eval", "explain"]
+
+
+def test_second_run_hits_cache_and_gives_identical_tables(micro_run):
+    from flows.rewrite import rewrite
+
+    storage, first = micro_run
+    before = read_all_tables(storage, first["keys"])
+    state = rewrite(preset="micro", storage=storage, run_id="micro-test", return_state=True)
+    second = state.result()
+    assert second["keys"] == first["keys"]
+    states = task_states(state.state_details.flow_run_id)
+    assert states and all(s == "Cached" for s in states.values()), states
+    after = read_all_tables(storage, first["keys"])
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name] == after[name], name
+
+
+def test_run_interrupted_mid_simulate_resumes_without_duplicates(prefect_server, tmp_path, monkeypatch):
+    from flows.rewrite import rewrite
+    import tasks.stages as t
+
+    storage = str(tmp_path / "store")
+    cfg = load_config("micro")
+    keys = stages.plan(cfg)
+    real = stages.run_simulate_shard
+
+    def crash_on_shard_2(store, cfg, keys, shard):
+        if shard == 2:
+            # a half-written file, as a kill mid-write would leave it
+            path = Path(store.artifact_dir("simulate", keys["simulate"], f"shard-{shard:05d}"))
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "predictions.parquet").write_bytes(b"PAR1 truncated")
+            raise RuntimeError("worker killed")
+        return real(store, cfg, keys, shard)
+
+    monkeypatch.setattr(stages, "run_simulate_shard", crash_on_shard_2)
+    monkeypatch.setattr(t, "simulate_shard", t.simulate_shard.with_options(retries=0))
+    with pytest.raises(RuntimeError, match="worker killed"):
+        rewrite(preset="micro", storage=storage, run_id="crashy")
+    store = Store(storage)
+    assert store.has_manifest("simulate", keys["simulate"], "shard-00001")
+    assert not store.has_manifest("simulate", keys["simulate"], "shard-00002")
+    assert not store.has_manifest("simulate", keys["simulate"])
+    done_before = {i: Path(store.artifact_dir("simulate", keys["simulate"], f"shard-{i:05d}"), MANIFEST).stat().st_mtime_ns
+                   for i in (0, 1)}
+
+    monkeypatch.setattr(stages, "run_simulate_shard", real)
+    result = rewrite(preset="micro", storage=storage, run_id="crashy")
+    for i, mtime in done_before.items():  # finished shards were not redone
+        assert Path(store.artifact_dir("simulate", keys["simulate"], f"shard-{i:05d}"), MANIFEST).stat().st_mtime_ns == mtime
+    _, rows = query(store, "crashy", "select count(*), count(distinct (context_id, latent)) from predictions")
+    n, n_distinct = rows[0]
+    _, expl = query(store, "crashy", "select count(*) from explanations where status = 'explained'")
+    n_contexts = (cfg.corpus.n_calib + cfg.corpus.n_eval) * cfg.corpus.seq_len
+    assert n == n_distinct == n_contexts * expl[0][0]
+    assert result["keys"] == keys
+
+
+def test_deleted_manifest_is_recomputed_even_if_prefect_cached(micro_run):
+    """The manifest is the source of truth: a Prefect cache hit on a deleted artifact reruns it."""
+    from flows.rewrite import rewrite
+
+    storage, first = micro_run
+    store = Store(storage)
+    key = first["keys"]["report"]
+    Path(store.artifact_dir("report", key), MANIFEST).unlink()
+    rewrite(preset="micro", storage=storage, run_id="micro-test")
+    assert store.has_manifest("report", key)

@@ -1,0 +1,84 @@
+"""Artifact storage: atomic writes, manifests last, stable keys; local and S3 (moto on loopback)."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pyarrow as pa
+import pytest
+
+from nlrewrite_core.storage import MANIFEST, StageWriter, Store, stage_key
+
+
+def test_stage_key_is_stable_and_sensitive():
+    a = stage_key("explain", "1", {"n": 1, "m": 2}, {"activations": "abc"})
+    assert a == stage_key("explain", "1", {"m": 2, "n": 1}, {"activations": "abc"})
+    assert a != stage_key("explain", "2", {"n": 1, "m": 2}, {"activations": "abc"})
+    assert a != stage_key("explain", "1", {"n": 1, "m": 3}, {"activations": "abc"})
+    assert a != stage_key("explain", "1", {"n": 1, "m": 2}, {"activations": "abd"})
+
+
+def write_stage(store: Store) -> None:
+    w = StageWriter(store, "demo", "k1", config={"x": 1}, upstream={"up": "u1"}, version="1")
+    w.table("t", pa.table({"a": [1, 2, 3]}))
+    assert not store.has_manifest("demo", "k1")  # files first, manifest last
+    ref = w.finish(metrics={"m": 1.5})
+    assert ref.rows == {"t": 3} and ref.key == "k1"
+
+
+def test_local_manifest_written_last_and_no_temp_files(tmp_path):
+    store = Store(tmp_path)
+    write_stage(store)
+    d = tmp_path / "artifacts" / "demo" / "k1"
+    assert sorted(p.name for p in d.iterdir()) == [MANIFEST, "t.parquet"]
+    m = json.loads((d / MANIFEST).read_text())
+    assert m["files"][0]["rows"] == 3 and len(m["files"][0]["sha256"]) == 64
+    assert m["config"] == {"x": 1} and m["upstream"] == {"up": "u1"}
+
+
+def test_half_written_stage_is_not_done_and_is_cleaned(tmp_path):
+    store = Store(tmp_path)
+    d = tmp_path / "artifacts" / "demo" / "k1"
+    d.mkdir(parents=True)
+    (d / "stale.parquet").write_bytes(b"half")
+    assert not store.has_manifest("demo", "k1")
+    write_stage(store)
+    assert not (d / "stale.parquet").exists()
+
+
+@pytest.fixture(scope="module")
+def s3(monkeypatch_module=None):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    import os
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="nlr")
+    yield url
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_s3_round_trip(s3):
+    store = Store("s3://nlr/prefix", endpoint_url=s3)
+    write_stage(store)
+    assert store.has_manifest("demo", "k1")
+    ref = store.ref("demo", "k1")
+    assert ref.uri == "s3://nlr/prefix/artifacts/demo/k1"
+    assert store.read_parquet(store.artifact_dir("demo", "k1") + "/t.parquet").column("a").to_pylist() == [1, 2, 3]
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3).list_objects_v2(Bucket="nlr")["Contents"]]
+    assert sorted(keys) == ["prefix/artifacts/demo/k1/_manifest.json", "prefix/artifacts/demo/k1/t.parquet"]
+    # directories download to a local cache for libraries that need a path
+    local = store.local_dir(store.artifact_dir("demo", "k1"))
+    assert (local / "t.parquet").exists()
