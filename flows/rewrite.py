@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -16,34 +17,128 @@ from nlrewrite_core.config import RewriteConfig, load_config
 from nlrewrite_core.storage import ArtifactRef, Store
 from tasks import stages as t
 from tasks.context import RunContext
+from tasks.stages import ensure, shard_sub
 
 
-def ensure(task_fn, stage: str, run: RunContext, store: Store, **kwargs: Any) -> ArtifactRef:
-    """Run a stage task; if Prefect's cache answered but the manifest is gone, run it for real.
-
-    The manifest, not Prefect's cache record, decides whether a stage is done.
-    """
-    ref = task_fn(run, **kwargs)
-    sub = f"shard-{kwargs['shard']:05d}" if "shard" in kwargs else ""
-    if not store.has_manifest(stage, run.stage_keys[stage], sub):
-        get_run_logger().warning("%s: cached result points at a missing manifest; recomputing", stage)
-        ref = task_fn.with_options(refresh_cache=True)(run, **kwargs)
-    return ref
+def missing_shards(run: RunContext, store: Store, n_shards: int) -> list[int]:
+    """Shards without a manifest (the manifest, not Prefect's state, says a shard is done)."""
+    return [i for i in range(n_shards) if not store.has_manifest("simulate", run.stage_keys["simulate"], shard_sub(i))]
 
 
 def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
-    """Run every simulation shard as its own task (skipping finished ones), with a progress artifact."""
+    """Run every simulation shard (skipping finished ones), with a progress artifact, in-process
+    (`execution.fanout: local`) or as `simulate-shard` deployment runs (`deployment`)."""
     logger = get_run_logger()
     num_latents = stages._num_latents(store, run.stage_keys)
-    ranges = stages.shard_ranges(num_latents, run.config.simulate.shard_latents)
-    done = sum(store.has_manifest("simulate", run.stage_keys["simulate"], f"shard-{i:05d}") for i in range(len(ranges)))
-    progress = create_progress_artifact(100.0 * done / len(ranges), key="simulate-shards",
-                                        description=f"simulate: shards done / {len(ranges)}")
-    for i in range(len(ranges)):
-        ensure(t.simulate_shard, "simulate", run, store, shard=i)
-        update_progress_artifact(progress, 100.0 * (i + 1) / len(ranges))
-        logger.info("simulate: %d / %d shards done", i + 1, len(ranges))
+    n_shards = len(stages.shard_ranges(num_latents, run.config.simulate.shard_latents))
+    done = n_shards - len(missing_shards(run, store, n_shards))
+    progress = create_progress_artifact(100.0 * done / n_shards, key="simulate-shards",
+                                        description=f"simulate: shards done / {n_shards}")
+    if run.config.execution.fanout == "deployment":
+        fan_out(run, store, n_shards, progress)
+    else:
+        for i in range(n_shards):
+            ensure(t.simulate_shard, "simulate", run, store, shard=i)
+            update_progress_artifact(progress, 100.0 * (i + 1) / n_shards)
+            logger.info("simulate: %d / %d shards done", i + 1, n_shards)
+    missing = missing_shards(run, store, n_shards)  # verify every shard before calibration
+    if missing:
+        raise RuntimeError(f"simulate: shards {missing} have no manifest after fan-out")
     return ensure(t.collect_shards, "simulate", run, store)
+
+
+def _cancel_stale_shard_runs(client, deployment_id, run: RunContext, parent_id: str | None) -> int:
+    """Cancel scheduled/pending shard runs of the same simulate key left by an earlier, killed parent run
+    (they would duplicate the shards this run launches). Running ones are left alone."""
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    runs = client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+            any_=[StateType.SCHEDULED, StateType.PENDING]))))
+    n = 0
+    for fr in runs:
+        p = fr.parameters or {}
+        if (p.get("expected_key") == run.stage_keys["simulate"] and p.get("storage") == run.storage
+                and str(fr.parent_task_run_id or "") != "" and fr.tags and f"parent:{parent_id}" not in fr.tags):
+            client.set_flow_run_state(fr.id, Cancelled(message="superseded by a newer rewrite run"), force=True)
+            n += 1
+    return n
+
+
+def fan_out(run: RunContext, store: Store, n_shards: int, progress) -> None:
+    """Launch one `simulate-shard` deployment run per range of missing shards, wait for all, relaunch
+    failed ranges (at most `execution.max_run_attempts` attempts each)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    ex = run.config.execution
+    todo = missing_shards(run, store, n_shards)
+    if not todo:
+        update_progress_artifact(progress, 100.0)
+        return
+    ranges = [todo[i:i + ex.shards_per_run] for i in range(0, len(todo), ex.shards_per_run)]
+    parent_id = str(get_run_context().flow_run.id)
+    base = {"config": run.config.model_dump(mode="json"), "storage": run.storage, "endpoint_url": run.endpoint_url,
+            "run_id": run.run_id, "expected_key": run.stage_keys["simulate"]}
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(ex.deployment)
+        try:
+            if n := _cancel_stale_shard_runs(client, deployment.id, run, parent_id):
+                logger.info("simulate: cancelled %d stale scheduled shard runs of an earlier run", n)
+        except Exception as e:  # never block the run on housekeeping
+            logger.warning("simulate: could not look for stale shard runs: %s", type(e).__name__)
+
+    def launch(idx: int, attempt: int):
+        shards = ranges[idx]
+        fr = run_deployment(ex.deployment, parameters={**base, "shards": shards}, timeout=0,
+                            flow_run_name=f"{run.run_id}-shards-{shards[0]}-{shards[-1]}-a{attempt}",
+                            tags=["nlrewrite", f"parent:{parent_id}"],
+                            idempotency_key=f"{parent_id}-{idx}-{attempt}")
+        return fr.id
+
+    t0 = time.perf_counter()
+    attempts = {i: 1 for i in range(len(ranges))}
+    active = {i: launch(i, 1) for i in range(len(ranges))}
+    logger.info("simulate: launched %d runs of %s for %d shards (%d per run)", len(ranges), ex.deployment,
+                len(todo), ex.shards_per_run)
+    failed: dict[int, str] = {}
+    last_done = -1
+    with get_client(sync_client=True) as client:
+        while active:
+            if time.perf_counter() - t0 > ex.run_timeout_s:
+                raise TimeoutError(f"simulate: shard runs {sorted(map(str, active.values()))} still not finished "
+                                   f"after {ex.run_timeout_s:.0f}s; finished shards stay done, rerun to resume")
+            time.sleep(ex.poll_s)
+            for idx, fr_id in list(active.items()):
+                state = client.read_flow_run(fr_id).state
+                if state is None or not state.is_final():
+                    continue
+                del active[idx]
+                left = [s for s in ranges[idx] if not store.has_manifest("simulate", run.stage_keys["simulate"], shard_sub(s))]
+                if state.is_completed() and not left:
+                    continue
+                why = f"{state.name}" + (f", shards {left} missing" if left else "")
+                if attempts[idx] < ex.max_run_attempts:
+                    attempts[idx] += 1
+                    logger.warning("simulate: shard run %s ended %s; relaunching (attempt %d of %d)", fr_id, why,
+                                   attempts[idx], ex.max_run_attempts)
+                    active[idx] = launch(idx, attempts[idx])
+                else:
+                    failed[idx] = f"{fr_id} ({why})"
+            done = n_shards - len(missing_shards(run, store, n_shards))
+            if done != last_done:
+                update_progress_artifact(progress, 100.0 * done / n_shards)
+                logger.info("simulate: %d / %d shards done (%.0fs)", done, n_shards, time.perf_counter() - t0)
+                last_done = done
+    if failed:
+        raise RuntimeError(f"simulate: shard runs failed after {ex.max_run_attempts} attempts: "
+                           + "; ".join(failed[i] for i in sorted(failed)))
 
 
 @flow(name="rewrite", log_prints=True)
@@ -58,6 +153,7 @@ def rewrite(preset: str = "tiny", config_file: str | None = None, storage: str =
 
 def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_url: str | None) -> dict[str, Any]:
     store = Store(storage, endpoint_url=endpoint_url)
+    store.check()  # a missing bucket or rejected credentials fail here, before any work
     keys = stages.plan(cfg)
     run_id = run_id or f"{cfg.preset}-{keys['report'][:10]}"
     run = RunContext(run_id=run_id, storage=storage, endpoint_url=endpoint_url, config=cfg, stage_keys=keys)

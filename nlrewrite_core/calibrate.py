@@ -5,7 +5,7 @@ A calibration map sends one latent's raw prediction (already mapped linearly int
 stored as knots ``(x, y)``: ``x`` non-decreasing prediction values, ``y`` non-decreasing
 activation values, with equal ``y`` wherever ``x`` ties, so the map is a function. Between knots
 it interpolates linearly; outside them it is clamped to the end values, or, for methods that
-declare ``extrapolate`` (``none``, later ``affine``), continued along the end segments.
+declare ``extrapolate`` (``none``, ``affine``), continued along the end segments.
 
 Methods (registry :data:`METHODS`, name -> :class:`CalibrationMethod`):
 
@@ -19,8 +19,24 @@ Methods (registry :data:`METHODS`, name -> :class:`CalibrationMethod`):
   shares, e.g. a constant prediction) gets one value: ``Q_true`` at the run's middle
   probability, so a constant-prediction latent maps to the median true activation.
 
-New methods (``quantile-hf-<type>``, ``isotonic``, ``affine``) are added by registering a fit
-function that returns knot arrays for a block of latents.
+- ``quantile-hf1`` .. ``quantile-hf9``: the same quantile normalisation with each of Hyndman &
+  Fan's (1996) sample-quantile definitions (numpy.quantile's ``method=``: 1 inverted_cdf,
+  2 averaged_inverted_cdf, 3 closest_observation, 4 interpolated_inverted_cdf, 5 hazen,
+  6 weibull, 7 linear, 8 median_unbiased, 9 normal_unbiased) for both the prediction and the
+  true quantiles, on the same knot grid and with the same tie rule. ``quantile-hf7`` equals
+  ``quantile`` up to rounding.
+- ``isotonic``: scikit-learn's ``IsotonicRegression`` of true on predicted activation (the
+  least-squares monotone fit), clamped outside the calib range. Its knots are the fit's
+  thresholds, so on its own fit data it reproduces ``IsotonicRegression.predict`` and the mean of
+  the true activations.
+- ``affine``: ``scale * max(pred - threshold, 0)``, extrapolated. The threshold makes the fraction
+  of calib contexts predicted active equal the fraction truly active (the ``m``-th largest
+  prediction is the last one above it); the scale makes the calibrated mean equal the true
+  mean, capped so that the largest calib prediction maps no higher than the largest true
+  activation (a guard against near-zero denominators).
+
+New methods are added by registering a fit function that returns knot arrays for a block of
+latents (:data:`METHODS`).
 
 Maps are joined to prediction columns by latent id, never by position:
 :func:`apply_calibration` takes the latent id of each column, and :func:`maps_from_table`
@@ -157,9 +173,120 @@ def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.
     return x.T.astype(np.float64), y.T
 
 
+HF_TYPES: dict[int, str] = {
+    1: "inverted_cdf",
+    2: "averaged_inverted_cdf",
+    3: "closest_observation",
+    4: "interpolated_inverted_cdf",
+    5: "hazen",
+    6: "weibull",
+    7: "linear",
+    8: "median_unbiased",
+    9: "normal_unbiased",
+}
+"""Hyndman & Fan (1996) sample-quantile type -> numpy.quantile ``method=`` name."""
+
+
+def _fit_quantile_hf(hf_type: int) -> KnotFit:
+    """Quantile-normalisation knots with Hyndman & Fan type ``hf_type`` quantiles."""
+    method = HF_TYPES[hf_type]
+
+    def fit(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+        probs = quantile_grid(n_knots, pred.shape[0])
+        x = np.quantile(pred.astype(np.float64), probs, axis=0, method=method)
+        # Sample quantiles never decrease in p; the guard only absorbs rounding.
+        x = np.maximum.accumulate(x.astype(np.float32), axis=0)
+        first, last = _tie_runs(x)
+        mid_probs = 0.5 * (probs[first] + probs[last])
+        sorted_true = np.sort(true.astype(np.float64), axis=0)
+        y = np.empty(mid_probs.shape, dtype=np.float64)
+        for j in range(x.shape[1]):
+            unique, inverse = np.unique(mid_probs[:, j], return_inverse=True)
+            y[:, j] = np.quantile(sorted_true[:, j], unique, method=method)[inverse]
+        y = np.maximum.accumulate(y, axis=0)
+        return x.T.astype(np.float64), y.T
+
+    fit.__name__ = f"_fit_quantile_hf{hf_type}"
+    return fit
+
+
+def _merge_float32_ties(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One row's knots with x rounded to float32, knots that round to one x merged (mean y)."""
+    x32, inverse = np.unique(np.asarray(x, dtype=np.float32), return_inverse=True)
+    if x32.size == x.size:
+        return x32.astype(np.float64), np.asarray(y, dtype=np.float64)
+    counts = np.bincount(inverse)
+    return x32.astype(np.float64), np.bincount(inverse, weights=y) / counts
+
+
+def _pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged per-latent knots as [L, K] arrays, each row padded with its last knot."""
+    width = max((r[0].size for r in rows), default=1)
+    xs = np.empty((len(rows), width), dtype=np.float64)
+    ys = np.empty((len(rows), width), dtype=np.float64)
+    for i, (x, y) in enumerate(rows):
+        xs[i, : x.size], xs[i, x.size :] = x, x[-1]
+        ys[i, : y.size], ys[i, y.size :] = y, y[-1]
+    return xs, ys
+
+
+def _fit_isotonic(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Isotonic regression (scikit-learn) of true on predicted activation, one fit per latent.
+
+    The knots are the fit's thresholds (``X_thresholds_``, ``y_thresholds_``): sklearn's own
+    predict interpolates linearly between them and clips outside, which is what the map does.
+    ``n_knots`` is ignored (the fit decides how many knots it needs).
+    """
+    from sklearn.isotonic import IsotonicRegression
+
+    rows = []
+    for j in range(pred.shape[1]):
+        p = pred[:, j].astype(np.float64)
+        t = true[:, j].astype(np.float64)
+        if p.min() == p.max():  # a constant prediction: the map is the mean, wherever it is asked
+            rows.append((np.array([p[0]]), np.array([t.mean()])))
+            continue
+        fit = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(p, t)
+        x, y = _merge_float32_ties(fit.X_thresholds_, fit.y_thresholds_)
+        rows.append((x, np.maximum.accumulate(y)))
+    return _pad_rows(rows)
+
+
+AFFINE_SPACING = 1e-3
+"""Relative spacing of the affine map's three knots (a float32 can tell them apart)."""
+
+
+def _fit_affine(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Affine knots ``(t - d, 0), (t, 0), (t + d, s d)`` (see the module docstring)."""
+    n, n_latents = pred.shape
+    cols = np.arange(n_latents)
+    p = np.sort(pred.astype(np.float64), axis=0)
+    t = true.astype(np.float64)
+    n_active = (t > 0).sum(axis=0)
+    span = p[-1] - p[0]
+    threshold = p[np.clip(n - n_active - 1, 0, n - 1), cols]
+    spacing = AFFINE_SPACING * np.maximum.reduce([span, np.abs(threshold), np.ones(n_latents)])
+    # Every context truly active: the threshold goes below the smallest prediction.
+    threshold = np.where(n_active >= n, p[0] - spacing, threshold)
+    threshold = threshold.astype(np.float32).astype(np.float64)
+    spacing = np.maximum(spacing, 2.0 * np.abs(threshold) * np.finfo(np.float32).eps)
+    excess = np.maximum(p - threshold, 0.0).mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(excess > 0, t.mean(axis=0) / excess, 0.0)
+        top = p[-1] - threshold
+        cap = np.where(top > 0, t.max(axis=0) / top, 0.0)
+    scale = np.clip(np.minimum(scale, cap), 0.0, None)
+    x = np.stack([threshold - spacing, threshold, threshold + spacing], axis=1)
+    y = np.stack([np.zeros(n_latents), np.zeros(n_latents), scale * spacing], axis=1)
+    return x, y
+
+
 METHODS: dict[str, CalibrationMethod] = {
     "none": CalibrationMethod(fit=_fit_identity, extrapolate=True),
     "quantile": CalibrationMethod(fit=_fit_quantile, extrapolate=False),
+    **{f"quantile-hf{k}": CalibrationMethod(fit=_fit_quantile_hf(k), extrapolate=False) for k in HF_TYPES},
+    "isotonic": CalibrationMethod(fit=_fit_isotonic, extrapolate=False),
+    "affine": CalibrationMethod(fit=_fit_affine, extrapolate=True),
 }
 """Calibration methods by name."""
 

@@ -1,4 +1,5 @@
-"""The `nlrewrite` command line: `run` the pipeline, `query` a run's tables with SQL.
+"""The `nlrewrite` command line: `run` the pipeline, `query` a run's tables with SQL, list or pull
+a run's `artifacts`.
 
 Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run) exits
 with status 2 and one message naming the field or file, before anything is written.
@@ -78,9 +79,27 @@ CE_COLUMNS = ["condition", "selection", "fraction", "calibration", "seed", "n_la
               "delta_zero_mean"]
 
 
+def open_store(storage: str, endpoint_url: str | None, must_exist: bool = True):
+    """A Store for the CLI; an S3 root is checked with one request (missing bucket, rejected or
+    missing credentials, unreachable endpoint: exit 2 with a message that never shows a credential)."""
+    from .storage import StorageError, Store
+
+    check_storage(storage)
+    if not storage.startswith("s3://") and must_exist and not Path(storage).is_dir():
+        raise UsageError(f"--storage {storage!r} does not exist; run `nlrewrite run` first or pass --storage")
+    store = Store(storage, endpoint_url=endpoint_url)
+    try:
+        store.check()
+    except StorageError as e:
+        raise UsageError(str(e)) from None
+    return store
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg: RewriteConfig = load_config(args.preset, args.config)
     check_storage(args.storage)
+    if args.storage.startswith("s3://"):
+        open_store(args.storage, args.endpoint_url)  # fail fast, before Prefect starts
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
     from flows.rewrite import rewrite  # imports Prefect: only after validation
@@ -101,12 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from .query import RunNotFound, query
-    from .storage import Store
 
-    if not args.storage.startswith("s3://") and not Path(args.storage).is_dir():
-        raise UsageError(f"--storage {args.storage!r} does not exist; run `nlrewrite run` first or pass --storage")
+    store = open_store(args.storage, args.endpoint_url)
     try:
-        cols, rows = query(Store(args.storage, endpoint_url=args.endpoint_url), args.run_id, args.sql)
+        cols, rows = query(store, args.run_id, args.sql)
     except RunNotFound as e:
         raise UsageError(str(e)) from None
     except Exception as e:  # duckdb errors: bad SQL, unknown table
@@ -114,6 +131,55 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise UsageError(f"SQL error: {e}") from None
         raise
     print(format_table(cols, rows, args.format))
+    return 0
+
+
+def _run_stages(store, run_id: str, stage: list[str] | None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    from .query import RunNotFound, load_run
+
+    try:
+        run = load_run(store, run_id)
+    except RunNotFound as e:
+        raise UsageError(str(e)) from None
+    keys: dict[str, str] = run["keys"]
+    if stage:
+        unknown = [s for s in stage if s not in keys]
+        if unknown:
+            raise UsageError(f"--stage {', '.join(unknown)}: not a stage of run {run_id!r}; "
+                             f"stages: {', '.join(keys)}")
+    return run, [(s, k) for s, k in keys.items() if not stage or s in stage]
+
+
+def cmd_artifacts_ls(args: argparse.Namespace) -> int:
+    store = open_store(args.storage, args.endpoint_url)
+    _, stages = _run_stages(store, args.run_id, args.stage)
+    cols = ["stage", "key", "file", "size", "etag", "last_modified"] + (["url"] if args.presign else [])
+    rows: list[list[Any]] = []
+    for stage, key in stages:
+        base = store.artifact_dir(stage, key)
+        for o in store.list_objects(base):
+            row = [stage, key, o["key"], o["size"], o["etag"], o["last_modified"]]
+            if args.presign:
+                row.append(store.presigned_url(f"{base}/{o['key']}", args.expires))
+            rows.append(row)
+    print(format_table(cols, rows, args.format))
+    return 0
+
+
+def cmd_artifacts_pull(args: argparse.Namespace) -> int:
+    from .storage import Store
+
+    store = open_store(args.storage, args.endpoint_url)
+    run, stages = _run_stages(store, args.run_id, args.stage)
+    dest = Store(args.dest)  # the copy is itself a local storage root: `nlrewrite query ID --storage DEST`
+    check_storage(args.dest)
+    n = 0
+    for stage, key in stages:
+        got = store.download(store.artifact_dir(stage, key), dest.artifact_dir(stage, key))
+        print(f"{stage}/{key}: {got} files", file=sys.stderr)
+        n += got
+    dest.write_json(dest.path("runs", args.run_id, "run.json"), run)
+    print(f"pulled {n} files of run {args.run_id} into {dest.root}")
     return 0
 
 
@@ -134,6 +200,22 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--endpoint-url")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
     q.set_defaults(func=cmd_query)
+    a = sub.add_parser("artifacts", help="list or download a run's artifacts (local or S3)")
+    asub = a.add_subparsers(dest="artifacts_command", required=True)
+    ls = asub.add_parser("ls", help="list a run's artifact files")
+    ls.add_argument("run_id")
+    pull = asub.add_parser("pull", help="download a run's artifacts into a local storage root DEST")
+    pull.add_argument("run_id")
+    pull.add_argument("dest")
+    for sp in (ls, pull):
+        sp.add_argument("--storage", default="./nlrewrite-data", help="local directory or s3://bucket/prefix")
+        sp.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
+        sp.add_argument("--stage", action="append", help="only this stage (repeatable)")
+    ls.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    ls.add_argument("--presign", action="store_true", help="add a presigned HTTPS URL per file (S3)")
+    ls.add_argument("--expires", type=int, default=3600, help="presigned URL lifetime in seconds")
+    ls.set_defaults(func=cmd_artifacts_ls)
+    pull.set_defaults(func=cmd_artifacts_pull)
     return p
 
 

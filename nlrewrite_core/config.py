@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -112,9 +113,71 @@ class ActivationsConfig(Section):
     """Storage type of cached activation values."""
 
 
-class ExplainConfig(Section):
-    method: Literal["ngram"] = "ngram"
-    """Explainer. `ngram`: a sentence built from the top-activating tokens and what precedes them."""
+class _Extended(Section):
+    """A section whose fields added for the LLM methods are left out of its dump while they keep
+    their defaults, so a config that does not use them keeps its stage keys (and cached artifacts)."""
+
+    _added: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_added(self, handler):  # noqa: ANN001
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self._added:
+                if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                    data.pop(name)
+        return data
+
+
+class LLMConfig(Section):
+    """The LLM behind an `llm` explainer, a `detection` scorer or an `llm` simulator."""
+
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    """`transformers`: a local HF causal LM (CPU/CUDA, prefix KV cache shared across a batch);
+    `openai`: an OpenAI-compatible completions endpoint (`vllm serve`, hosted APIs);
+    `vllm`: the offline vllm.LLM engine with prefix caching (extra `nlrewrite[vllm]`)."""
+    model: str
+    """Local model directory or hub id (transformers, vllm), or the served model name (openai).
+    The key of a stage hashes this string, not the weights: give a new path to a changed model."""
+    base_url: str | None = None
+    """openai: the API root, e.g. http://127.0.0.1:8000/v1 (the request goes to {base_url}/completions)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: the environment variable holding the API key (the key itself is never in the config)."""
+    max_concurrency: int = Field(8, ge=1)
+    """openai: requests in flight at once."""
+    max_retries: int = Field(4, ge=0)
+    """openai: retries of a request after a 429, a 5xx, a timeout or a connection error (exponential backoff)."""
+    timeout_s: float = Field(60.0, gt=0)
+    """openai: seconds before one request times out."""
+    backoff_s: float = Field(1.0, ge=0)
+    """openai: first backoff delay in seconds (doubles each retry, with jitter; a Retry-After header wins)."""
+    batch_size: int = Field(64, ge=1)
+    """transformers: prompts per forward pass (suffixes after a shared prefix)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """transformers/vllm: weight dtype; `auto` is bfloat16 on CUDA and float32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """transformers: torch device."""
+    top_logprobs: int = Field(20, ge=1)
+    """Top next-token log-probabilities returned per prompt (the simulator reads the digits among them)."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Generation cap per answer."""
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature for generation (0: greedy)."""
+    chat_format: Literal["none", "llama3"] = "none"
+    """How a prompt is wrapped: `none` (plain completion) or `llama3` (Llama-3 instruct headers,
+    written as text so shared prefixes stay shared)."""
+    seed: int = 0
+    """Sampling seed."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """vllm: fraction of GPU memory the engine may use."""
+
+
+class ExplainConfig(_Extended):
+    _added = ("llm", "window", "max_retries")
+    method: Literal["ngram", "llm"] = "ngram"
+    """Explainer. `ngram`: a sentence built from the top-activating tokens and what precedes them.
+    `llm`: the paper's prompt (32-token windows, activating tokens marked <<tok>> with activations
+    0-10) answered by `llm`, parsed after `[EXPLANATION]:`."""
     n_examples: int = Field(40, ge=1)
     """Activating examples shown to the explainer, sampled across activation-rank bins."""
     n_bins: int = Field(10, ge=1)
@@ -127,6 +190,19 @@ class ExplainConfig(Section):
     """Latents with fewer activations in the explain split are recorded as dead, not explained."""
     seed: int = 0
     """Seed for example sampling."""
+    llm: LLMConfig | None = None
+    """The explainer LLM (required when method is `llm`)."""
+    window: int = Field(32, ge=1)
+    """llm: tokens per example window, centred so the top activation sits near its end (the paper: 32)."""
+    max_retries: int = Field(2, ge=0)
+    """llm: new attempts when an answer has no `[EXPLANATION]:` line; then the latent is recorded
+    as unexplained with the reason."""
+
+    @model_validator(mode="after")
+    def _check_llm(self) -> "ExplainConfig":
+        if self.method == "llm" and self.llm is None:
+            raise ValueError("explain.llm is required when explain.method is 'llm'")
+        return self
 
 
 class EmbeddingConfig(Section):
@@ -138,26 +214,56 @@ class EmbeddingConfig(Section):
     """bf16 autocast on CPU (about 2x faster, cosine >= 0.9999 to fp32)."""
 
 
-class ScoreConfig(Section):
-    method: Literal["embedding"] = "embedding"
-    """Detection scorer. `embedding`: cosine similarity of explanation and context, thresholded."""
+class ScoreConfig(_Extended):
+    _added = ("llm", "examples_per_prompt", "window", "n_bins")
+    method: Literal["embedding", "detection"] = "embedding"
+    """Detection scorer. `embedding`: cosine similarity of explanation and context, thresholded.
+    `detection`: the paper's LLM detection prompt (`llm` answers 0/1 for each example of a prompt)."""
     n_pos: int = Field(20, ge=2)
     """Firing contexts per latent (from the explain split)."""
     n_neg: int = Field(20, ge=2)
     """Non-firing contexts per latent (from the explain split)."""
     seed: int = 0
     """Seed for context sampling and the fit/judge split."""
+    llm: LLMConfig | None = None
+    """The scorer LLM (required when method is `detection`)."""
+    examples_per_prompt: int = Field(5, ge=1)
+    """detection: examples shown in one prompt (the paper: 5), shuffled positives and negatives."""
+    window: int = Field(32, ge=1)
+    """detection: tokens per example window, ending at the (non-)firing token."""
+    n_bins: int = Field(10, ge=1)
+    """detection: activation-rank bins the positives are drawn from equally (the paper: 10)."""
+
+    @model_validator(mode="after")
+    def _check_llm(self) -> "ScoreConfig":
+        if self.method == "detection" and self.llm is None:
+            raise ValueError("score.llm is required when score.method is 'detection'")
+        return self
 
 
-class SimulateConfig(Section):
-    method: Literal["embedding"] = "embedding"
-    """Simulator. `embedding`: similarity of explanation and the context window ending at the target token."""
+class SimulateConfig(_Extended):
+    _added = ("llm", "renormalize")
+    method: Literal["embedding", "llm"] = "embedding"
+    """Simulator. `embedding`: similarity of explanation and the context window ending at the target token.
+    `llm`: the paper's prompt (explanation, window, last token marked, a 0-9 answer); the prediction is
+    the expected digit from the top logprobs, mapped linearly onto [0, max_act]."""
     window: int = Field(32, ge=1)
     """Tokens in the context window that ends at the target token (the paper: 32)."""
     token_weight: float = Field(0.5, ge=0, le=1)
     """Weight of the target token's own embedding in the similarity (the rest is the window's)."""
     shard_latents: int = Field(256, ge=1)
     """Latents per simulation shard (a shard covers all calib + eval contexts for its latents)."""
+    llm: LLMConfig | None = None
+    """The simulator LLM (required when method is `llm`)."""
+    renormalize: bool = True
+    """llm: renormalize the digit probabilities to sum to 1 before the expected value (ours);
+    False is the paper's sum of digit x probability over the top logprobs as they are."""
+
+    @model_validator(mode="after")
+    def _check_llm(self) -> "SimulateConfig":
+        if self.method == "llm" and self.llm is None:
+            raise ValueError("simulate.llm is required when simulate.method is 'llm'")
+        return self
 
 
 class CalibrateConfig(Section):
@@ -191,8 +297,19 @@ class EvaluateConfig(Section):
 
 
 class ExecutionConfig(Section):
-    fanout: Literal["local"] = "local"
-    """How simulation shards run: `local` runs them as tasks in the flow's process."""
+    fanout: Literal["local", "deployment"] = "local"
+    """How simulation shards run: `local` runs them as tasks in the flow's process; `deployment`
+    launches one `simulate-shard` deployment run per range of `shards_per_run` shards (GPU workers)."""
+    deployment: str = "simulate-shard/gpu"
+    """Deployment (`flow/deployment`) that runs a range of shards when fanout is `deployment`."""
+    shards_per_run: int = Field(8, ge=1)
+    """Shards per deployment run: keep each run minutes long (Prefect's per-run overhead is seconds)."""
+    max_run_attempts: int = Field(3, ge=1)
+    """Attempts per shard range: a failed or crashed deployment run is relaunched up to this many times in all."""
+    run_timeout_s: float = Field(6 * 3600, gt=0)
+    """Seconds the flow waits for all shard runs before it fails (their finished shards stay done)."""
+    poll_s: float = Field(2.0, gt=0)
+    """Seconds between checks of the shard runs' states."""
     device: Literal["cpu", "cuda", "auto"] = "auto"
     """Torch device for model stages."""
     threads: int | None = None

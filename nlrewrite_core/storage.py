@@ -29,6 +29,14 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 MANIFEST = "_manifest.json"
+S3_MAX_ATTEMPTS = int(os.environ.get("NLREWRITE_S3_MAX_ATTEMPTS", "10"))
+"""Attempts per S3 request (pyarrow and boto3 retry transient errors with exponential backoff)."""
+
+
+class StorageError(RuntimeError):
+    """The storage root cannot be used (missing bucket, rejected credentials, unreachable endpoint).
+
+    Messages name the root and the cause, never a credential."""
 
 
 class ArtifactRef(BaseModel):
@@ -73,6 +81,10 @@ class Store:
             region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
             if region:
                 kwargs["region"] = region
+            # Transient failures (throttling, 5xx, dropped connections) are retried with backoff.
+            kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
+            kwargs["connect_timeout"] = 10
+            kwargs["request_timeout"] = 60
             self.fs: pafs.FileSystem = pafs.S3FileSystem(**kwargs)
             self.base = root[len("s3://"):].rstrip("/")
             self.root = root.rstrip("/")
@@ -82,6 +94,104 @@ class Store:
             self.base = str(Path(root).resolve())
             self.root = self.base
             self.cache_dir = Path(cache_dir) if cache_dir else Path(self.base) / ".cache"
+
+    # ---- S3 helpers (boto3) ------------------------------------------------------------------
+    @property
+    def bucket(self) -> str:
+        return self.base.split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        """Key prefix of the root inside its bucket ('' or 'a/b')."""
+        return self.base.split("/", 1)[1] if "/" in self.base else ""
+
+    def s3_client(self):
+        """A boto3 S3 client for this root's endpoint; credentials from the standard AWS chain."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url,
+                            config=Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                                          connect_timeout=10, read_timeout=60))
+
+    def check(self) -> None:
+        """Fail fast, with a clear message, if the root cannot be used.
+
+        S3: one HEAD request on the bucket (no retries) distinguishes a missing bucket, rejected
+        credentials, missing credentials and an unreachable endpoint. Local roots always pass here.
+        """
+        if not self.is_s3:
+            return
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = f"storage {self.root}" + (f" (endpoint {self.endpoint_url})" if self.endpoint_url else "")
+        client = boto3.client("s3", endpoint_url=self.endpoint_url,
+                              config=Config(retries={"max_attempts": 2, "mode": "standard"},
+                                            connect_timeout=5, read_timeout=15))
+        try:
+            client.head_bucket(Bucket=self.bucket)
+        except NoCredentialsError:
+            raise StorageError(f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                               "or AWS_PROFILE (standard AWS environment and config)") from None
+        except EndpointConnectionError:
+            raise StorageError(f"{where}: cannot reach the S3 endpoint") from None
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(f"{where}: bucket {self.bucket!r} does not exist") from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden") or status == 403:
+                raise StorageError(f"{where}: access denied to bucket {self.bucket!r}; check the AWS credentials "
+                                   "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their permissions") from None
+            raise StorageError(f"{where}: S3 error {code or status}") from None
+        except BotoCoreError as e:
+            raise StorageError(f"{where}: {type(e).__name__}") from None
+
+    def list_objects(self, path: str) -> list[dict[str, Any]]:
+        """Every object under `path` (a path from `self.path`): key relative to `path`, size, etag, mtime.
+
+        S3 uses boto3's paginated listing; a local root walks the directory."""
+        out: list[dict[str, Any]] = []
+        if self.is_s3:
+            prefix = path.split("/", 1)[1].rstrip("/") + "/" if "/" in path else ""
+            pages = self.s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                for o in page.get("Contents", []):
+                    out.append({"key": o["Key"][len(prefix):], "size": o["Size"], "etag": o["ETag"].strip('"'),
+                                "last_modified": o["LastModified"].isoformat()})
+            return out
+        root = Path(path)
+        if root.is_dir():
+            for f in sorted(root.rglob("*")):
+                if f.is_file() and ".tmp-" not in f.name:
+                    st = f.stat()
+                    out.append({"key": f.relative_to(root).as_posix(), "size": st.st_size, "etag": "",
+                                "last_modified": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(st.st_mtime))})
+        return out
+
+    def presigned_url(self, path: str, expires_s: int = 3600) -> str:
+        """A time-limited HTTPS GET URL for one S3 object (a local root gives a file:// URL)."""
+        if not self.is_s3:
+            return Path(path).as_uri()
+        bucket, key = path.split("/", 1)
+        return self.s3_client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                       ExpiresIn=expires_s)
+
+    def download(self, path: str, dest: str | os.PathLike[str]) -> int:
+        """Copy every file under `path` into the local directory `dest` (atomically per file); returns the count."""
+        dest = Path(dest)
+        n = 0
+        for o in self.list_objects(path):
+            target = dest / o["key"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+            with self.fs.open_input_stream(f"{path.rstrip('/')}/{o['key']}") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, target)
+            n += 1
+        return n
 
     # ---- paths ---------------------------------------------------------------------------
     def path(self, *parts: str) -> str:

@@ -1,0 +1,160 @@
+"""One small LLM interface for the explainer, the detection scorer and the simulator.
+
+Two operations: `generate` (text answers) and `top_logprobs` (the top-k next-token
+log-probabilities of each prompt). A `Prompt` is a shared `prefix` plus a per-prompt `suffix`:
+backends that can (transformers) encode each distinct prefix once and reuse its KV cache across
+the suffixes; the others send `prefix + suffix` (vLLM's prefix cache and a server's find the
+shared part themselves; prompts are ordered so shared prefixes are adjacent).
+
+Backends: `transformers` (.hf), `openai` (.openai_api), `vllm` (.vllm_backend, imported lazily).
+Every call adds its prompts, tokens in/out and seconds to `LLM.usage` (cost accounting).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import LLMConfig
+
+
+class LLMError(RuntimeError):
+    """A backend call failed (after its retries). The message never holds an API key."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt as a shared prefix and a per-prompt suffix; the text sent is prefix + suffix."""
+
+    prefix: str
+    suffix: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.prefix + self.suffix
+
+
+@dataclass
+class Usage:
+    """Accumulated cost of an LLM's calls."""
+
+    calls: int = 0
+    prompts: int = 0
+    tokens_in: int = 0
+    tokens_in_cached: int = 0
+    tokens_out: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **kw: float) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def snapshot(self) -> dict[str, float]:
+        d = asdict(self)
+        d.pop("_lock", None)
+        return d
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        """The usage accumulated since `before` (a snapshot), as a manifest `cost` dict."""
+        now = self.snapshot()
+        out = {f"llm_{k}" if k in ("calls", "prompts", "seconds", "retries") else k: now[k] - before.get(k, 0)
+               for k in now}
+        out["llm_seconds"] = round(out["llm_seconds"], 3)
+        return out
+
+
+PromptLike = Prompt | str
+
+
+def as_prompt(p: PromptLike) -> Prompt:
+    return p if isinstance(p, Prompt) else Prompt(p, "")
+
+
+_LLAMA3_HEAD = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+_LLAMA3_TAIL = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+class LLM:
+    """The interface. Subclasses implement `_generate` and `_top_logprobs` on wrapped prompts."""
+
+    backend = "base"
+
+    def __init__(self, cfg: "LLMConfig"):
+        self.cfg = cfg
+        self.usage = Usage()
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}:{self.cfg.model}"
+
+    def wrap(self, p: PromptLike) -> Prompt:
+        """Apply the chat format as text (the head joins the prefix, the tail the suffix)."""
+        p = as_prompt(p)
+        if self.cfg.chat_format == "llama3":
+            return Prompt(_LLAMA3_HEAD + p.prefix, p.suffix + _LLAMA3_TAIL)
+        return p
+
+    def generate(self, prompts: Sequence[PromptLike], max_new_tokens: int | None = None,
+                 temperature: float | None = None, seed: int | None = None) -> list[str]:
+        """One answer per prompt, in order."""
+        if not prompts:
+            return []
+        return self._generate([self.wrap(p) for p in prompts], max_new_tokens or self.cfg.max_new_tokens,
+                              self.cfg.temperature if temperature is None else temperature,
+                              self.cfg.seed if seed is None else seed)
+
+    def top_logprobs(self, prompts: Sequence[PromptLike], k: int | None = None) -> list[dict[str, float]]:
+        """For each prompt, {token text: logprob} of its k most likely next tokens (token texts
+        that collide are merged by adding their probabilities)."""
+        if not prompts:
+            return []
+        return self._top_logprobs([self.wrap(p) for p in prompts], k or self.cfg.top_logprobs)
+
+    def _generate(self, prompts: list[Prompt], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+        raise NotImplementedError
+
+    def _top_logprobs(self, prompts: list[Prompt], k: int) -> list[dict[str, float]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def merge_logprob(d: dict[str, float], token: str, lp: float) -> None:
+    """Add a token's probability to d (log-sum-exp when the token text is already there)."""
+    if token in d:
+        a, b = max(d[token], lp), min(d[token], lp)
+        d[token] = a + math.log1p(math.exp(b - a)) if b > -math.inf else a
+    else:
+        d[token] = lp
+
+
+def make_llm(cfg: "LLMConfig") -> LLM:
+    """A new backend instance for cfg."""
+    if cfg.backend == "transformers":
+        from .hf import TransformersLLM
+
+        return TransformersLLM(cfg)
+    if cfg.backend == "openai":
+        from .openai_api import OpenAILLM
+
+        return OpenAILLM(cfg)
+    if cfg.backend == "vllm":
+        from .vllm_backend import VLLMLLM
+
+        return VLLMLLM(cfg)
+    raise ValueError(f"unknown LLM backend {cfg.backend!r}")
+
+
+@lru_cache(maxsize=2)
+def get_llm(cfg: "LLMConfig") -> LLM:
+    """A cached backend for cfg (loading a model once per process; stages read usage deltas)."""
+    return make_llm(cfg)

@@ -1,0 +1,177 @@
+"""The `transformers` backend: a local HF causal LM on CPU or CUDA.
+
+`top_logprobs` groups prompts by prefix, runs each distinct prefix once, and feeds the suffixes
+in batches (sorted by length, right-padded) on a copy of the prefix's KV cache repeated over the
+batch: the shared tokens are computed once, not once per prompt. `share_prefix=False` runs every
+prompt alone from scratch (the reference the tests and the benchmark compare against).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections import defaultdict
+
+import torch
+
+from . import LLM, Prompt, merge_logprob
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+class TransformersLLM(LLM):
+    backend = "transformers"
+
+    def __init__(self, cfg, model=None, tokenizer=None):
+        super().__init__(cfg)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.path.isdir(cfg.model) else None
+        self.device = _resolve_device(cfg.device)
+        self.dtype = _resolve_dtype(cfg.dtype, self.device)
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
+        self.model = (model or AutoModelForCausalLM.from_pretrained(cfg.model, dtype=self.dtype)).to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self._ids_cache: dict[tuple[str, bool], list[int]] = {}
+        self._vocab_text: list[str] | None = None
+
+    # ---- tokens ---------------------------------------------------------------------------------
+    def ids(self, text: str, first: bool) -> list[int]:
+        """Token ids of a prefix (first=True: the tokenizer's special start tokens added, unless
+        the chat format writes them) or of a suffix (no special tokens)."""
+        key = (text, first)
+        if key not in self._ids_cache:
+            special = first and self.cfg.chat_format == "none"
+            ids = self.tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
+            if len(self._ids_cache) > 100_000:
+                self._ids_cache.clear()
+            self._ids_cache[key] = list(ids)
+        return self._ids_cache[key]
+
+    def token_text(self, i: int) -> str:
+        if self._vocab_text is None:
+            self._vocab_text = [self.tokenizer.decode([t]) for t in range(len(self.tokenizer))]
+        return self._vocab_text[i] if i < len(self._vocab_text) else self.tokenizer.decode([i])
+
+    def _top(self, logits: torch.Tensor, k: int) -> list[dict[str, float]]:
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        out = []
+        for v_row, i_row in zip(vals.tolist(), idx.tolist()):
+            d: dict[str, float] = {}
+            for v, i in zip(v_row, i_row):
+                merge_logprob(d, self.token_text(i), v)
+            out.append(d)
+        return out
+
+    # ---- logprobs -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _top_logprobs(self, prompts: list[Prompt], k: int, share_prefix: bool = True) -> list[dict[str, float]]:
+        t0 = time.perf_counter()
+        out: list[dict[str, float] | None] = [None] * len(prompts)
+        if not share_prefix:
+            for i, p in enumerate(prompts):
+                ids = self.ids(p.prefix, True) + self.ids(p.suffix, not p.prefix)
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, -1]
+                out[i] = self._top(logits[None], k)[0]
+                self.usage.add(tokens_in=len(ids), tokens_out=1)
+            self.usage.add(calls=len(prompts), prompts=len(prompts), seconds=time.perf_counter() - t0)
+            return out  # type: ignore[return-value]
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, p in enumerate(prompts):
+            groups[p.prefix].append(i)
+        calls = 0
+        for prefix, members in groups.items():
+            pre = self.ids(prefix, True)
+            cache, pre_logits = None, None
+            if pre:
+                res = self.model(input_ids=torch.tensor([pre], device=self.device), use_cache=True)
+                cache, pre_logits = res.past_key_values, res.logits[0, -1]
+                calls += 1
+            sufs = {i: self.ids(prompts[i].suffix, not pre) for i in members}
+            empty = [i for i in members if not sufs[i]]
+            if empty:
+                if pre_logits is None:
+                    raise ValueError("an empty prompt has no next-token distribution")
+                top = self._top(pre_logits[None], k)[0]
+                for i in empty:
+                    out[i] = dict(top)
+            rest = sorted((i for i in members if sufs[i]), key=lambda i: len(sufs[i]))
+            bs = self.cfg.batch_size
+            for a in range(0, len(rest), bs):
+                batch = rest[a:a + bs]
+                lens = [len(sufs[i]) for i in batch]
+                L, B, P = max(lens), len(batch), len(pre)
+                ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((B, P + L), dtype=torch.long)
+                mask[:, :P] = 1
+                for r, i in enumerate(batch):
+                    ids[r, :lens[r]] = torch.tensor(sufs[i])
+                    mask[r, P:P + lens[r]] = 1
+                kw = {}
+                if cache is not None:
+                    c = copy.deepcopy(cache)
+                    c.batch_repeat_interleave(B)
+                    kw["past_key_values"] = c
+                pos = (P + torch.arange(L)).expand(B, L)
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=pos.to(self.device), use_cache=cache is not None, **kw).logits
+                last = logits[torch.arange(B, device=logits.device), torch.tensor(lens, device=logits.device) - 1]
+                for i, d in zip(batch, self._top(last, k)):
+                    out[i] = d
+                calls += 1
+                self.usage.add(tokens_in=sum(lens))
+            self.usage.add(tokens_in=len(pre) * len(members), tokens_in_cached=len(pre) * (len(members) - 1),
+                           tokens_out=len(members))
+        self.usage.add(calls=calls, prompts=len(prompts), seconds=time.perf_counter() - t0)
+        return out  # type: ignore[return-value]
+
+    # ---- generation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _generate(self, prompts: list[Prompt], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+        t0 = time.perf_counter()
+        all_ids = [self.ids(p.prefix, True) + self.ids(p.suffix, not p.prefix) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(all_ids[i]))
+        out = [""] * len(prompts)
+        eos = self.tokenizer.eos_token_id
+        bs = self.cfg.batch_size
+        if temperature > 0:
+            torch.manual_seed(seed)
+        for a in range(0, len(order), bs):
+            batch = order[a:a + bs]
+            L = max(len(all_ids[i]) for i in batch)
+            ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), L), dtype=torch.long)
+            for r, i in enumerate(batch):  # left padding: every answer starts at column L
+                n = len(all_ids[i])
+                ids[r, L - n:] = torch.tensor(all_ids[i])
+                mask[r, L - n:] = 1
+            kw = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+            gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=eos,
+                                      top_k=None, top_p=None, **kw)
+            new = gen[:, L:].tolist()
+            for r, i in enumerate(batch):
+                toks = new[r]
+                if eos is not None and eos in toks:
+                    toks = toks[:toks.index(eos)]
+                out[i] = self.tokenizer.decode(toks, skip_special_tokens=True)
+                self.usage.add(tokens_in=len(all_ids[i]), tokens_out=len(toks))
+        self.usage.add(calls=-(-len(order) // bs), prompts=len(prompts), seconds=time.perf_counter() - t0)
+        return out
