@@ -9,6 +9,9 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.context import get_run_context
+from prefect.deployments import run_deployment
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, \
     create_table_artifact, update_progress_artifact
 
@@ -72,10 +75,6 @@ def _cancel_stale_shard_runs(client, deployment_id, run: RunContext, parent_id: 
 def fan_out(run: RunContext, store: Store, n_shards: int, progress) -> None:
     """Launch one `simulate-shard` deployment run per range of missing shards, wait for all, relaunch
     failed ranges (at most `execution.max_run_attempts` attempts each)."""
-    from prefect.client.orchestration import get_client
-    from prefect.context import get_run_context
-    from prefect.deployments import run_deployment
-
     logger = get_run_logger()
     ex = run.config.execution
     todo = missing_shards(run, store, n_shards)
@@ -146,7 +145,8 @@ def rewrite(preset: str = "tiny", config_file: str | None = None, storage: str =
             run_id: str | None = None, endpoint_url: str | None = None,
             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rewrite part of a transformer in natural language and measure the cost (the whole DAG)."""
-    logging.getLogger("nlrewrite").setLevel(logging.INFO)
+    for name in ("nlrewrite", "nlrewrite_core"):
+        logging.getLogger(name).setLevel(logging.INFO)
     cfg = load_config(preset, config_file, overrides)
     return run_pipeline(cfg, storage, run_id, endpoint_url)
 

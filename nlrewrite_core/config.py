@@ -173,11 +173,12 @@ class LLMConfig(Section):
 
 
 class ExplainConfig(_Extended):
-    _added = ("llm", "window", "max_retries")
-    method: Literal["ngram", "llm"] = "ngram"
+    _added = ("llm", "window", "max_retries", "n_neighbors", "n_contrast")
+    method: Literal["ngram", "llm", "contrastive"] = "ngram"
     """Explainer. `ngram`: a sentence built from the top-activating tokens and what precedes them.
     `llm`: the paper's prompt (32-token windows, activating tokens marked <<tok>> with activations
-    0-10) answered by `llm`, parsed after `[EXPLANATION]:`."""
+    0-10) answered by `llm`, parsed after `[EXPLANATION]:`. `contrastive`: the same, plus contexts
+    where the latent's nearest neighbours (decoder-direction cosine) fire but it does not."""
     n_examples: int = Field(40, ge=1)
     """Activating examples shown to the explainer, sampled across activation-rank bins."""
     n_bins: int = Field(10, ge=1)
@@ -197,11 +198,15 @@ class ExplainConfig(_Extended):
     max_retries: int = Field(2, ge=0)
     """llm: new attempts when an answer has no `[EXPLANATION]:` line; then the latent is recorded
     as unexplained with the reason."""
+    n_neighbors: int = Field(3, ge=1)
+    """contrastive: nearest latents by decoder-direction cosine whose firing contexts are contrasted."""
+    n_contrast: int = Field(10, ge=1)
+    """contrastive: counter-examples shown (contexts where a neighbour fires and the latent does not)."""
 
     @model_validator(mode="after")
     def _check_llm(self) -> "ExplainConfig":
-        if self.method == "llm" and self.llm is None:
-            raise ValueError("explain.llm is required when explain.method is 'llm'")
+        if self.method in ("llm", "contrastive") and self.llm is None:
+            raise ValueError(f"explain.llm is required when explain.method is {self.method!r}")
         return self
 
 
@@ -266,33 +271,84 @@ class SimulateConfig(_Extended):
         return self
 
 
+CalibrationMethodName = Literal[
+    "none", "quantile",
+    "quantile-hf1", "quantile-hf2", "quantile-hf3", "quantile-hf4", "quantile-hf5",
+    "quantile-hf6", "quantile-hf7", "quantile-hf8", "quantile-hf9",
+    "isotonic", "affine",
+]
+"""A calibration method of nlrewrite_core.calibrate.METHODS."""
+
+
 class CalibrateConfig(Section):
-    methods: list[Literal["none", "quantile"]] = ["none", "quantile"]
-    """Calibration methods fit on the calib split and applied to eval. `none` keeps the raw linear map."""
+    methods: list[CalibrationMethodName] = ["none", "quantile", "quantile-hf1", "quantile-hf8", "isotonic", "affine"]
+    """Calibration methods fit on the calib split and applied to eval. `none` keeps the raw linear map;
+    `quantile` is the paper's quantile normalisation (type-7 quantiles); `quantile-hf1`..`quantile-hf9`
+    the same with each Hyndman & Fan sample-quantile type; `isotonic` is scikit-learn's isotonic
+    regression of true on predicted; `affine` is a fitted scale and threshold. Every method costs one
+    set of CE runs in evaluate (fractions x selections x seeds), so the default is a sample."""
+    n_knots: int = Field(257, ge=2)
+    """Quantile probabilities per latent for the quantile methods (denser towards 1)."""
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one calibration method is needed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"calibration methods must be unique, got {v}")
+        return v
 
 
 class EvaluateConfig(Section):
-    fractions: list[float] = [0.01, 0.1, 0.2, 0.5, 1.0]
-    """Fractions of live latents whose activations are simulated."""
+    fractions: list[float] = [0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0]
+    """Fractions of live latents whose activations are simulated (at least one latent each)."""
     selections: list[Literal["top", "random"]] = ["top", "random"]
     """How latents are chosen: `top` by detection score, `random` uniformly (one draw per seed)."""
     random_seeds: list[int] = [0, 1, 2]
     """Seeds of the random selections."""
     positions: Literal["all", "last"] = "all"
-    """Positions whose next-token CE is measured: every position, or the last of each sequence (the paper)."""
+    """The primary positions, used by the figures and the headline: CE of every position, or of the last
+    of each sequence (the paper). Both are always computed (from the same forward passes) and stored
+    in the `ce` table's `positions` column."""
     n_bootstrap: int = Field(1000, ge=10)
     """Bootstrap resamples for the 95% intervals."""
     active_threshold: float = Field(0.0, ge=0)
-    """A prediction counts as 'active' when above this value (specificity/sensitivity)."""
+    """A calibrated prediction counts as 'active' when above this value (specificity/sensitivity)."""
+    raw_active_digit: float = Field(1.0, gt=0, le=9)
+    """Raw (`none`) predictions are expected values, never exactly 0: they count as 'active' when the
+    simulator's digit E = 9 * pred / max_act exceeds this level (1.0: pred > max_act / 9, the level of
+    digit 1; 0.5: the rounded digit is >= 1). A threshold-free per-latent AUROC is reported as well."""
+    n_score_bins: int = Field(5, ge=1)
+    """Bins of detection score for the binned means of specificity/sensitivity (equal-count bins)."""
+    oracle_fp_rates: list[float] = [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    """Oracle: false-positive rates injected into the true activations (specificity = 1 - rate)."""
+    oracle_fn_rates: list[float] = [0.0, 0.2, 0.5]
+    """Oracle: false-negative rates (fraction of true activations set to zero)."""
+    oracle_seed: int = 0
+    """Seed of the oracle's injected errors."""
+    sample_sizes: list[float] = [0.1, 0.333, 1.0]
+    """Sample-size ablation (the paper's Figure A2): fractions of the calib split's sequences that
+    calibration maps are fit on (nested subsets); an empty list skips the ablation."""
+    sample_size_fractions: list[float] = [0.1, 1.0]
+    """Fractions of latents (top selection) simulated in the sample-size ablation."""
     batch_size: int = Field(32, ge=1)
     """Sequences per forward pass."""
 
-    @field_validator("fractions")
+    @field_validator("fractions", "sample_size_fractions", "sample_sizes")
     @classmethod
     def _fractions(cls, v: list[float]) -> list[float]:
         for f in v:
             if not 0 < f <= 1:
                 raise ValueError(f"fraction {f} must be in (0, 1]")
+        return v
+
+    @field_validator("oracle_fp_rates", "oracle_fn_rates")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        for r in v:
+            if not 0 <= r < 1:
+                raise ValueError(f"rate {r} must be in [0, 1)")
         return v
 
 
@@ -351,7 +407,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "explain": {"n_examples": 10},
         "score": {"n_pos": 4, "n_neg": 4},
         "simulate": {"window": 8, "shard_latents": 32},
-        "evaluate": {"fractions": [0.1, 1.0], "random_seeds": [0], "n_bootstrap": 100},
+        "calibrate": {"methods": ["none", "quantile", "isotonic", "affine"], "n_knots": 65},
+        "evaluate": {"fractions": [0.1, 1.0], "random_seeds": [0], "n_bootstrap": 100,
+                     "oracle_fp_rates": [0.0, 1e-3, 1e-2, 1e-1], "oracle_fn_rates": [0.0, 0.5],
+                     "sample_sizes": [0.25, 1.0], "sample_size_fractions": [1.0]},
     },
     "pythia-160m": {
         "subject": {"source": "hub", "hub_id": "EleutherAI/pythia-160m", "num_layers": 12, "hidden_size": 768, "num_heads": 12},

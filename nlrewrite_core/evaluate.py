@@ -56,19 +56,46 @@ def ce_with(model: torch.nn.Module, layer: int, tokens: np.ndarray, batch_size: 
     """Per-position CE [n_seq, seq_len-1] with the MLP at `layer` replaced by make_fn(rows)
     for each batch of sequence rows (None: the clean model)."""
     out = []
+    device = next(model.parameters()).device
     for start in range(0, len(tokens), batch_size):
         rows = slice(start, min(start + batch_size, len(tokens)))
         if make_fn is None:
-            out.append(token_ce(model, tokens[rows], batch_size))
+            out.append(token_ce(model, tokens[rows], batch_size, device))
         else:
             with replace_mlp(model, layer, make_fn(rows)):
-                out.append(token_ce(model, tokens[rows], batch_size))
+                out.append(token_ce(model, tokens[rows], batch_size, device))
     return torch.cat(out).numpy()
+
+
+POSITIONS = ("all", "last")
+"""Position sets whose CE is reported: every position, or the last of each sequence (the paper)."""
 
 
 def per_sequence(ce: np.ndarray, positions: str) -> np.ndarray:
     """Per-sequence CE: mean over all positions, or the last position only (the paper)."""
+    if positions not in POSITIONS:
+        raise ValueError(f"unknown positions {positions!r}; known: {POSITIONS}")
     return ce[:, -1] if positions == "last" else ce.mean(axis=1)
+
+
+def mean_ablation_output(sae: torch.nn.Module, x: torch.Tensor, mean_acts: torch.Tensor) -> torch.Tensor:
+    """Mean-ablation: every latent at its mean activation (over all calib tokens, zeros included),
+    decoded without TopK (the mean latent vector is dense): ``mean_acts @ W_dec + b_dec + skip``.
+    By linearity of the decoder this is the transcoder's average latent contribution."""
+    flat = x.to(sae.dtype)
+    out = (mean_acts.to(sae.dtype) @ sae.W_dec + sae.b_dec).expand(flat.shape[0], -1)
+    if sae.W_skip is not None:
+        out = out + flat @ sae.W_skip.mT
+    return out
+
+
+def check_patch_values(values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` unchanged if every entry is finite, else a ValueError: no NaN reaches patching
+    (a missing prediction is a NaN in the dense matrices, never a value)."""
+    if not np.all(np.isfinite(values)):
+        bad = int((~np.isfinite(values)).sum())
+        raise ValueError(f"{what}: {bad} non-finite values would be patched into the transcoder")
+    return values
 
 
 def bootstrap_mean(values: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float, float]:
@@ -110,19 +137,119 @@ def activity_metrics(pred: np.ndarray, true: np.ndarray, threshold: float) -> di
     return {"specificity": spec, "sensitivity": sens, "precision": prec, "n_true_active": t.sum(0)}
 
 
+def rank_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
+    """Threshold-free per-latent metrics for dense [n_ctx, n_lat] arrays (average ranks for ties):
+    ``spearman`` (rank correlation of predicted and true activation; NaN if either is constant) and
+    ``auroc`` (probability that a truly active context gets a higher prediction than an inactive
+    one, ties counting half; NaN without both classes)."""
+    from scipy.stats import rankdata
+
+    n = pred.shape[0]
+    rp = rankdata(pred, axis=0).astype(np.float64)
+    rt = rankdata(true, axis=0).astype(np.float64)
+    rp -= rp.mean(axis=0)
+    rt -= rt.mean(axis=0)
+    denom = np.sqrt((rp ** 2).sum(0) * (rt ** 2).sum(0))
+    active = true > 0
+    n_pos = active.sum(0).astype(np.float64)
+    n_neg = n - n_pos
+    rank_sum = np.where(active, rp + (n + 1) / 2.0, 0.0).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spearman = np.where(denom > 0, (rp * rt).sum(0) / denom, np.nan)
+        auroc = np.where((n_pos > 0) & (n_neg > 0), (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
+    return {"spearman": spearman, "auroc": auroc}
+
+
+def score_relation(scores: np.ndarray, values: np.ndarray, n_bins: int) -> tuple[list[dict[str, Any]], float, int]:
+    """Binned means of a per-latent metric against the detection score, and their rank correlation.
+
+    Bins hold (about) equal numbers of latents, by score rank. Latents with a NaN score or value
+    are left out. Returns (rows with bin, score_lo, score_hi, score_mean, n_latents, mean,
+    Spearman rho over the latents, number of latents used)."""
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(scores) & np.isfinite(values)
+    s, v = scores[ok], values[ok]
+    if s.size == 0:
+        return [], float("nan"), 0
+    order = np.argsort(s, kind="stable")
+    rows = []
+    for b, idx in enumerate(np.array_split(order, min(n_bins, s.size))):
+        rows.append({"bin": b, "score_lo": float(s[idx].min()), "score_hi": float(s[idx].max()),
+                     "score_mean": float(s[idx].mean()), "n_latents": int(idx.size), "mean": float(v[idx].mean())})
+    rho = float(spearmanr(s, v).statistic) if s.size > 2 and np.ptp(s) > 0 and np.ptp(v) > 0 else float("nan")
+    return rows, rho, int(s.size)
+
+
+# ---- the oracle: true activations with injected errors ------------------------------------------
+class ValuePool:
+    """Per-latent pools of active values (from the calib split) to draw false positives from.
+    A latent without active values draws from all latents' values together."""
+
+    def __init__(self, latents: np.ndarray, values: np.ndarray, num_latents: int) -> None:
+        values = np.asarray(values, dtype=np.float32)
+        keep = values > 0
+        latents, values = np.asarray(latents)[keep], values[keep]
+        order = np.lexsort((values, latents))
+        self.values = values[order]
+        self.counts = np.bincount(latents, minlength=num_latents)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self.fallback = self.values if self.values.size else np.ones(1, dtype=np.float32)
+
+    def draw(self, cols: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One value for each latent id in ``cols``."""
+        u = rng.random(cols.shape)
+        count = self.counts[cols]
+        own = self.values[np.minimum(self.offsets[cols] + (u * count).astype(np.int64),
+                                     max(self.values.size - 1, 0))] if self.values.size else None
+        other = self.fallback[np.minimum((u * self.fallback.size).astype(np.int64), self.fallback.size - 1)]
+        return np.where(count > 0, own, other) if own is not None else other
+
+
+def inject_errors(true: np.ndarray, latents: np.ndarray, fp_rate: float, fn_rate: float, pool: ValuePool,
+                  rng: np.random.Generator) -> tuple[np.ndarray, dict[str, int]]:
+    """True activations [n_ctx, len(latents)] of the given latent ids with errors injected: each
+    inactive entry becomes active with probability ``fp_rate`` (a value drawn from its latent's
+    pool), each active entry becomes 0 with probability ``fn_rate``. Returns the values and the
+    counts (tp, fp, tn, fn) of the injected activity against the true activity."""
+    active = true > 0
+    u = rng.random(true.shape)
+    fp = ~active & (u < fp_rate)
+    fn = active & (u < fn_rate)
+    out = np.where(fn, 0.0, true).astype(np.float32)
+    rows, cols = np.nonzero(fp)
+    out[rows, cols] = pool.draw(latents[cols], rng)
+    n_fp, n_fn = int(fp.sum()), int(fn.sum())
+    counts = {"tp": int(active.sum()) - n_fn, "fn": n_fn, "fp": n_fp, "tn": int((~active).sum()) - n_fp}
+    return out, counts
+
+
+def crossing_specificity(specificity: np.ndarray, ce: np.ndarray, zero_ce: float) -> float:
+    """The specificity at which the oracle's CE crosses zero-ablation's, interpolated linearly
+    between the measured points (sorted by specificity); NaN when it never crosses."""
+    order = np.argsort(specificity)[::-1]
+    s, d = np.asarray(specificity, float)[order], np.asarray(ce, float)[order] - zero_ce
+    for i in range(len(s) - 1):
+        if d[i] <= 0 < d[i + 1] or d[i] >= 0 > d[i + 1]:
+            t = d[i] / (d[i] - d[i + 1])
+            return float(s[i] + t * (s[i + 1] - s[i]))
+    return float("nan")
+
+
 CE_SCHEMA = pa.schema([
     ("condition", pa.string()), ("selection", pa.string()), ("fraction", pa.float64()),
-    ("calibration", pa.string()), ("seed", pa.int32()), ("n_latents", pa.int32()),
+    ("calibration", pa.string()), ("seed", pa.int32()), ("n_latents", pa.int32()), ("positions", pa.string()),
     ("ce_mean", pa.float64()), ("ce_lo", pa.float64()), ("ce_hi", pa.float64()), ("n", pa.int64()),
     ("delta_zero_mean", pa.float64()), ("delta_zero_lo", pa.float64()), ("delta_zero_hi", pa.float64()),
 ])
 
 
 def ce_row(condition: str, seq_ce: np.ndarray, zero_seq_ce: np.ndarray, n_boot: int, *, selection: str = "all",
-           fraction: float | None = None, calibration: str = "", seed: int = -1, n_latents: int = 0) -> dict[str, Any]:
+           fraction: float | None = None, calibration: str = "", seed: int = -1, n_latents: int = 0,
+           positions: str = "all") -> dict[str, Any]:
     """One row of the `ce` table, with a paired difference against zero-ablation."""
     mean, lo, hi = bootstrap_mean(seq_ce, n_boot)
     d_mean, d_lo, d_hi = bootstrap_mean(seq_ce - zero_seq_ce, n_boot)
     return {"condition": condition, "selection": selection, "fraction": fraction, "calibration": calibration,
-            "seed": seed, "n_latents": n_latents, "ce_mean": mean, "ce_lo": lo, "ce_hi": hi, "n": len(seq_ce),
+            "seed": seed, "n_latents": n_latents, "positions": positions, "ce_mean": mean, "ce_lo": lo, "ce_hi": hi, "n": len(seq_ce),
             "delta_zero_mean": d_mean, "delta_zero_lo": d_lo, "delta_zero_hi": d_hi}

@@ -8,7 +8,18 @@ Figures (numbered as in the paper):
   latents simulated, per selection (top / random / all) and calibration method, with the clean,
   transcoder and ablation baselines as horizontal lines.
 - Figure 4, ``fig4_specificity_sensitivity.png``: per-latent specificity and sensitivity
-  against the detection score, per calibration method.
+  against the detection score, per calibration method, with binned means and the rank
+  correlation, and the activity threshold of each method stated.
+- ``fig_calibration_comparison.png``: CE at fractions 0.1 and 1.0 (top selection) and mean
+  specificity / sensitivity / AUROC for each calibration method.
+- ``fig_oracle_specificity.png``: the oracle (true activations with injected false positives
+  and negatives): CE against specificity, with zero-ablation and the crossing marked.
+- Figure A2, ``figA2_sample_size.png``: CE and specificity/sensitivity against the number of
+  calib contexts the calibration maps were fit on.
+- ``fig_examples.png``: a few example latents, true against predicted activation.
+
+Every figure states the run, the split and n (in the figure and its caption). The headline table
+repeats rows of the ``ce`` table (4 decimals) for the primary positions.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display,
 no network). Missing or empty inputs give a figure that says so instead of an error. All text
@@ -32,8 +43,15 @@ from matplotlib.figure import Figure
 FIG1 = "fig1_distributions.png"
 FIG3 = "fig3_ce_vs_fraction.png"
 FIG4 = "fig4_specificity_sensitivity.png"
+FIG_CALIB = "fig_calibration_comparison.png"
+FIG_ORACLE = "fig_oracle_specificity.png"
+FIGA2 = "figA2_sample_size.png"
+FIG_EXAMPLES = "fig_examples.png"
+ALL_FIGURES = (FIG1, FIG3, FIG4, FIG_CALIB, FIG_ORACLE, FIGA2, FIG_EXAMPLES)
+HEADLINE_FRACTIONS = (0.1, 1.0)
 
-CE_COLUMNS = ["condition", "selection", "fraction", "calibration", "seed", "ce_mean", "ce_lo", "ce_hi", "n"]
+CE_COLUMNS = ["condition", "selection", "fraction", "calibration", "seed", "positions", "ce_mean", "ce_lo", "ce_hi",
+              "n"]
 METRIC_COLUMNS = ["latent", "detection_score", "specificity", "sensitivity", "calibration"]
 BASELINE_STYLE = {
     "clean": ("black", "-"),
@@ -124,13 +142,23 @@ def _note(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def _save(fig: Figure, path: Path) -> None:
-    """Save ``fig`` as PNG at ``path``."""
-    fig.tight_layout()
+def _save(fig: Figure, path: Path, stamp: str | None = None) -> None:
+    """Save ``fig`` as PNG at ``path``; ``stamp`` (run, split, n) is written along the bottom."""
+    if stamp:
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        fig.text(0.01, 0.01, stamp, fontsize=7, color="0.35", ha="left", va="bottom")
+    else:
+        fig.tight_layout()
     fig.savefig(path, format="png")
 
 
-def plot_ce_sweep(ce: pd.DataFrame | None, path: Path) -> None:
+def stamp_text(meta: Mapping[str, Any] | None, split: str, n: str) -> str:
+    """The line that states a figure's run, split and n."""
+    run = (meta or {}).get("run", "unknown run")
+    return f"run {run} · {split} split · n = {n}"
+
+
+def plot_ce_sweep(ce: pd.DataFrame | None, path: Path, stamp: str | None = None) -> None:
     """Figure 3: mean CE against the fraction of latents simulated (log x), with baselines."""
     fig = _new_figure(7.5, 4.8)
     ax = fig.add_subplot()
@@ -139,7 +167,7 @@ def plot_ce_sweep(ce: pd.DataFrame | None, path: Path) -> None:
     lines = baselines(ce)
     if points.empty and not lines:
         _note(ax, "No CE results.")
-        _save(fig, path)
+        _save(fig, path, stamp)
         return
     calibrations = sorted(points["calibration"].astype(str).unique())
     colors = {c: f"C{i % 10}" for i, c in enumerate(calibrations)}
@@ -163,7 +191,7 @@ def plot_ce_sweep(ce: pd.DataFrame | None, path: Path) -> None:
     ax.set_title("CE with simulated latents (selection / calibration)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    _save(fig, path)
+    _save(fig, path, stamp)
 
 
 def _histogram(ax: Axes, named: dict[str, np.ndarray], bins: np.ndarray, title: str) -> None:
@@ -181,7 +209,7 @@ def _histogram(ax: Axes, named: dict[str, np.ndarray], bins: np.ndarray, title: 
     ax.legend(fontsize=7)
 
 
-def plot_distributions(distributions: Mapping[str, Any] | None, path: Path) -> None:
+def plot_distributions(distributions: Mapping[str, Any] | None, path: Path, stamp: str | None = None) -> None:
     """Figure 1: true vs raw predictions (left) and true vs calibrated predictions (right)."""
     fig = _new_figure(10.0, 4.0)
     left, right = fig.subplots(1, 2)
@@ -190,7 +218,7 @@ def plot_distributions(distributions: Mapping[str, Any] | None, path: Path) -> N
     if not arrays:
         _note(left, "No activation samples.")
         _note(right, "No activation samples.")
-        _save(fig, path)
+        _save(fig, path, stamp)
         return
     everything = np.concatenate(list(arrays.values()))
     lo, hi = float(everything.min()), float(everything.max())
@@ -206,21 +234,28 @@ def plot_distributions(distributions: Mapping[str, Any] | None, path: Path) -> N
         _histogram(right, after, bins, "after calibration")
     else:
         _note(right, "No calibrated predictions.")
-    _save(fig, path)
+    _save(fig, path, stamp)
 
 
 def plot_specificity_sensitivity(
-    latent_metrics: pd.DataFrame | None, path: Path, threshold: Any = None
+    latent_metrics: pd.DataFrame | None, path: Path, threshold: Any = None,
+    relation: pd.DataFrame | None = None, stamp: str | None = None,
 ) -> None:
-    """Figure 4: per-latent specificity and sensitivity against detection score, per calibration."""
-    fig = _new_figure(10.0, 4.0)
+    """Figure 4: per-latent specificity and sensitivity against detection score, per calibration,
+    with the binned means (lines) and Spearman rho of ``relation`` (the ``score_relation`` table)."""
+    fig = _new_figure(11.0, 4.6)
     axes = fig.subplots(1, 2)
     if not _has_columns(latent_metrics, METRIC_COLUMNS):
         for ax in axes:
             _note(ax, "No per-latent metrics.")
-        _save(fig, path)
+        _save(fig, path, stamp)
         return
     suffix = f" (active if prediction > {threshold})" if threshold is not None else ""
+    rules = {}
+    if "threshold_rule" in latent_metrics.columns:
+        rules = latent_metrics.groupby("calibration")["threshold_rule"].first().astype(str).to_dict()
+        suffix = ""
+    has_rel = _has_columns(relation, ["calibration", "metric", "score_mean", "mean", "rho"])
     for ax, metric in zip(axes, ("specificity", "sensitivity")):
         frame = pd.DataFrame({
             "detection_score": pd.to_numeric(latent_metrics["detection_score"], errors="coerce"),
@@ -232,15 +267,209 @@ def plot_specificity_sensitivity(
             _note(ax, f"No finite {metric} values.")
             continue
         for i, (calibration, group) in enumerate(frame.groupby("calibration", sort=True)):
-            ax.scatter(group["detection_score"], group[metric], s=8, alpha=0.5, color=f"C{i % 10}",
-                       label=f"{calibration} (mean {group[metric].mean():.3f})")
+            label = f"{calibration} (mean {group[metric].mean():.3f}"
+            if has_rel:
+                rel = relation[(relation["calibration"] == calibration) & (relation["metric"] == metric)]
+                if not rel.empty:
+                    rel = rel.sort_values("score_mean")
+                    ax.plot(rel["score_mean"], rel["mean"], color=f"C{i % 10}", linewidth=1.6)
+                    label += f", rho {float(rel['rho'].iloc[0]):.2f}"
+            if calibration in rules:
+                label += f"; active: {rules[calibration]}"
+            ax.scatter(group["detection_score"], group[metric], s=6, alpha=0.35, color=f"C{i % 10}",
+                       label=label + ")")
         ax.set_xlabel("detection score (balanced accuracy)")
         ax.set_ylabel(metric)
         ax.set_ylim(-0.03, 1.03)
-        ax.set_title(f"{metric} vs detection score{suffix}", fontsize=9)
+        ax.set_title(f"{metric} vs detection score{suffix} (lines: binned means)", fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, markerscale=2)
-    _save(fig, path)
+        ax.legend(fontsize=6, markerscale=2)
+    _save(fig, path, stamp)
+
+
+def calibration_comparison(ce: pd.DataFrame | None, latent_metrics: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per calibration method: CE (top selection) at the headline fractions with intervals,
+    and mean per-latent specificity, sensitivity, precision, Spearman and AUROC, with the stated
+    activity threshold."""
+    out: dict[str, dict[str, Any]] = {}
+    if _has_columns(ce, ["condition", "selection", "fraction", "calibration", "ce_mean"]):
+        sim = ce[(ce["condition"] == "simulated") & (ce["selection"] == "top")]
+        for _, r in sim.iterrows():
+            frac = float(r["fraction"])
+            if not any(math.isclose(frac, f) for f in HEADLINE_FRACTIONS):
+                continue
+            row = out.setdefault(str(r["calibration"]), {"calibration": str(r["calibration"])})
+            row[f"ce@{frac:g}"] = float(r["ce_mean"])
+            row[f"ce@{frac:g} lo"] = float(r.get("ce_lo", np.nan))
+            row[f"ce@{frac:g} hi"] = float(r.get("ce_hi", np.nan))
+    if _has_columns(latent_metrics, ["calibration"]):
+        for cal, group in latent_metrics.groupby("calibration", sort=True):
+            row = out.setdefault(str(cal), {"calibration": str(cal)})
+            for col in ("specificity", "sensitivity", "precision", "spearman", "auroc"):
+                if col in group:
+                    row[col] = float(pd.to_numeric(group[col], errors="coerce").mean())
+            if "threshold_rule" in group:
+                row["active if"] = str(group["threshold_rule"].iloc[0])
+    return pd.DataFrame(list(out.values()))
+
+
+def plot_calibration_comparison(comparison: pd.DataFrame | None, path: Path, zero: float | None = None,
+                                stamp: str | None = None) -> None:
+    """CE at the headline fractions (left) and mean activity metrics (right) per calibration method."""
+    fig = _new_figure(11.0, 4.4)
+    left, right = fig.subplots(1, 2)
+    if comparison is None or comparison.empty:
+        _note(left, "No calibration results.")
+        _note(right, "No calibration results.")
+        _save(fig, path, stamp)
+        return
+    methods = comparison["calibration"].astype(str).tolist()
+    xs = np.arange(len(methods))
+    drawn = False
+    for i, frac in enumerate(HEADLINE_FRACTIONS):
+        col = f"ce@{frac:g}"
+        if col not in comparison:
+            continue
+        y = comparison[col].to_numpy(float)
+        lo = np.nan_to_num(y - comparison[f"{col} lo"].to_numpy(float), nan=0.0).clip(min=0)
+        hi = np.nan_to_num(comparison[f"{col} hi"].to_numpy(float) - y, nan=0.0).clip(min=0)
+        left.errorbar(xs + (i - 0.5) * 0.2, y, yerr=np.vstack([lo, hi]), fmt="o", capsize=3,
+                      label=f"top {frac:g} of latents simulated")
+        drawn = drawn or bool(np.isfinite(y).any())
+    if drawn:
+        if zero is not None and np.isfinite(zero):
+            left.axhline(zero, color="tab:red", linestyle=":", label=f"zero_ablation ({zero:.3f})")
+        left.set_xticks(xs, methods, rotation=30, fontsize=8)
+        left.set_ylabel("next-token CE (nats)")
+        left.set_title("CE per calibration method (bootstrap 95%)", fontsize=9)
+        left.grid(True, alpha=0.3)
+        left.legend(fontsize=7)
+    else:
+        _note(left, "No CE at the headline fractions.")
+    metrics = [m for m in ("specificity", "sensitivity", "auroc") if m in comparison]
+    if metrics:
+        width = 0.8 / len(metrics)
+        for i, m in enumerate(metrics):
+            right.bar(xs + (i - (len(metrics) - 1) / 2) * width, comparison[m].to_numpy(float), width, label=m)
+        right.set_xticks(xs, methods, rotation=30, fontsize=8)
+        right.set_ylim(0, 1.05)
+        right.set_title("mean per-latent metrics (thresholds in the table)", fontsize=9)
+        right.grid(True, axis="y", alpha=0.3)
+        right.legend(fontsize=7)
+    else:
+        _note(right, "No per-latent metrics.")
+    _save(fig, path, stamp)
+
+
+def plot_oracle(oracle: pd.DataFrame | None, path: Path, lines: Mapping[str, float] | None = None,
+                stamp: str | None = None) -> None:
+    """CE of the oracle (true activations with injected errors) against specificity, one line per
+    false-negative rate; zero-ablation and the transcoder as horizontal lines."""
+    fig = _new_figure(7.5, 4.8)
+    ax = fig.add_subplot()
+    if not _has_columns(oracle, ["fp_rate", "fn_rate", "specificity", "ce_mean"]):
+        _note(ax, "No oracle results.")
+        _save(fig, path, stamp)
+        return
+    for i, (fn_rate, group) in enumerate(oracle.groupby("fn_rate", sort=True)):
+        group = group.sort_values("specificity", ascending=False)
+        x = 1.0 - group["specificity"].to_numpy(float)
+        y = group["ce_mean"].to_numpy(float)
+        err = None
+        if {"ce_lo", "ce_hi"} <= set(group.columns):
+            err = np.vstack([np.nan_to_num(y - group["ce_lo"].to_numpy(float)).clip(min=0),
+                             np.nan_to_num(group["ce_hi"].to_numpy(float) - y).clip(min=0)])
+        sens = group["sensitivity"].mean() if "sensitivity" in group else 1 - fn_rate
+        ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=2, color=f"C{i % 10}",
+                    label=f"false-negative rate {fn_rate:g} (sensitivity {sens:.2f})")
+    for name, value in (lines or {}).items():
+        color, style = BASELINE_STYLE.get(name, ("0.5", "-"))
+        ax.axhline(value, color=color, linestyle=style, linewidth=1.2, label=f"{name} ({value:.3f})")
+    ax.axvspan(1e-4, 1e-2, color="0.9", zorder=0, label="specificity 99%-99.99%")
+    ax.set_xscale("symlog", linthresh=1e-5)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("1 - specificity (false-positive rate among truly inactive (context, latent) pairs)")
+    ax.set_ylabel("next-token CE (nats)")
+    ax.set_title("Oracle: how specific must simulated activity be?", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path, stamp)
+
+
+def plot_sample_size(sizes: pd.DataFrame | None, path: Path, zero: float | None = None,
+                     stamp: str | None = None) -> None:
+    """Figure A2: CE (left) and mean specificity/sensitivity (right) against calib contexts used."""
+    fig = _new_figure(11.0, 4.4)
+    left, right = fig.subplots(1, 2)
+    if not _has_columns(sizes, ["calibration", "n_calib_contexts", "fraction", "ce_mean"]):
+        _note(left, "No sample-size ablation.")
+        _note(right, "No sample-size ablation.")
+        _save(fig, path, stamp)
+        return
+    methods = sorted(sizes["calibration"].astype(str).unique())
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    styles = ["-", "--", ":", "-."]
+    for j, (frac, fgroup) in enumerate(sizes.groupby("fraction", sort=True)):
+        for m, group in fgroup.groupby("calibration", sort=True):
+            group = group.sort_values("n_calib_contexts")
+            y = group["ce_mean"].to_numpy(float)
+            err = np.vstack([np.nan_to_num(y - group["ce_lo"].to_numpy(float)).clip(min=0),
+                             np.nan_to_num(group["ce_hi"].to_numpy(float) - y).clip(min=0)])
+            left.errorbar(group["n_calib_contexts"], y, yerr=err, marker="o", markersize=4, capsize=2,
+                          color=colors[str(m)], linestyle=styles[j % len(styles)], label=f"{m}, top {frac:g}")
+    if zero is not None and np.isfinite(zero):
+        left.axhline(zero, color="tab:red", linestyle=":", label=f"zero_ablation ({zero:.3f})")
+    left.set_xscale("log")
+    left.set_xlabel("calib contexts the maps were fit on")
+    left.set_ylabel("next-token CE (nats)")
+    left.set_title("CE vs calibration sample size", fontsize=9)
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=6)
+    first = sizes.drop_duplicates(["calibration", "n_calib_contexts"])
+    for m, group in first.groupby("calibration", sort=True):
+        group = group.sort_values("n_calib_contexts")
+        for metric, style in (("specificity", "-"), ("sensitivity", "--")):
+            if metric in group:
+                right.plot(group["n_calib_contexts"], group[metric], marker="o", markersize=4, linestyle=style,
+                           color=colors[str(m)], label=f"{m} {metric}")
+    right.set_xscale("log")
+    right.set_ylim(-0.03, 1.03)
+    right.set_xlabel("calib contexts the maps were fit on")
+    right.set_ylabel("mean per-latent metric")
+    thr = sizes["threshold"].iloc[0] if "threshold" in sizes else None
+    right.set_title(f"specificity / sensitivity (active if calibrated > {thr})", fontsize=9)
+    right.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize=6)
+    _save(fig, path, stamp)
+
+
+def plot_examples(examples: list[Mapping[str, Any]] | None, path: Path, stamp: str | None = None) -> None:
+    """Example latents: predicted (raw and calibrated) against true activation on eval contexts.
+
+    Each example is a mapping with latent, score, true (array) and preds ({method: array})."""
+    examples = list(examples or [])
+    n = max(len(examples), 1)
+    fig = _new_figure(3.3 * n, 3.6)
+    axes = np.atleast_1d(fig.subplots(1, n))
+    if not examples:
+        _note(axes[0], "No example latents.")
+        _save(fig, path, stamp)
+        return
+    for ax, ex in zip(axes, examples):
+        true = np.asarray(ex.get("true", []), dtype=float)
+        for i, (method, pred) in enumerate((ex.get("preds") or {}).items()):
+            pred = np.asarray(pred, dtype=float)
+            ax.scatter(true, pred, s=5, alpha=0.4, color=f"C{i % 10}", label=str(method))
+        hi = float(np.nanmax(true)) if true.size and np.isfinite(true).any() else 1.0
+        ax.plot([0, hi], [0, hi], color="0.5", linewidth=0.8, linestyle=":")
+        score = ex.get("score")
+        score_text = f"{score:.2f}" if isinstance(score, (float, int)) and np.isfinite(score) else "n/a"
+        ax.set_title(f"latent {ex.get('latent')} (detection {score_text})", fontsize=8)
+        ax.set_xlabel("true activation", fontsize=8)
+        ax.set_ylabel("predicted activation", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, markerscale=2)
+    _save(fig, path, stamp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +517,7 @@ def _sorted_ce(ce: pd.DataFrame | None) -> pd.DataFrame | None:
         return None
     cols = [c for c in CE_COLUMNS if c in ce.columns] + [c for c in ce.columns if c not in CE_COLUMNS]
     frame = ce[cols].copy()
-    keys = [c for c in ("condition", "selection", "calibration", "fraction", "seed") if c in frame]
+    keys = [c for c in ("positions", "condition", "selection", "calibration", "fraction", "seed") if c in frame]
     if "condition" in frame:
         frame["_sim"] = frame["condition"] == "simulated"
         keys = ["_sim"] + keys
@@ -299,7 +528,8 @@ def metrics_summary(latent_metrics: pd.DataFrame | None) -> pd.DataFrame | None:
     """Mean detection score, specificity and sensitivity per calibration method."""
     if not _has_columns(latent_metrics, METRIC_COLUMNS):
         return None
-    numeric = ["detection_score", "specificity", "sensitivity"]
+    numeric = ["detection_score", "specificity", "sensitivity"] + [
+        c for c in ("precision", "spearman", "auroc") if c in latent_metrics.columns]
     frame = latent_metrics[numeric + ["calibration"]].copy()
     frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
     out = frame.groupby("calibration", sort=True)[numeric].mean()
@@ -329,21 +559,135 @@ figcaption { font-size: 0.9em; color: #444; } .note { color: #555; font-style: i
 """
 
 
+def primary_rows(frame: pd.DataFrame | None, positions: str | None) -> pd.DataFrame | None:
+    """Rows of the primary positions (all rows when there is no ``positions`` column or value)."""
+    if not isinstance(frame, pd.DataFrame) or positions is None or "positions" not in frame.columns:
+        return frame
+    return frame[frame["positions"] == positions]
+
+
+HEADLINE_COLUMNS = ["condition", "selection", "fraction", "calibration", "positions",
+                    "ce_mean", "ce_lo", "ce_hi", "delta_zero_mean", "delta_zero_lo", "delta_zero_hi", "n"]
+HEADLINE_NUMBERS = ["ce_mean", "ce_lo", "ce_hi", "delta_zero_mean", "delta_zero_lo", "delta_zero_hi"]
+
+
+def headline(ce: pd.DataFrame | None, positions: str | None = None) -> pd.DataFrame | None:
+    """The headline rows of the ``ce`` table: every baseline, and the top selection at the
+    headline fractions for each calibration method (primary positions), numbers as in ``ce``."""
+    ce = primary_rows(ce, positions)
+    if not _has_columns(ce, ["condition", "ce_mean"]):
+        return None
+    base = ce[ce["condition"] != "simulated"]
+    sim = ce[ce["condition"] == "simulated"]
+    if {"selection", "fraction"} <= set(sim.columns):
+        frac = pd.to_numeric(sim["fraction"], errors="coerce")
+        keep = np.zeros(len(sim), dtype=bool)
+        for f in HEADLINE_FRACTIONS:
+            keep |= np.isclose(frac.to_numpy(float), f)
+        sim = sim[(sim["selection"] == "top") & keep]
+    out = pd.concat([base, sim], ignore_index=True)
+    return out[[c for c in HEADLINE_COLUMNS if c in out.columns]]
+
+
+def headline_html(frame: pd.DataFrame | None) -> str:
+    """The headline table: numbers with 4 decimals (a test compares them with the ``ce`` table)."""
+    if frame is None or frame.empty:
+        return "<p class='note'>No CE results.</p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = []
+    for _, r in frame.iterrows():
+        cells = []
+        for c in frame.columns:
+            v = r[c]
+            if c in HEADLINE_NUMBERS:
+                text = "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.4f}"
+            elif c == "fraction":
+                text = "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):g}"
+            else:
+                text = _format_value(v)
+            cells.append(f"<td data-col='{html.escape(c)}'>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table class='headline'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def oracle_note(crossings: Mapping[str, Any] | None) -> str:
+    """The sentence giving the specificity at which the oracle's CE crosses zero-ablation."""
+    if not crossings:
+        return "No oracle crossing was computed."
+    parts = []
+    for name, value in crossings.items():
+        v = float(value) if value is not None else math.nan
+        parts.append(f"{name}: " + ("never crosses in the measured range" if math.isnan(v) else f"{v:.5f}"))
+    return ("Specificity at which the oracle's CE crosses zero-ablation (positions / false-negative rate; "
+            "linear interpolation between measured points): " + "; ".join(parts) + ".")
+
+
+def examples_html(examples: list[Mapping[str, Any]] | None) -> str:
+    """The example latents as an escaped table: explanation, score, metrics, top contexts."""
+    if not examples:
+        return "<p class='note'>No example latents.</p>"
+    rows = []
+    for ex in examples:
+        contexts = "".join(f"<li>{html.escape(str(c))}</li>" for c in ex.get("top_contexts", []))
+        metrics = ", ".join(f"{k} {_format_value(v)}" for k, v in (ex.get("metrics") or {}).items())
+        rows.append(
+            f"<tr><td>{html.escape(str(ex.get('latent')))}</td><td>{html.escape(_format_value(ex.get('score')))}</td>"
+            f"<td class='text'>{html.escape(str(ex.get('explanation', '')))}</td>"
+            f"<td class='text'>{html.escape(metrics)}</td><td class='text'><ol>{contexts}</ol></td></tr>")
+    return ("<table class='examples'><tr><th>latent</th><th>detection score</th><th>explanation</th>"
+            "<th>raw predictions (eval)</th><th>top eval contexts (true activation; target token in [brackets])</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+_CSS = _CSS + "td.text { text-align: left; max-width: 420px; } ol { margin: 0; padding-left: 1.2em; }\n"
+
+
 def write_report(
     out_dir: Path,
     ce: pd.DataFrame,
     latent_metrics: pd.DataFrame,
     distributions: dict[str, np.ndarray],
     summary: dict,
+    *,
+    oracle: pd.DataFrame | None = None,
+    sample_size: pd.DataFrame | None = None,
+    relation: pd.DataFrame | None = None,
+    examples: list[Mapping[str, Any]] | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``report.html`` and its three PNG figures into ``out_dir``; return the HTML path."""
+    """Write ``report.html`` and its PNG figures (:data:`ALL_FIGURES`) into ``out_dir``; return the
+    HTML path. ``meta`` holds run (a name), positions (the primary positions), n_sequences,
+    n_contexts, n_latents, n_calib_contexts and crossings (oracle) for the captions."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = dict(summary or {})
+    meta = dict(meta or {})
     threshold = summary.get("active_threshold")
-    plot_distributions(distributions, out_dir / FIG1)
-    plot_ce_sweep(ce, out_dir / FIG3)
-    plot_specificity_sensitivity(latent_metrics, out_dir / FIG4, threshold)
+    positions = meta.get("positions")
+    ce_main = primary_rows(ce, positions)
+    n_seq, n_ctx, n_lat = meta.get("n_sequences", "?"), meta.get("n_contexts", "?"), meta.get("n_latents", "?")
+    pos_text = f"{positions} positions" if positions else "positions as configured"
+    n_dist = sum(np.size(v) for k, v in (distributions or {}).items() if k == "true")
+    stamps = {
+        FIG1: stamp_text(meta, "eval", f"{n_dist} sampled (context, latent) pairs per series"),
+        FIG3: stamp_text(meta, "eval", f"{n_seq} sequences ({pos_text})"),
+        FIG4: stamp_text(meta, "eval", f"{n_lat} latents x {n_ctx} contexts"),
+        FIG_CALIB: stamp_text(meta, "calib (fit) / eval (judged)", f"{n_seq} sequences, {n_lat} latents ({pos_text})"),
+        FIG_ORACLE: stamp_text(meta, "eval", f"{n_seq} sequences, {n_lat} latents ({pos_text})"),
+        FIGA2: stamp_text(meta, "calib subsets (fit) / eval (judged)", f"{n_seq} eval sequences ({pos_text})"),
+        FIG_EXAMPLES: stamp_text(meta, "eval", f"{n_ctx} contexts per latent"),
+    }
+    lines = baselines(ce_main)
+    zero = lines.get("zero_ablation")
+    comparison = calibration_comparison(ce_main, latent_metrics)
+    plot_distributions(distributions, out_dir / FIG1, stamps[FIG1])
+    plot_ce_sweep(ce_main, out_dir / FIG3, stamps[FIG3])
+    plot_specificity_sensitivity(latent_metrics, out_dir / FIG4, threshold, relation, stamps[FIG4])
+    plot_calibration_comparison(comparison, out_dir / FIG_CALIB, zero, stamps[FIG_CALIB])
+    plot_oracle(primary_rows(oracle, positions), out_dir / FIG_ORACLE,
+                {k: v for k, v in lines.items() if k in ("zero_ablation", "transcoder", "clean")}, stamps[FIG_ORACLE])
+    plot_sample_size(primary_rows(sample_size, positions), out_dir / FIGA2, zero, stamps[FIGA2])
+    plot_examples(examples, out_dir / FIG_EXAMPLES, stamps[FIG_EXAMPLES])
 
     title = str(summary.get("title", "nlrewrite report"))
     figures = [
@@ -353,24 +697,57 @@ def write_report(
                "simulated activations (log scale), for top-scoring and random selections and each "
                "calibration method. Random: mean over seeds, bars span the seeds; top: bootstrap "
                "95% interval. Horizontal lines: clean model, transcoder with true latents, and "
-               "ablations."),
+               "ablations (zero: every latent 0; mean: every latent at its calib mean; MLP: the layer's MLP zeroed)."),
         (FIG4, "Figure 4. Per-latent specificity and sensitivity of simulated activity against "
-               "the latent's detection score, per calibration method. " + threshold_note(summary)),
+               "the latent's detection score, per calibration method; lines are means over equal-count bins "
+               "of detection score, rho the Spearman rank correlation over latents. " + threshold_note(summary)),
+        (FIG_CALIB, "Calibration comparison. Left: CE with the top 10% and 100% of latents (by detection score) "
+                    "simulated, per calibration method, with bootstrap 95% intervals and zero-ablation. Right: "
+                    "mean per-latent specificity, sensitivity and (threshold-free) AUROC; each method's activity "
+                    "threshold is in the table below."),
+        (FIG_ORACLE, "Specificity threshold (oracle). The true activations of every explained latent, with false "
+                     "positives injected at a controlled rate (values drawn from the latent's calib activations) "
+                     "and true activations dropped at a false-negative rate, patched in like simulated ones (TopK "
+                     "re-applied). Specificity and sensitivity are measured on the injected activity before TopK. "
+                     + oracle_note(meta.get("crossings"))),
+        (FIGA2, "Figure A2. Calibration sample size: maps fit on nested subsets of the calib split's sequences, "
+                "judged on eval: CE with the top latents simulated (left) and mean specificity/sensitivity "
+                "(right, a calibrated prediction counts as active above active_threshold)."),
+        (FIG_EXAMPLES, "Example latents: predicted against true activation on every eval context, raw and after "
+                       "calibration (dotted: y = x). Their explanations and top contexts are in the table below."),
     ]
+    stamp_by_name = dict(stamps)
     figure_html = "".join(
         f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption.split('.')[0])}'>"
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        f"<figcaption>{html.escape(caption)} [{html.escape(stamp_by_name[name])}]</figcaption></figure>"
         for name, caption in figures
     )
+    crossing_text = oracle_note(meta.get("crossings"))
     body = (
         f"<h1>{html.escape(title)}</h1>"
+        f"<p>{html.escape(INTRO)}</p>"
+        f"<h2>Headline</h2>"
+        f"<p class='note'>{html.escape(stamp_text(meta, 'eval', f'{n_seq} sequences ({pos_text})'))}; "
+        f"CE in nats, bootstrap 95% intervals over sequences; delta_zero = paired difference against zero-ablation "
+        f"(negative: better than zeroing the layer).</p>"
+        f"{headline_html(headline(ce, positions))}"
+        f"<p class='note oracle'>{html.escape(crossing_text)}</p>"
         f"<h2>Summary</h2>{summary_html(summary)}"
         f"<p class='note threshold'>{html.escape(threshold_note(summary))}</p>"
         f"<h2>Figures</h2>{figure_html}"
-        f"<h2>Cross-entropy</h2>"
+        f"<h2>Calibration comparison</h2>"
+        f"{frame_html(comparison, 'calibration', 'No calibration results.')}"
+        f"<h2>Specificity threshold (oracle)</h2>"
+        f"{frame_html(oracle, 'oracle', 'No oracle results.')}"
+        f"<h2>Calibration sample size</h2>"
+        f"{frame_html(sample_size, 'sample-size', 'No sample-size ablation.')}"
+        f"<h2>Example latents</h2>{examples_html(examples)}"
+        f"<h2>Cross-entropy (every condition, both position sets)</h2>"
         f"{frame_html(_sorted_ce(ce), 'ce', 'No CE results.')}"
         f"<h2>Per-latent metrics (means)</h2>"
         f"{frame_html(metrics_summary(latent_metrics), 'latent-metrics', 'No per-latent metrics.')}"
+        f"<h2>Detection score vs activity (binned means)</h2>"
+        f"{frame_html(relation, 'score-relation', 'No binned metrics.')}"
     )
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -382,3 +759,14 @@ def write_report(
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+INTRO = (
+    "This run replaces one MLP layer of a small language model with a sparse transcoder, writes a "
+    "natural-language explanation for every transcoder latent, lets a simulator predict each latent's "
+    "activation from its explanation alone, calibrates those predictions on a held-out split, and patches "
+    "them back into the model. Next-token cross-entropy (CE, nats; lower is better) shows how much of the "
+    "layer the explanations capture: the clean model and the transcoder with its true latents are the "
+    "floor; zero-ablation (every latent 0) is what the layer is worth; a simulated condition is only "
+    "useful when its CE is below zero-ablation."
+)

@@ -74,3 +74,65 @@ def score_latents(sim: np.ndarray, firing: np.ndarray, latents: np.ndarray, n_po
         for name, c in zip(("tp", "tn", "fp", "fn"), counts):
             rows[name].append(c)
     return pa.Table.from_pydict(rows, schema=SCORE_SCHEMA)
+
+
+# ---- the `detection` scorer (an LLM, the paper's prompt) ----------------------------------------------
+LLM_SCORE_SCHEMA = SCORE_SCHEMA.append(pa.field("n_malformed", pa.int32()))
+
+
+def llm_detection_scores(latents: np.ndarray, explanations: list[str], firing: dict[int, tuple[np.ndarray, np.ndarray]],
+                         n_contexts: int, window_text, cfg, llm) -> tuple[pa.Table, dict[str, int]]:
+    """Detection scores from an LLM.
+
+    firing[latent] = (context rows where it fires, their activations); contexts are rows
+    0..n_contexts-1 and window_text(row) is the text shown for one. Per latent: `n_pos` positives
+    drawn equally from `n_bins` activation-rank bins and `n_neg` negatives from contexts where it
+    does not fire, shuffled and shown `examples_per_prompt` to a prompt; the LLM answers one 0/1 per
+    example. Examples of a prompt whose answer does not parse are counted in n_malformed and left
+    out of tp/tn/fp/fn; the score (balanced accuracy) is null when no positive or no negative was judged.
+    Returns the table and totals {n_prompts, n_malformed_prompts, n_malformed_examples}.
+    """
+    from .explain import sample_across_bins
+    from .llm import prompts as P
+
+    jobs: list[tuple[int, list[tuple[int, int]]]] = []  # (index into latents, [(context row, label)])
+    sampled: dict[int, tuple[int, int]] = {}
+    for j, lat in enumerate(latents):
+        rng = np.random.default_rng([cfg.seed, int(lat)])
+        rows, acts = firing.get(int(lat), (np.zeros(0, np.int64), np.zeros(0, np.float32)))
+        order = rows[np.argsort(-acts, kind="stable")]
+        pos = sample_across_bins(order, cfg.n_pos, cfg.n_bins, rng)
+        pos = pos[:cfg.n_pos]
+        non = np.setdiff1d(np.arange(n_contexts), rows)
+        neg = rng.choice(non, size=min(cfg.n_neg, len(non)), replace=False) if len(non) else np.zeros(0, np.int64)
+        sampled[j] = (len(pos), len(neg))
+        ex = [(int(r), 1) for r in pos] + [(int(r), 0) for r in neg]
+        ex = [ex[i] for i in rng.permutation(len(ex))]
+        for a in range(0, len(ex), cfg.examples_per_prompt):
+            jobs.append((j, ex[a:a + cfg.examples_per_prompt]))
+    prompts = [P.detection_prompt(explanations[j], [window_text(r) for r, _ in chunk]) for j, chunk in jobs]
+    max_new = min(llm.cfg.max_new_tokens, 4 * cfg.examples_per_prompt + 16)
+    answers = llm.generate(prompts, max_new_tokens=max_new) if prompts else []
+    counts = np.zeros((len(latents), 5), dtype=np.int64)  # tp, tn, fp, fn, malformed
+    bad_prompts = 0
+    for (j, chunk), ans in zip(jobs, answers):
+        vals, _reason = P.parse_detection(ans, len(chunk))
+        if vals is None:
+            counts[j, 4] += len(chunk)
+            bad_prompts += 1
+            continue
+        for (_, label), v in zip(chunk, vals):
+            counts[j, {(1, 1): 0, (0, 0): 1, (0, 1): 2, (1, 0): 3}[(label, v)]] += 1
+    rows: dict[str, list] = {name: [] for name in LLM_SCORE_SCHEMA.names}
+    for j, lat in enumerate(latents):
+        tp, tn, fp, fn, bad = (int(x) for x in counts[j])
+        rows["latent"].append(int(lat))
+        rows["scorer"].append(f"llm-detection:{llm.name}")
+        rows["score"].append(balanced_accuracy(tp, tn, fp, fn) if tp + fn and tn + fp else None)
+        rows["n_pos"].append(sampled[j][0])
+        rows["n_neg"].append(sampled[j][1])
+        for name, c in zip(("tp", "tn", "fp", "fn", "n_malformed"), (tp, tn, fp, fn, bad)):
+            rows[name].append(c)
+    totals = {"n_prompts": len(jobs), "n_malformed_prompts": bad_prompts,
+              "n_malformed_examples": int(counts[:, 4].sum())}
+    return pa.Table.from_pydict(rows, schema=LLM_SCORE_SCHEMA), totals

@@ -46,3 +46,50 @@ def predictions_table(context_ids: np.ndarray, latents: np.ndarray, pred: np.nda
         "latent": pa.array(np.repeat(latents.astype(np.int32), n_ctx)),
         "pred": pa.array(pred.T.reshape(-1)),
     }, schema=PREDICTION_SCHEMA)
+
+
+# ---- the `llm` simulator (the paper's prompt) ------------------------------------------------------------
+FAILED_SCHEMA = pa.schema([("context_id", pa.int64()), ("latent", pa.int32()), ("reason", pa.string())])
+
+
+def context_suffixes(tokens: np.ndarray, window: int, decode) -> list[str]:
+    """The simulator prompt's context part for every (sequence, position), row-major: the window
+    ending at the target token, the target token marked <<tok>>."""
+    from .llm import prompts as P
+
+    return [P.simulator_suffix(decode(tokens[r, a:b - 1].tolist()), decode([int(tokens[r, b - 1])]))
+            for r, a, b in context_windows(tokens, window)]
+
+
+def llm_predictions(latents: np.ndarray, explanations: list[str], suffixes: list[str], context_ids: np.ndarray,
+                    max_act: np.ndarray, llm, renormalize: bool = True) -> tuple[pa.Table, pa.Table]:
+    """Predictions of `latents` on every context: one prompt per (context, latent) whose prefix (the
+    instructions and the explanation) is shared by all of a latent's contexts. E is the expected
+    digit over the top logprobs (renormalized over the digits unless `renormalize` is False, the
+    paper's way), mapped linearly onto [0, max_act]. A prompt with no digit among its top logprobs
+    is a failed prediction: a row of the second table, never a value.
+    Returns (predictions, failed)."""
+    from .llm import Prompt
+    from .llm import prompts as P
+
+    ctx, lat_col, pred = [], [], []
+    failed: dict[str, list] = {"context_id": [], "latent": [], "reason": []}
+    for lat, expl, m in zip(latents, explanations, max_act):
+        prefix = P.simulator_prefix(expl)
+        tops = llm.top_logprobs([Prompt(prefix, s) for s in suffixes])
+        for cid, top in zip(context_ids, tops):
+            e = P.expected_digit(top, renormalize)
+            if e is None:
+                failed["context_id"].append(int(cid))
+                failed["latent"].append(int(lat))
+                failed["reason"].append("no digit 0-9 among the top logprobs")
+                continue
+            ctx.append(int(cid))
+            lat_col.append(int(lat))
+            pred.append(P.digit_to_activation(e, float(m)))
+    pred_arr = np.asarray(pred, dtype=np.float32)
+    if len(pred_arr) and not (np.isfinite(pred_arr).all() and (pred_arr >= 0).all()):
+        raise ValueError("simulator produced non-finite or negative predictions")
+    table = pa.table({"context_id": pa.array(ctx, pa.int64()), "latent": pa.array(lat_col, pa.int32()),
+                      "pred": pa.array(pred_arr, pa.float32())}, schema=PREDICTION_SCHEMA)
+    return table, pa.Table.from_pydict(failed, schema=FAILED_SCHEMA)

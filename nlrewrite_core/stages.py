@@ -8,6 +8,7 @@ keys of a run come from `plan()`, a pure function of the config.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -37,7 +38,7 @@ log = logging.getLogger("nlrewrite")
 
 VERSIONS = {
     "corpus": "1", "subject": "1", "transcoder": "1", "activations": "1", "explain": "1",
-    "embed": "1", "score": "1", "simulate": "1", "calibrate": "1", "evaluate": "1", "report": "1",
+    "embed": "1", "score": "1", "simulate": "1", "calibrate": "2", "evaluate": "2", "report": "2",
 }
 CACHED_SPLITS = ("explain", "calib", "eval")
 
@@ -193,12 +194,12 @@ def run_subject(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artif
         metrics: dict[str, Any] = {"hub_id": cfg.subject.hub_id}
     else:
         model = subject_lib.build_model(cfg.subject, tokenizer.get_vocab_size(), cfg.corpus.seq_len).to(device)
-        metrics = subject_lib.train_subject(model, train, cfg.subject)
+        metrics = subject_lib.train_subject(model, train, cfg.subject, device=device)
     model.eval()
     ce = eval_lib.ce_with(model, 0, eval_tokens, cfg.evaluate.batch_size, None)
     metrics["eval_ce"] = float(ce.mean())
     metrics["unigram_ce"] = subject_lib.unigram_ce(train, eval_tokens, tokenizer.get_vocab_size())
-    metrics["mlp_ablation_ce"] = subject_lib.mlp_ablation_costs(model, eval_tokens, cfg.evaluate.batch_size)
+    metrics["mlp_ablation_ce"] = subject_lib.mlp_ablation_costs(model, eval_tokens, cfg.evaluate.batch_size, device)
     log.info("subject: eval CE %.3f (unigram %.3f); CE with each layer's MLP zeroed: %s", metrics["eval_ce"],
              metrics["unigram_ce"], [round(c, 3) for c in metrics["mlp_ablation_ce"]])
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,38 +224,23 @@ def run_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
     else:
         _, train = load_tokens(store, keys, ("train",))
         n_seq = max(1, min(len(train), cfg.transcoder.max_train_tokens // train.shape[1]))
-        X, Y = tc_lib.collect_mlp_io(model, layer, train[:n_seq], cfg.evaluate.batch_size)
+        X, Y = tc_lib.collect_mlp_io(model, layer, train[:n_seq], cfg.evaluate.batch_size, device)
         sae, metrics = tc_lib.train_transcoder(X, Y, cfg.transcoder)
         del X, Y
     sae.eval()
     # The fit on the eval split: FVU, dead latents, and CE (clean, transcoder, zero-ablation, MLP zeroed).
     _, eval_tokens = load_tokens(store, keys, ("eval",))
-    Xe, Ye = tc_lib.collect_mlp_io(model, layer, eval_tokens, cfg.evaluate.batch_size)
-    with torch.no_grad():
-        out = eval_lib.patched_output(sae, Xe)
-        fvu = float(((Ye - out) ** 2).sum() / ((Ye - Ye.mean(0)) ** 2).sum())
-        _, idx, _ = sae.encode(Xe.to(sae.dtype))
-        alive = torch.zeros(sae.num_latents, dtype=torch.bool)
-        alive[idx.reshape(-1).cpu()] = True
-    bs = cfg.evaluate.batch_size
-    ce = {
-        "clean": float(eval_lib.ce_with(model, layer, eval_tokens, bs, None).mean()),
-        "transcoder": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: eval_lib.flat(
-            lambda x: eval_lib.patched_output(sae, x))).mean()),
-        "zero_ablation": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: tc_lib.skip_fn(sae)).mean()),
-        "mlp_ablation": float(eval_lib.ce_with(model, layer, eval_tokens, bs, lambda r: subject_lib.zero_mlp).mean()),
-    }
-    recovered = (ce["zero_ablation"] - ce["transcoder"]) / max(ce["zero_ablation"] - ce["clean"], 1e-12)
-    fit = {"eval_fvu": fvu, "eval_dead_fraction": float(1 - alive.float().mean()), "ce": ce,
-           "ce_recovered": recovered, "zero_ablation_cost_frac": (ce["zero_ablation"] - ce["clean"]) / ce["clean"],
-           "layer": layer}
-    log.info("transcoder: FVU %.4f, dead %.1f%%, CE recovered %.3f, CE %s", fvu, 100 * fit["eval_dead_fraction"],
-             recovered, {k: round(v, 4) for k, v in ce.items()})
+    Xe, Ye = tc_lib.collect_mlp_io(model, layer, eval_tokens, cfg.evaluate.batch_size, device)
+    fit_eval = tc_lib.evaluate_fit(sae, Xe.to(sae.dtype), Ye.to(sae.dtype))
+    ce = tc_lib.transcoder_ce(model, layer, sae, eval_tokens, cfg.evaluate.batch_size, device)
+    fit = {"eval_fvu": fit_eval["fvu"], "eval_dead_fraction": fit_eval["dead_fraction"], **ce,
+           "zero_ablation_cost_frac": (ce["ce_zero_ablation"] - ce["ce_clean"]) / ce["ce_clean"], "layer": layer}
+    log.info("transcoder: FVU %.4f, dead %.1f%%, CE recovered %.3f, CE %s", fit["eval_fvu"],
+             100 * fit["eval_dead_fraction"], ce["ce_recovered"], {k: round(v, 4) for k, v in ce.items()})
     with tempfile.TemporaryDirectory() as tmp:
         tc_lib.save_transcoder(sae, tmp)
         w.directory("sae", tmp)
-    w.table("fit", pa.table({"metric": list(fit["ce"].keys()) + ["fvu", "dead_fraction", "ce_recovered"],
-                             "value": list(fit["ce"].values()) + [fvu, fit["eval_dead_fraction"], recovered]}))
+    w.table("fit", pa.table({"metric": list(fit), "value": [float(v) for v in fit.values()]}))
     return w.finish(metrics={**metrics, **fit})
 
 
@@ -320,15 +306,42 @@ def run_explain(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artif
     tokenizer = load_tokenizer(store, keys)
     by_seq = {int(s): tokens[i] for i, s in enumerate(seq_ids)}
     t0 = time.perf_counter()
-    table = explain_lib.ngram_explanations(
-        a.column("seq_id").to_numpy(), a.column("pos").to_numpy(), a.column("latent").to_numpy(),
-        a.column("act").to_numpy().astype(np.float32), by_seq, lambda t: tokenizer.decode([t]),
-        lambda ids: tokenizer.decode(ids), num_latents, cfg.explain)
-    n_expl = int(pc.sum(pc.equal(table.column("status"), "explained")).as_py() or 0)
+    cost: dict[str, Any] | None = None
+    args = (a.column("seq_id").to_numpy(), a.column("pos").to_numpy(), a.column("latent").to_numpy(),
+            a.column("act").to_numpy().astype(np.float32), by_seq, lambda t: tokenizer.decode([t]),
+            lambda ids: tokenizer.decode(ids), num_latents, cfg.explain)
+    if cfg.explain.method in ("llm", "contrastive"):
+        neighbors = None
+        if cfg.explain.method == "contrastive":
+            w_dec = load_sae(store, keys).W_dec.detach().float().cpu().numpy()
+            neighbors = explain_lib.decoder_neighbors(w_dec, cfg.explain.n_neighbors)
+        llm, before = _llm_for(cfg.explain.llm)
+        table = explain_lib.llm_explanations(*args, llm, neighbors=neighbors)
+        cost = _llm_cost(llm, before)
+    else:
+        table = explain_lib.ngram_explanations(*args)
+    statuses = table.column("status").to_pylist()
+    n_expl = statuses.count("explained")
     log.info("explain: %d of %d latents explained (%.0f latents/s)", n_expl, num_latents,
              num_latents / max(time.perf_counter() - t0, 1e-9))
     w.table("explanations", table)
-    return w.finish(metrics={"n_explained": n_expl, "n_dead": num_latents - n_expl})
+    metrics: dict[str, Any] = {"n_explained": n_expl, "n_dead": num_latents - n_expl}
+    if cfg.explain.method != "ngram":
+        metrics.update(n_dead=statuses.count("dead"), n_unexplained=statuses.count("unexplained"))
+    return w.finish(metrics=metrics, cost=cost)
+
+
+def _llm_for(llm_cfg):
+    """The (cached) LLM backend of a config section and a usage snapshot to diff against."""
+    from .llm import get_llm
+
+    llm = get_llm(llm_cfg)
+    return llm, llm.usage.snapshot()
+
+
+def _llm_cost(llm, before: dict[str, float]) -> dict[str, Any]:
+    """The manifest cost of the LLM calls since `before`: tokens in/out, seconds, calls (never a key)."""
+    return {"llm_backend": llm.backend, "llm_model": llm.cfg.model, **llm.usage.since(before)}
 
 
 def run_embed(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
@@ -394,6 +407,8 @@ def run_score(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifac
     w = _writer(store, "score", cfg, keys)
     num_latents = _num_latents(store, keys)
     seq_len = cfg.corpus.seq_len
+    if cfg.score.method == "detection":
+        return _run_score_llm(store, cfg, keys, w)
     cids, win, tok = _embeddings(store, keys, ("explain",))
     latents, expl = _explained(store, keys, cfg)
     sim = emb_lib.similarity(expl, win, tok, cfg.simulate.token_weight)
@@ -410,6 +425,70 @@ def run_score(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifac
     return w.finish(metrics={"mean_detection_score": mean, "n_scored": int(np.isfinite(scores.astype(float)).sum())})
 
 
+def _run_score_llm(store: Store, cfg: RewriteConfig, keys: dict[str, str], w: StageWriter) -> ArtifactRef:
+    """The `detection` scorer on the explain split's scoring half (the sequences the explainer never saw)."""
+    seq_len = cfg.corpus.seq_len
+    seq_ids, tokens = load_tokens(store, keys, ("explain",))
+    keep = np.isin(seq_ids, explain_halves(seq_ids)[1])
+    seq_ids, tokens = seq_ids[keep], tokens[keep]
+    row_of = {int(s): i for i, s in enumerate(seq_ids)}
+    a = _table(store, "activations", keys["activations"], "activations",
+               filters=(pc.field("split") == "explain") & pc.field("seq_id").isin(seq_ids.tolist()))
+    rows = np.array([row_of[int(s)] for s in a.column("seq_id").to_numpy()], dtype=np.int64) * seq_len \
+        + a.column("pos").to_numpy()
+    lat_col, act_col = a.column("latent").to_numpy(), a.column("act").to_numpy().astype(np.float32)
+    firing = {int(l): (rows[lat_col == l], act_col[lat_col == l]) for l in np.unique(lat_col)}
+    e = _table(store, "explain", keys["explain"], "explanations", filters=pc.field("status") == "explained")
+    latents, texts = e.column("latent").to_numpy(), e.column("explanation").to_pylist()
+    tokenizer = load_tokenizer(store, keys)
+    win = cfg.score.window
+
+    def window_text(r: int) -> str:
+        s, p = divmod(int(r), seq_len)
+        return tokenizer.decode(tokens[s, max(0, p - win + 1):p + 1].tolist())
+
+    llm, before = _llm_for(cfg.score.llm)
+    t0 = time.perf_counter()
+    table, totals = score_lib.llm_detection_scores(latents, texts, firing, len(seq_ids) * seq_len, window_text,
+                                                   cfg.score, llm)
+    scores = np.array([np.nan if v is None else v for v in table.column("score").to_pylist()], dtype=float)
+    mean = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+    log.info("score: %d latents scored by %s in %.1fs, mean detection score %.3f, %d of %d prompts malformed",
+             len(table), llm.name, time.perf_counter() - t0, mean, totals["n_malformed_prompts"], totals["n_prompts"])
+    w.table("scores", table)
+    return w.finish(metrics={"mean_detection_score": mean, "n_scored": int(np.isfinite(scores).sum()), **totals},
+                    cost=_llm_cost(llm, before))
+
+
+def _run_simulate_shard_llm(store: Store, cfg: RewriteConfig, keys: dict[str, str], w: StageWriter,
+                            lo: int, hi: int, num_latents: int) -> ArtifactRef:
+    """The `llm` simulator on one shard's latents over every calib and eval context."""
+    t0 = time.perf_counter()
+    seq_len = cfg.corpus.seq_len
+    seq_ids, tokens = load_tokens(store, keys, ("calib", "eval"))
+    tokenizer = load_tokenizer(store, keys)
+    suffixes = sim_lib.context_suffixes(tokens, cfg.simulate.window, lambda ids: tokenizer.decode(ids))
+    cids = context_ids(seq_ids, seq_len)
+    e = _table(store, "explain", keys["explain"], "explanations", filters=pc.field("status") == "explained")
+    lat = e.column("latent").to_numpy()
+    keep = (lat >= lo) & (lat < hi)
+    latents = lat[keep]
+    texts = [t for t, k in zip(e.column("explanation").to_pylist(), keep) if k]
+    max_act = _max_act(store, keys, num_latents)[latents]
+    llm, before = _llm_for(cfg.simulate.llm)
+    table, failed = sim_lib.llm_predictions(latents, texts, suffixes, cids, max_act, llm, cfg.simulate.renormalize)
+    w.table("predictions", table)
+    # Failed predictions are listed beside the shard's Parquet (JSON, so that readers of the
+    # predictions, which take every .parquet of the stage, never mix them with values).
+    w.bytes("failed.json", json.dumps(failed.to_pylist()).encode())
+    dt = time.perf_counter() - t0
+    n = len(table) + len(failed)
+    log.info("simulate shard (latents %d-%d) with %s: %d predictions, %d failed, in %.1fs (%.1f/s)", lo, hi,
+             llm.name, len(table), len(failed), dt, n / max(dt, 1e-9))
+    return w.finish(metrics={"latents": [lo, hi], "n_predictions": len(table), "n_failed": len(failed),
+                             "predictions_per_s": n / max(dt, 1e-9)}, cost=_llm_cost(llm, before))
+
+
 def run_simulate_shard(store: Store, cfg: RewriteConfig, keys: dict[str, str], shard: int) -> ArtifactRef:
     """Predictions of every calib and eval context for one shard's latents."""
     sub = f"shard-{shard:05d}"
@@ -420,6 +499,8 @@ def run_simulate_shard(store: Store, cfg: RewriteConfig, keys: dict[str, str], s
     num_latents = _num_latents(store, keys)
     lo, hi = shard_ranges(num_latents, cfg.simulate.shard_latents)[shard]
     w = _writer(store, "simulate", cfg, keys, sub=sub)
+    if cfg.simulate.method == "llm":
+        return _run_simulate_shard_llm(store, cfg, keys, w, lo, hi, num_latents)
     t0 = time.perf_counter()
     cids, win, tok = _embeddings(store, keys, ("calib", "eval"))
     latents, expl = _explained(store, keys, cfg, lo, hi)
@@ -460,36 +541,62 @@ def read_predictions(store: Store, keys: dict[str, str], filters: Any = None) ->
                              for f in m["files"] if f["file"].endswith(".parquet")])
 
 
+def _dense_split(store: Store, keys: dict[str, str], split: str, seq_len: int, num_latents: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(context ids, raw predictions, true activations) of a split, dense [n_ctx, num_latents],
+    rows in context_ids order; predictions are joined by (context id, latent id)."""
+    seq_ids, _ = load_tokens(store, keys, (split,))
+    cids = context_ids(seq_ids, seq_len)
+    p = read_predictions(store, keys, filters=pc.field("context_id").isin(cids.tolist()))
+    pred = dense(p.column("context_id").to_numpy(), p.column("latent").to_numpy(), p.column("pred").to_numpy(),
+                 context_index(cids), (len(cids), num_latents))
+    return cids, pred, true_activations(store, keys, split, seq_ids, seq_len, num_latents)
+
+
 def run_calibrate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
     if ref := _done(store, "calibrate", keys):
         return ref
     w = _writer(store, "calibrate", cfg, keys)
     num_latents, seq_len = _num_latents(store, keys), cfg.corpus.seq_len
-    mats: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for split in ("calib", "eval"):
-        seq_ids, _ = load_tokens(store, keys, (split,))
-        cids = context_ids(seq_ids, seq_len)
-        p = read_predictions(store, keys, filters=pc.field("context_id").isin(cids.tolist()))
-        pred = dense(p.column("context_id").to_numpy(), p.column("latent").to_numpy(), p.column("pred").to_numpy(),
-                     context_index(cids), (len(cids), num_latents))
-        mats[split] = (cids, pred, true_activations(store, keys, split, seq_ids, seq_len, num_latents))
+    mats = {split: _dense_split(store, keys, split, seq_len, num_latents) for split in ("calib", "eval")}
     latents = np.unique(read_predictions(store, keys).column("latent").to_numpy())
-    maps_tables, calibrated = [], []
+    maps_tables, calibrated, fit_seconds = [], [], {}
     eval_cids, eval_pred, _ = mats["eval"]
     for method in cfg.calibrate.methods:
+        t0 = time.perf_counter()
         maps = calib_lib.fit_calibration(method, mats["calib"][1][:, latents], mats["calib"][2][:, latents],
-                                         latents=latents)
+                                         cfg.calibrate.n_knots, latents=latents)
+        fit_seconds[method] = round(time.perf_counter() - t0, 3)
         maps_tables.append(calib_lib.maps_to_table(maps))
         out = calib_lib.apply_calibration(maps, eval_pred[:, latents], latents=latents)
         t = sim_lib.predictions_table(eval_cids, latents, out)
         calibrated.append(t.append_column("method", pa.array([method] * len(t))))
+    log.info("calibrate: %d methods on %d latents, fit seconds %s", len(fit_seconds), len(latents), fit_seconds)
     w.table("calibration", pa.concat_tables(maps_tables))
     w.table("calibrated", pa.concat_tables(calibrated))
     return w.finish(metrics={"methods": list(cfg.calibrate.methods), "n_latents": int(len(latents)),
-                             "n_calib_contexts": int(len(mats["calib"][0]))})
+                             "n_calib_contexts": int(len(mats["calib"][0])), "fit_seconds": fit_seconds})
+
+
+def raw_thresholds(max_act: np.ndarray, digit: float) -> np.ndarray:
+    """Per-latent activity threshold of raw predictions: the level of simulator digit `digit`
+    (prediction = E * max_act / 9, so digit d is at d * max_act / 9)."""
+    return np.asarray(max_act, dtype=np.float64) * digit / 9.0
+
+
+def _calib_latent_means(store: Store, keys: dict[str, str], num_latents: int) -> np.ndarray:
+    """Each latent's mean activation over all calib tokens (zeros included), from latent_stats."""
+    s = _table(store, "activations", keys["activations"], "latent_stats", filters=pc.field("split") == "calib")
+    n_tokens = store.read_manifest("activations", keys["activations"])["metrics"]["n_tokens"]["calib"]
+    out = np.zeros(num_latents, dtype=np.float64)
+    lat = s.column("latent").to_numpy()
+    out[lat] = s.column("n_active").to_numpy() * s.column("mean_act").to_numpy().astype(np.float64) / max(n_tokens, 1)
+    return out.astype(np.float32)
 
 
 def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """CE of every condition (both position sets), per-latent metrics and their relation to the
+    detection score, the specificity oracle, and the calibration sample-size ablation."""
     if ref := _done(store, "evaluate", keys):
         return ref
     w = _writer(store, "evaluate", cfg, keys)
@@ -507,58 +614,236 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
         t = cal.filter(pc.field("method") == method)
         preds[method] = dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
                               t.column("pred").to_numpy(), cidx, (len(cids), num_latents), fill=np.nan)
+    del cal
     sc = _table(store, "score", keys["score"], "scores")
     scores = np.full(num_latents, np.nan)
     sv = sc.column("score").to_numpy(zero_copy_only=False).astype(float)
     scores[sc.column("latent").to_numpy()] = sv
-    live = np.unique(cal.column("latent").to_numpy())
+    live = np.unique(_table(store, "calibrate", keys["calibrate"], "calibration", columns=["latent"])
+                     .column("latent").to_numpy())
     bs = ev.batch_size
+    primary = ev.positions
+    positions = [primary] + [p for p in eval_lib.POSITIONS if p != primary]
 
-    def run(fn_for_rows) -> np.ndarray:
-        return eval_lib.per_sequence(eval_lib.ce_with(model, layer, tokens, bs, fn_for_rows), ev.positions)
+    def run(fn_for_rows) -> dict[str, np.ndarray]:
+        ce = eval_lib.ce_with(model, layer, tokens, bs, fn_for_rows)
+        return {p: eval_lib.per_sequence(ce, p) for p in positions}
 
-    def simulated(method: str, sel: np.ndarray):
+    def patch_with(values: np.ndarray, sel: np.ndarray, what: str):
+        """An MLP replacement patching dense values [n_ctx, len(sel)] (rows in context order)."""
+        eval_lib.check_patch_values(values, what)
         sel_t = torch.as_tensor(sel, device=device)
         def make(rows: slice):
-            r = np.arange(rows.start * seq_len, rows.stop * seq_len)
-            vals = torch.as_tensor(preds[method][r][:, sel], device=device)
+            r = slice(rows.start * seq_len, rows.stop * seq_len)
+            vals = torch.as_tensor(values[r], device=device)
             return eval_lib.flat(lambda x: eval_lib.patched_output(sae, x, sel_t, vals))
         return make
 
+    def rows_for(condition: str, ce: dict[str, np.ndarray], **kw: Any) -> list[dict[str, Any]]:
+        return [eval_lib.ce_row(condition, ce[p], zero[p], ev.n_bootstrap, positions=p, **kw) for p in positions]
+
     t0 = time.perf_counter()
+    n_runs = 0
     zero = run(lambda r: tc_lib.skip_fn(sae))
+    mean_acts = torch.as_tensor(_calib_latent_means(store, keys, num_latents), device=device)
     base = {
         "clean": run(None),
         "transcoder": run(lambda r: eval_lib.flat(lambda x: eval_lib.patched_output(sae, x))),
         "zero_ablation": zero,
         "mlp_ablation": run(lambda r: subject_lib.zero_mlp),
+        "mean_ablation": run(lambda r: eval_lib.flat(lambda x: eval_lib.mean_ablation_output(sae, x, mean_acts))),
     }
-    rows = [eval_lib.ce_row(name, v, zero, ev.n_bootstrap) for name, v in base.items()]
+    n_runs += len(base)
+    rows = [r for name, v in base.items() for r in rows_for(name, v)]
     for method in ev_methods(cfg):
         for selection in ev.selections:
             for seed in (ev.random_seeds if selection == "random" else [-1]):
                 for frac in ev.fractions:
                     sel = eval_lib.select_latents(live, scores[live], frac, selection, seed)
-                    ce = run(simulated(method, sel))
-                    rows.append(eval_lib.ce_row("simulated", ce, zero, ev.n_bootstrap, selection=selection,
-                                                fraction=frac, calibration=method, seed=seed, n_latents=len(sel)))
-    log.info("evaluate: %d conditions in %.1fs", len(rows), time.perf_counter() - t0)
+                    ce = run(patch_with(preds[method][:, sel], sel, f"{method} predictions"))
+                    n_runs += 1
+                    rows += rows_for("simulated", ce, selection=selection, fraction=frac, calibration=method,
+                                     seed=seed, n_latents=len(sel))
+    t_sweep = time.perf_counter() - t0
+    log.info("evaluate: %d CE runs (sweep) in %.1fs", n_runs, t_sweep)
     ce_table = pa.Table.from_pylist(rows, schema=eval_lib.CE_SCHEMA)
-    metric_rows = []
+
+    # Per-latent metrics: activity at a stated threshold, and threshold-free rank metrics.
+    max_act = _max_act(store, keys, num_latents)
+    metric_rows, relation_rows = [], []
     for method in ev_methods(cfg):
-        m = eval_lib.activity_metrics(preds[method][:, live], true[:, live], ev.active_threshold)
+        p, tr = preds[method][:, live], true[:, live]
+        if method == "none":
+            thr = raw_thresholds(max_act[live], ev.raw_active_digit)
+            rule = f"pred > max_act * {ev.raw_active_digit:g} / 9 (raw: simulator digit > {ev.raw_active_digit:g})"
+        else:
+            thr = np.full(len(live), ev.active_threshold)
+            rule = f"pred > {ev.active_threshold:g}"
+        m = eval_lib.activity_metrics(p, tr, thr)
+        rk = eval_lib.rank_metrics(p, tr)
         for j, lat in enumerate(live):
             metric_rows.append({"latent": int(lat), "calibration": method, "detection_score": scores[lat],
                                 "specificity": m["specificity"][j], "sensitivity": m["sensitivity"][j],
                                 "precision": m["precision"][j], "n_true_active": int(m["n_true_active"][j]),
-                                "threshold": ev.active_threshold})
+                                "threshold": float(thr[j]), "threshold_rule": rule,
+                                "spearman": rk["spearman"][j], "auroc": rk["auroc"][j]})
+        for metric, values in (("specificity", m["specificity"]), ("sensitivity", m["sensitivity"]),
+                               ("precision", m["precision"]), ("spearman", rk["spearman"]), ("auroc", rk["auroc"])):
+            bins, rho, n_used = eval_lib.score_relation(scores[live], np.asarray(values, float), ev.n_score_bins)
+            for b in bins:
+                relation_rows.append({"calibration": method, "metric": metric, **b, "rho": rho,
+                                      "n_latents_total": n_used, "threshold_rule": rule})
+
+    # The oracle: true activations with injected false positives / negatives, all live latents patched.
+    t1 = time.perf_counter()
+    calib_acts = _table(store, "activations", keys["activations"], "activations", columns=["latent", "act"],
+                        filters=pc.field("split") == "calib")
+    pool = eval_lib.ValuePool(calib_acts.column("latent").to_numpy(), calib_acts.column("act").to_numpy(), num_latents)
+    del calib_acts
+    true_live = true[:, live]
+    oracle_rows = []
+    for i_fn, fn_rate in enumerate(ev.oracle_fn_rates):
+        for i_fp, fp_rate in enumerate(ev.oracle_fp_rates):
+            rng = np.random.default_rng([ev.oracle_seed, i_fn, i_fp])
+            values, c = eval_lib.inject_errors(true_live, live, fp_rate, fn_rate, pool, rng)
+            ce = run(patch_with(values, live, "oracle values"))
+            n_runs += 1
+            spec = c["tn"] / max(c["tn"] + c["fp"], 1)
+            sens = c["tp"] / max(c["tp"] + c["fn"], 1)
+            for r in rows_for("oracle", ce, selection="all", fraction=1.0, calibration="oracle", n_latents=len(live)):
+                oracle_rows.append({"fp_rate": fp_rate, "fn_rate": fn_rate, "specificity": spec, "sensitivity": sens,
+                                    **{k: r[k] for k in ("positions", "n_latents", "ce_mean", "ce_lo", "ce_hi", "n",
+                                                         "delta_zero_mean", "delta_zero_lo", "delta_zero_hi")},
+                                    **{f"n_{k}": v for k, v in c.items()}})
+    zero_means = {p: float(zero[p].mean()) for p in positions}
+    crossings = {}
+    for p in positions:
+        for fn_rate in ev.oracle_fn_rates:
+            sub = [r for r in oracle_rows if r["positions"] == p and r["fn_rate"] == fn_rate]
+            crossings[f"{p}/fn={fn_rate:g}"] = eval_lib.crossing_specificity(
+                np.array([r["specificity"] for r in sub]), np.array([r["ce_mean"] for r in sub]), zero_means[p])
+    t_oracle = time.perf_counter() - t1
+    log.info("evaluate: oracle %d runs in %.1fs; specificity where CE crosses zero-ablation: %s",
+             len(ev.oracle_fp_rates) * len(ev.oracle_fn_rates), t_oracle, crossings)
+
+    # Sample-size ablation (Figure A2): maps fit on nested subsets of the calib sequences.
+    t2 = time.perf_counter()
+    size_rows = _sample_size_ablation(store, cfg, keys, live, scores, true, run, patch_with, rows_for, num_latents)
+    n_runs += len(size_rows) // max(len(positions), 1)
+    t_sizes = time.perf_counter() - t2
+
     w.table("ce", ce_table)
     w.table("latent_metrics", pa.Table.from_pylist(metric_rows))
-    return w.finish(metrics={"n_conditions": len(rows), "positions": ev.positions, "n_sequences": len(seq_ids)})
+    w.table("score_relation", pa.Table.from_pylist(relation_rows, schema=SCORE_RELATION_SCHEMA))
+    w.table("oracle", pa.Table.from_pylist(oracle_rows, schema=ORACLE_SCHEMA))
+    w.table("sample_size", pa.Table.from_pylist(size_rows, schema=SAMPLE_SIZE_SCHEMA))
+    return w.finish(metrics={"n_conditions": len(rows), "positions": primary, "all_positions": positions,
+                             "n_sequences": len(seq_ids), "n_ce_runs": n_runs,
+                             "oracle_crossing_specificity": crossings,
+                             "seconds": {"sweep": round(t_sweep, 1), "oracle": round(t_oracle, 1),
+                                         "sample_size": round(t_sizes, 1)}})
+
+
+SCORE_RELATION_SCHEMA = pa.schema([
+    ("calibration", pa.string()), ("metric", pa.string()), ("bin", pa.int32()), ("score_lo", pa.float64()),
+    ("score_hi", pa.float64()), ("score_mean", pa.float64()), ("n_latents", pa.int64()), ("mean", pa.float64()),
+    ("rho", pa.float64()), ("n_latents_total", pa.int64()), ("threshold_rule", pa.string()),
+])
+ORACLE_SCHEMA = pa.schema([
+    ("fp_rate", pa.float64()), ("fn_rate", pa.float64()), ("specificity", pa.float64()), ("sensitivity", pa.float64()),
+    ("positions", pa.string()), ("n_latents", pa.int32()), ("ce_mean", pa.float64()), ("ce_lo", pa.float64()),
+    ("ce_hi", pa.float64()), ("n", pa.int64()), ("delta_zero_mean", pa.float64()), ("delta_zero_lo", pa.float64()),
+    ("delta_zero_hi", pa.float64()), ("n_tp", pa.int64()), ("n_fn", pa.int64()), ("n_fp", pa.int64()),
+    ("n_tn", pa.int64()),
+])
+SAMPLE_SIZE_SCHEMA = pa.schema([
+    ("calibration", pa.string()), ("calib_fraction", pa.float64()), ("n_calib_sequences", pa.int32()),
+    ("n_calib_contexts", pa.int64()), ("fraction", pa.float64()), ("n_latents", pa.int32()),
+    ("positions", pa.string()), ("ce_mean", pa.float64()), ("ce_lo", pa.float64()), ("ce_hi", pa.float64()),
+    ("n", pa.int64()), ("delta_zero_mean", pa.float64()), ("delta_zero_lo", pa.float64()),
+    ("delta_zero_hi", pa.float64()), ("specificity", pa.float64()), ("sensitivity", pa.float64()),
+    ("threshold", pa.float64()),
+])
+
+
+def calib_subsets(n_sequences: int, sizes: list[float], seed: int = 0) -> list[tuple[float, np.ndarray]]:
+    """Nested subsets of the calib sequences (row indices, sorted) for each size fraction: one
+    permutation, its first max(1, round(size * n)) entries."""
+    perm = np.random.default_rng(seed).permutation(n_sequences)
+    return [(s, np.sort(perm[:max(1, min(n_sequences, round(s * n_sequences)))])) for s in sizes]
+
+
+def _sample_size_ablation(store: Store, cfg: RewriteConfig, keys: dict[str, str], live: np.ndarray,
+                          scores: np.ndarray, true_eval: np.ndarray, run, patch_with, rows_for,
+                          num_latents: int) -> list[dict[str, Any]]:
+    """CE (top selection) and mean specificity/sensitivity with calibration maps fit on subsets of
+    the calib split, for every calibration method except `none` (which fits nothing)."""
+    ev, seq_len = cfg.evaluate, cfg.corpus.seq_len
+    methods = [m for m in ev_methods(cfg) if m != "none"]
+    if not ev.sample_sizes or not methods:
+        return []
+    _, calib_pred, calib_true = _dense_split(store, keys, "calib", seq_len, num_latents)
+    _, eval_pred, _ = _dense_split(store, keys, "eval", seq_len, num_latents)
+    n_seq = calib_pred.shape[0] // seq_len
+    out = []
+    for size, seq_rows in calib_subsets(n_seq, ev.sample_sizes):
+        rows = (seq_rows[:, None] * seq_len + np.arange(seq_len)[None, :]).reshape(-1)
+        for method in methods:
+            maps = calib_lib.fit_calibration(method, calib_pred[rows][:, live], calib_true[rows][:, live],
+                                             cfg.calibrate.n_knots, latents=live)
+            pred = np.zeros_like(eval_pred)
+            pred[:, live] = calib_lib.apply_calibration(maps, eval_pred[:, live], latents=live)
+            m = eval_lib.activity_metrics(pred[:, live], true_eval[:, live], ev.active_threshold)
+            spec, sens = float(np.nanmean(m["specificity"])), float(np.nanmean(m["sensitivity"]))
+            for frac in ev.sample_size_fractions:
+                sel = eval_lib.select_latents(live, scores[live], frac, "top", -1)
+                ce = run(patch_with(pred[:, sel], sel, f"{method} predictions (calib subset {size:g})"))
+                for r in rows_for("simulated", ce, selection="top", fraction=frac, calibration=method,
+                                  n_latents=len(sel)):
+                    out.append({"calibration": method, "calib_fraction": size, "n_calib_sequences": len(seq_rows),
+                                "n_calib_contexts": len(rows), "fraction": frac, "n_latents": len(sel),
+                                **{k: r[k] for k in ("positions", "ce_mean", "ce_lo", "ce_hi", "n", "delta_zero_mean",
+                                                     "delta_zero_lo", "delta_zero_hi")},
+                                "specificity": spec, "sensitivity": sens, "threshold": ev.active_threshold})
+    return out
 
 
 def ev_methods(cfg: RewriteConfig) -> list[str]:
     return list(cfg.calibrate.methods)
+
+
+def _example_latents(store: Store, keys: dict[str, str], cfg: RewriteConfig, lm: Any, preds: dict[str, np.ndarray],
+                     true: np.ndarray, tokens: np.ndarray, n_examples: int = 4) -> list[dict[str, Any]]:
+    """A few example latents for the report: the best, two middle and the worst by detection score
+    among latents active on eval, with explanation, raw-prediction metrics, top eval contexts and
+    (true, predicted) activations per method. ``preds`` holds dense [n_ctx, n_latents] arrays."""
+    raw = lm[lm["calibration"] == "none"] if "none" in set(lm["calibration"]) else lm.drop_duplicates("latent")
+    raw = raw[(raw["n_true_active"] > 0) & np.isfinite(raw["detection_score"].astype(float))]
+    if raw.empty:
+        return []
+    raw = raw.sort_values(["detection_score", "latent"], ascending=[False, True])
+    picks = sorted({int(round(q * (len(raw) - 1))) for q in np.linspace(0, 1, n_examples)})
+    chosen = raw.iloc[picks]
+    expl = _table(store, "explain", keys["explain"], "explanations").to_pandas().set_index("latent")
+    tokenizer = load_tokenizer(store, keys)
+    seq_len = cfg.corpus.seq_len
+    out = []
+    for _, r in chosen.iterrows():
+        lat = int(r["latent"])
+        col = true[:, lat]
+        top = np.argsort(-col, kind="stable")[:3]
+        contexts = []
+        for row in top[col[top] > 0]:
+            s, pos = divmod(int(row), seq_len)
+            left = tokenizer.decode(tokens[s, max(0, pos - 12):pos].tolist())
+            target = tokenizer.decode([int(tokens[s, pos])])
+            contexts.append(f"{col[row]:.3f}: …{left}[{target}]")
+        out.append({"latent": lat, "score": float(r["detection_score"]),
+                    "explanation": str(expl["explanation"].get(lat, "")) if lat in expl.index else "",
+                    "metrics": {k: float(r[k]) for k in ("spearman", "auroc", "specificity", "sensitivity") if k in r},
+                    "top_contexts": contexts, "true": col,
+                    "preds": {("raw" if m == "none" else m): p[:, lat] for m, p in preds.items()}})
+    return out
 
 
 def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
@@ -567,24 +852,39 @@ def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
     from . import report as report_lib
 
     w = _writer(store, "report", cfg, keys)
-    ce = _table(store, "evaluate", keys["evaluate"], "ce").to_pandas()
-    lm = _table(store, "evaluate", keys["evaluate"], "latent_metrics").to_pandas()
+    ev_table = lambda name: _table(store, "evaluate", keys["evaluate"], name).to_pandas()  # noqa: E731
+    ce, lm = ev_table("ce"), ev_table("latent_metrics")
+    oracle, sizes, relation = ev_table("oracle"), ev_table("sample_size"), ev_table("score_relation")
+    ev_metrics = store.read_manifest("evaluate", keys["evaluate"])["metrics"]
     fit = store.read_manifest("transcoder", keys["transcoder"])["metrics"]
     subj = store.read_manifest("subject", keys["subject"])["metrics"]
     score_m = store.read_manifest("score", keys["score"])["metrics"]
-    # Activation distributions on the eval split, before and after calibration, for explained latents.
+    cal_m = store.read_manifest("calibrate", keys["calibrate"])["metrics"]
+    # Activation distributions on the eval split, before and after calibration, for explained latents:
+    # one sample of (context, latent) pairs, the same for every method (the tables share their row order).
     num_latents, seq_len = _num_latents(store, keys), cfg.corpus.seq_len
-    seq_ids, _ = load_tokens(store, keys, ("eval",))
+    seq_ids, tokens = load_tokens(store, keys, ("eval",))
     true = true_activations(store, keys, "eval", seq_ids, seq_len, num_latents)
     cal = _table(store, "calibrate", keys["calibrate"], "calibrated")
-    cidx = context_index(context_ids(seq_ids, seq_len))
+    eval_cids = context_ids(seq_ids, seq_len)
+    cidx = context_index(eval_cids)
     dists: dict[str, np.ndarray] = {}
+    dense_preds: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(0)
+    sample = None
     for method in ev_methods(cfg):
         t = cal.filter(pc.field("method") == method)
-        c, l = t.column("context_id").to_numpy(), t.column("latent").to_numpy()
-        dists["raw" if method == "none" else method] = t.column("pred").to_numpy()
-        dists["true"] = true[cidx[c], l]
+        c, l, v = t.column("context_id").to_numpy(), t.column("latent").to_numpy(), t.column("pred").to_numpy()
+        if sample is None:
+            sample = np.sort(rng.choice(len(t), size=min(len(t), 300_000), replace=False))
+            dists["true"] = true[cidx[c[sample]], l[sample]]
+        dists["raw" if method == "none" else method] = v[sample]
+        dense_preds[method] = dense(c, l, v, cidx, (len(eval_cids), num_latents))
+    del cal
+    examples = _example_latents(store, keys, cfg, lm, dense_preds, true, tokens)
+    del dense_preds
     summary = {
+        "preset": cfg.preset,
         "eval CE, clean subject": subj.get("eval_ce"),
         "unigram CE": subj.get("unigram_ce"),
         "transcoder layer": cfg.transcoder.layer,
@@ -593,10 +893,20 @@ def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
         "dead fraction (eval)": fit.get("eval_dead_fraction"),
         "CE recovered": fit.get("ce_recovered"),
         "mean detection score": score_m.get("mean_detection_score"),
+        "explained latents": cal_m.get("n_latents"),
+        "calib contexts": cal_m.get("n_calib_contexts"),
+        "eval sequences / contexts": f"{len(seq_ids)} / {len(eval_cids)}",
         "positions": cfg.evaluate.positions,
         "active_threshold": cfg.evaluate.active_threshold,
+        "raw_active_digit": cfg.evaluate.raw_active_digit,
+        "oracle crossing specificity": ev_metrics.get("oracle_crossing_specificity"),
     }
+    meta = {"run": f"{cfg.preset} (report key {keys['report'][:10]})", "positions": cfg.evaluate.positions,
+            "n_sequences": len(seq_ids), "n_contexts": len(eval_cids), "n_latents": cal_m.get("n_latents"),
+            "n_calib_contexts": cal_m.get("n_calib_contexts"),
+            "crossings": ev_metrics.get("oracle_crossing_specificity")}
     with tempfile.TemporaryDirectory() as tmp:
-        report_lib.write_report(Path(tmp), ce, lm, dists, summary)
+        report_lib.write_report(Path(tmp), ce, lm, dists, summary, oracle=oracle, sample_size=sizes,
+                                relation=relation, examples=examples, meta=meta)
         w.directory("html", tmp)
-    return w.finish(metrics={"summary": summary})
+    return w.finish(metrics={"summary": summary, "figures": list(report_lib.ALL_FIGURES)})

@@ -110,7 +110,7 @@ class Store:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url,
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url,
                             config=Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
                                           connect_timeout=10, read_timeout=60))
 
@@ -127,7 +127,7 @@ class Store:
         from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
         where = f"storage {self.root}" + (f" (endpoint {self.endpoint_url})" if self.endpoint_url else "")
-        client = boto3.client("s3", endpoint_url=self.endpoint_url,
+        client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url,
                               config=Config(retries={"max_attempts": 2, "mode": "standard"},
                                             connect_timeout=5, read_timeout=15))
         try:

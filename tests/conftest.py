@@ -9,7 +9,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="nlrewrite-prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nlrewrite")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nlrewrite,nlrewrite_core")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -268,3 +268,161 @@ def test_table_without_the_method_gives_no_maps() -> None:
     assert maps.n_latents == 0
     with pytest.raises(KeyError):
         apply_calibration(maps, pred)
+
+
+# ---- the methods added for issue 5: Hyndman & Fan quantile types, isotonic, affine ------------
+
+
+def _grid(n_latents: int, lo: float = -1.0, hi: float = 12.0, n: int = 801) -> np.ndarray:
+    return np.tile(np.linspace(lo, hi, n, dtype=np.float32)[:, None], (1, n_latents))
+
+
+def test_registry_lists_every_method_and_config_accepts_them() -> None:
+    from typing import get_args
+
+    from nlrewrite_core.config import CalibrateConfig, CalibrationMethodName, load_config
+
+    expected = {"none", "quantile", "isotonic", "affine"} | {f"quantile-hf{k}" for k in range(1, 10)}
+    assert set(METHODS) == expected
+    assert set(get_args(CalibrationMethodName)) == expected
+    assert CalibrateConfig(methods=sorted(expected)).methods == sorted(expected)
+    tiny = load_config("tiny").calibrate.methods
+    assert {"none", "quantile", "isotonic", "affine"} <= set(tiny)
+    with pytest.raises(Exception, match="unique"):
+        CalibrateConfig(methods=["quantile", "quantile"])
+    with pytest.raises(Exception):
+        CalibrateConfig(methods=["quantile-hf10"])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_is_monotone_and_finite(method: str) -> None:
+    pred, true = sparse_data(n=1500, n_latents=5, seed=7)
+    maps = fit_calibration(method, pred, true, n_knots=65)
+    out = apply_calibration(maps, _grid(5))
+    assert np.all(np.isfinite(out))
+    assert np.all(np.diff(out, axis=0) >= 0)
+    if method != "none":
+        assert np.all(out >= 0)  # activations are non-negative after any fitted map
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("case", ["constant_pred", "ties", "all_zero_true", "constant_true", "n1", "n2", "n3"])
+def test_every_method_is_stable_on_degenerate_inputs(method: str, case: str) -> None:
+    rng = np.random.default_rng(11)
+    n = {"n1": 1, "n2": 2, "n3": 3}.get(case, 200)
+    pred = rng.uniform(0, 5, size=(n, 3)).astype(np.float32)
+    true = (rng.exponential(size=(n, 3)) * (rng.uniform(size=(n, 3)) < 0.3)).astype(np.float32)
+    if case == "constant_pred":
+        pred[:] = 2.5
+    elif case == "ties":
+        pred = np.round(pred).astype(np.float32)  # six distinct values, many ties
+    elif case == "all_zero_true":
+        true[:] = 0.0
+    elif case == "constant_true":
+        true[:] = 1.5
+    maps = fit_calibration(method, pred, true, n_knots=33)
+    probe = np.concatenate([pred, _grid(3, -10, 20, 101)])
+    out = apply_calibration(maps, probe)
+    assert np.all(np.isfinite(out)) and out.dtype == np.float32
+    assert np.all(np.diff(apply_calibration(maps, _grid(3, -10, 20, 101)), axis=0) >= 0)
+    if method == "none":
+        return
+    if case == "all_zero_true":
+        np.testing.assert_array_equal(out, 0.0)
+    if case == "constant_true" and method != "affine":
+        np.testing.assert_allclose(out, 1.5, rtol=1e-6)
+    if case == "ties":  # equal predictions get equal values
+        fit_out = apply_calibration(maps, pred)
+        for j in range(3):
+            for v in np.unique(pred[:, j]):
+                assert np.unique(fit_out[pred[:, j] == v, j]).size == 1
+    back = maps_from_table(maps_to_table(maps), method)
+    np.testing.assert_array_equal(apply_calibration(back, probe), out)
+
+
+def test_hf7_equals_the_paper_quantile() -> None:
+    pred, true = sparse_data(n=2000, n_latents=6, seed=8)
+    a = apply_calibration(fit_calibration("quantile", pred, true), _grid(6))
+    b = apply_calibration(fit_calibration("quantile-hf7", pred, true), _grid(6))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hf_type", range(1, 10))
+def test_hf_types_match_the_target_distribution_on_fit_data(hf_type: int) -> None:
+    from nlrewrite_core.calibrate import HF_TYPES
+
+    pred, true = sparse_data(n=4000, n_latents=3, active=0.03, seed=9)
+    maps = fit_calibration(f"quantile-hf{hf_type}", pred, true, n_knots=257)
+    out = apply_calibration(maps, pred)
+    for j in range(3):
+        # The fraction of zeros and the extremes are the target's; the knots are numpy's quantiles.
+        assert np.mean(out[:, j] == 0) == pytest.approx(np.mean(true[:, j] == 0), abs=0.003)
+        assert out[:, j].max() == pytest.approx(true[:, j].max(), rel=1e-6)
+        assert out[:, j].min() == pytest.approx(true[:, j].min(), abs=1e-6)
+        np.testing.assert_allclose(maps.x[j, -1], np.quantile(pred[:, j], 1.0, method=HF_TYPES[hf_type]))
+
+
+def test_isotonic_is_sklearns_fit_exactly() -> None:
+    from sklearn.isotonic import IsotonicRegression
+
+    pred, true = sparse_data(n=1500, n_latents=4, seed=12)
+    pred[:300, 1] = 2.0  # ties
+    maps = fit_calibration("isotonic", pred, true)
+    probe = np.concatenate([pred, _grid(4)])
+    out = apply_calibration(maps, probe)
+    for j in range(4):
+        ref = IsotonicRegression(out_of_bounds="clip").fit(pred[:, j].astype(float), true[:, j].astype(float))
+        np.testing.assert_allclose(out[:, j], ref.predict(probe[:, j].astype(float)), rtol=1e-5, atol=1e-6)
+        # least squares among monotone maps: it keeps the mean on its fit data
+        fit_out = apply_calibration(maps, pred)[:, j]
+        assert fit_out.mean() == pytest.approx(true[:, j].mean(), rel=1e-4)
+
+
+def test_affine_matches_activity_rate_and_mean_on_fit_data() -> None:
+    rng = np.random.default_rng(13)
+    n = 3000
+    # Data from an affine relation: true = 2 (pred - 1)+, about 5% active.
+    pred = rng.uniform(0, 1.05, size=(n, 4)).astype(np.float32)
+    true = (2.0 * np.maximum(pred.astype(np.float64) - 1.0, 0.0)).astype(np.float32)
+    maps = fit_calibration("affine", pred, true)
+    out = apply_calibration(maps, pred)
+    for j in range(4):
+        assert np.sum(out[:, j] > 0) == np.sum(true[:, j] > 0)  # threshold: the activity rate
+        assert out[:, j].mean() == pytest.approx(true[:, j].mean(), rel=1e-4)  # scale: the mean
+        assert out[:, j].max() <= true[:, j].max() * (1 + 1e-5)
+    thr, scale = maps.x[:, 1].astype(float), (maps.y[:, 2] / (maps.x[:, 2] - maps.x[:, 1])).astype(float)
+    np.testing.assert_allclose(thr, 1.0, atol=2e-3)
+    np.testing.assert_allclose(scale, 2.0, rtol=0.05)
+    # Linear above the threshold (extrapolated), zero below.
+    probe = np.array([[-5.0] * 4, [20.0] * 4, [30.0] * 4], dtype=np.float32)
+    res = apply_calibration(maps, probe)
+    np.testing.assert_array_equal(res[0], 0.0)
+    np.testing.assert_allclose(res[1], scale * (20.0 - thr), rtol=1e-4)
+    # Noisy data: the activity rate is still exact, and the top never overshoots the true maximum.
+    noisy = (true * 0.7 + rng.uniform(0, 0.4, size=true.shape)).astype(np.float32)
+    out = apply_calibration(fit_calibration("affine", noisy, true), noisy)
+    assert np.array_equal((out > 0).sum(0), (true > 0).sum(0))
+    assert np.all(out.max(0) <= true.max(0) * (1 + 1e-4))  # float32 knots
+
+
+def test_affine_scale_is_capped_by_the_largest_true_value() -> None:
+    # One truly active context whose prediction barely clears the others: mean matching alone
+    # would give an enormous scale.
+    pred = np.full((100, 1), 1.0, dtype=np.float32)
+    pred[:, 0] += np.linspace(0, 1e-3, 100, dtype=np.float32)
+    true = np.zeros((100, 1), dtype=np.float32)
+    true[-1, 0] = 2.0
+    out = apply_calibration(fit_calibration("affine", pred, true), pred)
+    assert out.max() <= 2.0 + 1e-5
+    assert np.sum(out > 0) == 1
+
+
+def test_every_method_fits_the_tiny_scale_quickly() -> None:
+    import time
+
+    pred, true = sparse_data(n=3072, n_latents=256, seed=14)
+    for method in METHODS:
+        t0 = time.perf_counter()
+        maps = fit_calibration(method, pred, true)
+        apply_calibration(maps, pred)
+        assert time.perf_counter() - t0 < 10, method  # tiny: ~2000 latents x 3072 contexts

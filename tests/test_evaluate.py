@@ -129,3 +129,156 @@ def test_predictions_table_joins_by_id():
         (100, 7): 1.0, (101, 7): 3.0, (100, 3): 2.0, (101, 3): 4.0}
     with pytest.raises(ValueError, match="non-finite"):
         predictions_table(np.array([1]), np.array([1]), np.array([[np.nan]], dtype=np.float32))
+
+
+# ---- issue 5: mean-ablation, rank metrics, score relation, the oracle ---------------------------
+def test_mean_ablation_is_the_decoded_mean_plus_skip(model_and_sae):
+    from nlrewrite_core.transcoder import skip_output
+
+    _, sae = model_and_sae
+    x = torch.randn(20, 32)
+    with torch.no_grad():
+        zero = ev.mean_ablation_output(sae, x, torch.zeros(sae.num_latents))
+        torch.testing.assert_close(zero, skip_output(sae, x))
+        mean = torch.zeros(sae.num_latents)
+        mean[[3, 50]] = torch.tensor([0.5, 2.0])
+        out = ev.mean_ablation_output(sae, x, mean)
+        torch.testing.assert_close(out, skip_output(sae, x) + 0.5 * sae.W_dec[3] + 2.0 * sae.W_dec[50])
+
+
+def test_check_patch_values_rejects_nan():
+    ok = np.ones((3, 2), dtype=np.float32)
+    assert ev.check_patch_values(ok, "x") is ok
+    bad = ok.copy()
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        ev.check_patch_values(bad, "quantile predictions")
+
+
+def test_per_sequence_positions():
+    ce = np.arange(12, dtype=float).reshape(3, 4)
+    np.testing.assert_array_equal(ev.per_sequence(ce, "last"), [3, 7, 11])
+    np.testing.assert_array_equal(ev.per_sequence(ce, "all"), [1.5, 5.5, 9.5])
+    with pytest.raises(ValueError, match="positions"):
+        ev.per_sequence(ce, "first")
+
+
+def test_rank_metrics_match_scipy_and_sklearn():
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    true = (rng.exponential(size=(300, 4)) * (rng.uniform(size=(300, 4)) < 0.2)).astype(np.float32)
+    pred = (true + rng.normal(0, 0.5, size=true.shape)).round(1).astype(np.float32)  # ties too
+    pred[:, 3] = 1.0  # constant prediction
+    m = ev.rank_metrics(pred, true)
+    for j in range(3):
+        assert m["spearman"][j] == pytest.approx(spearmanr(pred[:, j], true[:, j]).statistic)
+        assert m["auroc"][j] == pytest.approx(roc_auc_score(true[:, j] > 0, pred[:, j]))
+    assert np.isnan(m["spearman"][3]) and m["auroc"][3] == pytest.approx(0.5)
+    dead = ev.rank_metrics(pred[:, :1], np.zeros((300, 1), dtype=np.float32))
+    assert np.isnan(dead["auroc"][0]) and np.isnan(dead["spearman"][0])
+    # a monotone map keeps both
+    m2 = ev.rank_metrics(np.exp(pred[:, :3]), true[:, :3])
+    np.testing.assert_allclose(m2["auroc"], m["auroc"][:3])
+
+
+def test_score_relation_bins_and_rank_correlation():
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, np.nan, 0.8])
+    values = np.array([0.0, 0.1, 0.2, 0.3, 0.4, np.nan, 0.9, 0.7])
+    rows, rho, n = ev.score_relation(scores, values, 3)
+    assert n == 6 and rho == pytest.approx(1.0)
+    assert [r["n_latents"] for r in rows] == [2, 2, 2]
+    assert rows[0]["mean"] == pytest.approx(0.05) and rows[-1]["mean"] == pytest.approx((0.4 + 0.7) / 2)
+    assert ev.score_relation(np.array([np.nan]), np.array([1.0]), 3) == ([], pytest.approx(np.nan, nan_ok=True), 0)
+
+
+def test_inject_errors_rates_values_and_identity():
+    rng = np.random.default_rng(0)
+    true = (rng.exponential(size=(4000, 5)) * (rng.uniform(size=(4000, 5)) < 0.05)).astype(np.float32)
+    latents = np.array([7, 2, 9, 4, 0])
+    pool = ev.ValuePool(np.array([7, 7, 2, 9, 4, 4]), np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), 10)
+    same, c = ev.inject_errors(true, latents, 0.0, 0.0, pool, np.random.default_rng(1))
+    np.testing.assert_array_equal(same, true)
+    assert c["fp"] == c["fn"] == 0
+    out, c = ev.inject_errors(true, latents, 0.01, 0.3, pool, np.random.default_rng(1))
+    active, now = true > 0, out > 0
+    assert c["fp"] == int((now & ~active).sum()) and c["fn"] == int((~now & active).sum())
+    assert c["tp"] + c["fn"] == active.sum() and c["tn"] + c["fp"] == (~active).sum()
+    assert c["fp"] / (~active).sum() == pytest.approx(0.01, rel=0.2)
+    assert c["fn"] / active.sum() == pytest.approx(0.3, rel=0.15)
+    kept = active & now
+    np.testing.assert_array_equal(out[kept], true[kept])
+    # false positives take values from their own latent's pool (latent 0 has none: all values)
+    own = {7: {1.0, 2.0}, 2: {3.0}, 9: {4.0}, 4: {5.0, 6.0}, 0: {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}}
+    for j, lat in enumerate(latents):
+        assert set(np.unique(out[now[:, j] & ~active[:, j], j]).tolist()) <= own[int(lat)]
+
+
+def test_crossing_specificity():
+    spec = np.array([1.0, 0.999, 0.99, 0.9])
+    ce = np.array([3.0, 3.1, 3.5, 4.0])
+    assert ev.crossing_specificity(spec, ce, 3.3) == pytest.approx(0.999 + 0.5 * (0.99 - 0.999))
+    assert np.isnan(ev.crossing_specificity(spec, ce, 5.0))
+    assert np.isnan(ev.crossing_specificity(spec, ce, 2.0))
+
+
+def test_oracle_without_errors_reproduces_the_transcoder(model_and_sae):
+    _, sae = model_and_sae
+    x = torch.randn(40, 32)
+    with torch.no_grad():
+        acts, idx, _ = sae.encode(x)
+        z = torch.zeros(40, sae.num_latents).scatter_(1, idx, acts).numpy()
+        pool = ev.ValuePool(np.zeros(0, dtype=np.int64), np.zeros(0), sae.num_latents)
+        live = np.arange(sae.num_latents)
+        vals, _ = ev.inject_errors(z, live, 0.0, 0.0, pool, np.random.default_rng(0))
+        out = ev.patched_output(sae, x, torch.as_tensor(live), torch.as_tensor(vals))
+        torch.testing.assert_close(out, ev.patched_output(sae, x), rtol=0, atol=1e-6)
+
+
+def test_micro_run_evaluate_tables(micro_run):
+    """The evaluate stage's tables on the micro run: both position sets, mean-ablation, the oracle
+    (no errors = the transcoder), the sample-size ablation (all calib = the main sweep), thresholds."""
+    import pandas as pd
+
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.query import query
+    from nlrewrite_core.storage import Store
+
+    storage, _ = micro_run
+    store = Store(storage)
+
+    def frame(sql):
+        cols, rows = query(store, "micro-test", sql)
+        return pd.DataFrame(rows, columns=cols)
+
+    cfg = load_config("micro")
+    ce = frame("select * from ce")
+    assert set(ce["positions"]) == {"all", "last"}
+    assert len(ce[ce["condition"] == "mean_ablation"]) == 2
+    base = ce[ce["condition"] != "simulated"].set_index(["condition", "positions"])["ce_mean"]
+    oracle = frame("select * from oracle")
+    assert len(oracle) == len(cfg.evaluate.oracle_fp_rates) * len(cfg.evaluate.oracle_fn_rates) * 2
+    exact = oracle[(oracle["fp_rate"] == 0) & (oracle["fn_rate"] == 0)].set_index("positions")
+    for pos in ("all", "last"):
+        assert exact.loc[pos, "ce_mean"] == pytest.approx(base[("transcoder", pos)], abs=1e-6)
+        assert exact.loc[pos, "specificity"] == 1.0 and exact.loc[pos, "sensitivity"] == 1.0
+    assert (oracle["specificity"].between(0, 1)).all() and oracle["ce_mean"].notna().all()
+    sizes = frame("select * from sample_size")
+    assert set(sizes["calibration"]) == set(cfg.calibrate.methods) - {"none"}
+    full = sizes[sizes["calib_fraction"] == 1.0]
+    for _, r in full.iterrows():
+        main = ce[(ce["condition"] == "simulated") & (ce["selection"] == "top") & (ce["calibration"] == r["calibration"])
+                  & (ce["positions"] == r["positions"]) & np.isclose(ce["fraction"].astype(float), r["fraction"])]
+        assert main["ce_mean"].iloc[0] == pytest.approx(r["ce_mean"], abs=1e-9)
+    assert sizes.groupby("calibration")["n_calib_contexts"].nunique().min() == len(cfg.evaluate.sample_sizes)
+    lm = frame("select * from latent_metrics")
+    raw = lm[lm["calibration"] == "none"]
+    stats = frame("select latent, max_act from latent_stats where split = 'explain'").set_index("latent")["max_act"]
+    np.testing.assert_allclose(raw["threshold"], stats.loc[raw["latent"]].to_numpy() / 9, rtol=1e-6)
+    assert (lm.loc[lm["calibration"] != "none", "threshold"] == cfg.evaluate.active_threshold).all()
+    assert lm["threshold_rule"].notna().all()
+    defined = lm["n_true_active"] > 0  # AUROC needs both classes on eval
+    assert lm.loc[defined, "auroc"].between(0, 1).all() and lm.loc[~defined, "auroc"].isna().all()
+    rel = frame("select * from score_relation")
+    assert {"specificity", "sensitivity", "auroc", "spearman"} <= set(rel["metric"])

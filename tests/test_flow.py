@@ -40,10 +40,11 @@ def test_micro_run_is_complete(micro_run):
     for stage, key in result["keys"].items():
         assert store.has_manifest(stage, key), stage
     ce = {(r["condition"], r["selection"], r["fraction"], r["calibration"], r["seed"]): r for r in result["ce"]}
-    for cond in ("clean", "transcoder", "zero_ablation", "mlp_ablation"):
+    for cond in ("clean", "transcoder", "zero_ablation", "mlp_ablation", "mean_ablation"):
         assert (cond, "all", None, "", -1) in ce
     cfg = load_config("micro")
     n_sim = len(cfg.evaluate.fractions) * len(cfg.calibrate.methods) * (1 + len(cfg.evaluate.random_seeds))
+    n_sim *= 2  # both position sets (all, last) are in the ce table
     assert sum(r["condition"] == "simulated" for r in result["ce"]) == n_sim
     for r in result["ce"]:
         assert r["ce_lo"] <= r["ce_mean"] <= r["ce_hi"]

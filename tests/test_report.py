@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nlrewrite_core.report import FIG1, FIG3, FIG4, aggregate_ce, baselines, write_report
+from nlrewrite_core.report import ALL_FIGURES, FIG1, FIG3, FIG4, aggregate_ce, baselines, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -75,12 +75,12 @@ def test_write_report_writes_html_and_figures(tmp_path: Path) -> None:
     out = write_report(tmp_path / "rep", synthetic_ce(), synthetic_metrics(), synthetic_distributions(), SUMMARY)
     assert out == tmp_path / "rep" / "report.html"
     page = out.read_text(encoding="utf-8")
-    for name in (FIG1, FIG3, FIG4):
+    for name in ALL_FIGURES:
         assert_png(out.parent / name)
         assert f"src='{name}'" in page  # relative reference
-    assert len(set(re.findall(r"src='([^']+\.png)'", page))) == 3
+    assert len(set(re.findall(r"src='([^']+\.png)'", page))) == len(ALL_FIGURES)
     # The CE table: one row per CE row plus the header, with the paper's baseline values.
-    table = page[page.index("<table", page.index("Cross-entropy")) :]
+    table = page[page.index("<table", page.index("<h2>Cross-entropy")) :]
     table = table[: table.index("</table>")]
     assert "ce" in table[: table.index(">")]
     assert table.count("<tr") == len(synthetic_ce()) + 1
@@ -89,7 +89,7 @@ def test_write_report_writes_html_and_figures(tmp_path: Path) -> None:
     # Summary and the stated threshold.
     assert "FVU" in page and "0.1235" in page
     assert "active_threshold = 0.5" in page
-    assert page.count("<figcaption>") == 3
+    assert page.count("<figcaption>") == len(ALL_FIGURES)
 
 
 def test_report_escapes_text(tmp_path: Path) -> None:
@@ -119,7 +119,7 @@ def test_report_escapes_text(tmp_path: Path) -> None:
 )
 def test_report_survives_empty_or_partial_inputs(tmp_path: Path, ce, metrics, dists, summary) -> None:
     page = write_report(tmp_path, ce, metrics, dists, summary).read_text()
-    for name in (FIG1, FIG3, FIG4):
+    for name in ALL_FIGURES:
         assert_png(tmp_path / name)
         assert name in page
     if "active_threshold" not in (summary or {}):
@@ -139,3 +139,153 @@ def test_aggregate_ce_random_uses_seed_spread_and_top_its_interval() -> None:
     assert baselines(synthetic_ce()) == pytest.approx(
         {"clean": 3.197, "transcoder": 3.218, "zero_ablation": 3.387, "mlp_ablation": 3.9}
     )
+
+
+# ---- issue 5: the full report (calibration comparison, oracle, sample size, examples) -----------
+from html.parser import HTMLParser  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+class HeadlineParser(HTMLParser):
+    """Rows of the table with class 'headline': a list of {column: cell text}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, str]] = []
+        self._in_table = False
+        self._col: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and "headline" in (attrs.get("class") or ""):
+            self._in_table = True
+        elif self._in_table and tag == "tr":
+            self.rows.append({})
+        elif self._in_table and tag == "td":
+            self._col = attrs.get("data-col")
+            self.rows[-1][self._col] = ""
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._in_table = False
+        if tag == "td":
+            self._col = None
+
+    def handle_data(self, data):
+        if self._in_table and self._col is not None:
+            self.rows[-1][self._col] += data
+
+
+def headline_rows(page: str) -> list[dict[str, str]]:
+    parser = HeadlineParser()
+    parser.feed(page)
+    return [r for r in parser.rows if r]
+
+
+def assert_headline_matches_ce(page: str, ce: pd.DataFrame) -> int:
+    """Every number of the headline table equals (to its 4 printed decimals) the ce row it names."""
+    rows = headline_rows(page)
+    assert rows, "no headline table"
+    for r in rows:
+        match = ce[(ce["condition"] == r["condition"]) & (ce["calibration"].fillna("") == r.get("calibration", ""))]
+        if "selection" in r:
+            match = match[match["selection"] == r["selection"]]
+        if "positions" in r:
+            match = match[match["positions"] == r["positions"]]
+        frac = r.get("fraction", "")
+        if frac:
+            match = match[np.isclose(match["fraction"].astype(float), float(frac))]
+        else:
+            match = match[match["fraction"].isna()]
+        assert len(match) == 1, (r, len(match))
+        for col in ("ce_mean", "ce_lo", "ce_hi", "delta_zero_mean", "delta_zero_lo", "delta_zero_hi"):
+            if col in r and r[col]:
+                assert float(r[col]) == pytest.approx(round(float(match.iloc[0][col]), 4), abs=1e-9), (r, col)
+    return len(rows)
+
+
+def synthetic_extras() -> dict:
+    oracle = pd.DataFrame([
+        {"fp_rate": fp, "fn_rate": fn, "specificity": 1 - fp, "sensitivity": 1 - fn, "positions": "all",
+         "ce_mean": 3.218 + 40 * fp + fn * 0.1, "ce_lo": 3.1 + 40 * fp, "ce_hi": 3.3 + 40 * fp + fn}
+        for fn in (0.0, 0.5) for fp in (0.0, 1e-4, 1e-3, 1e-2)])
+    sizes = pd.DataFrame([
+        {"calibration": m, "calib_fraction": f, "n_calib_contexts": int(3000 * f), "fraction": 1.0,
+         "positions": "all", "ce_mean": 4.0 - f, "ce_lo": 3.9 - f, "ce_hi": 4.1 - f, "specificity": 0.9 + 0.05 * f,
+         "sensitivity": 0.3, "threshold": 0.0}
+        for m in ("quantile", "isotonic") for f in (0.1, 0.33, 1.0)])
+    relation = pd.DataFrame([
+        {"calibration": c, "metric": m, "bin": b, "score_mean": 0.5 + 0.1 * b, "mean": 0.5 + 0.05 * b, "rho": 0.3}
+        for c in ("none", "quantile") for m in ("specificity", "sensitivity") for b in range(4)])
+    rng = np.random.default_rng(3)
+    true = rng.exponential(size=200) * (rng.uniform(size=200) < 0.1)
+    examples = [{"latent": 5, "score": 0.9, "explanation": "fires on <the>", "metrics": {"auroc": 0.8},
+                 "top_contexts": ["1.2: …of [the]"], "true": true, "preds": {"raw": true + 0.3, "quantile": true}}]
+    return {"oracle": oracle, "sample_size": sizes, "relation": relation, "examples": examples,
+            "meta": {"run": "synthetic", "positions": "all", "n_sequences": 100, "n_contexts": 6400, "n_latents": 50,
+                     "crossings": {"all/fn=0": 0.9958, "all/fn=0.5": float("nan")}}}
+
+
+def test_full_report_states_run_split_n_and_matches_ce(tmp_path: Path) -> None:
+    ce = synthetic_ce()
+    page = write_report(tmp_path, ce, synthetic_metrics(), synthetic_distributions(), SUMMARY,
+                        **synthetic_extras()).read_text()
+    for name in ALL_FIGURES:
+        assert_png(tmp_path / name)
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page, flags=re.S)
+    assert len(captions) == len(ALL_FIGURES)
+    for caption in captions:
+        assert "run synthetic" in caption and "split" in caption and "n = " in caption
+    # baselines and the top selection at 0.1 and 1.0 for both calibrations
+    assert assert_headline_matches_ce(page, ce) == 4 + 2 * 2
+    assert "0.99580" in page and "never crosses" in page
+    assert "fires on &lt;the&gt;" in page and "<the>" not in page
+
+
+def test_micro_run_report_has_every_figure_and_headline_matches_ce(micro_run) -> None:
+    from nlrewrite_core.query import query
+    from nlrewrite_core.storage import Store
+
+    storage, result = micro_run
+    report = Path(result["report"])
+    page = report.read_text(encoding="utf-8")
+    for name in ALL_FIGURES:
+        assert f"src='{name}'" in page
+        assert_png(report.parent / name)
+    cols, rows = query(Store(storage), "micro-test", "select * from ce")
+    ce = pd.DataFrame(rows, columns=cols)
+    n = assert_headline_matches_ce(page, ce)
+    assert n >= 5 + 2  # five baselines, then top rows
+    assert "run micro" in page and "eval split" in page
+    assert "pred &gt; max_act * 1 / 9" in page  # the raw threshold is stated
+
+
+def _chromium_image_widths(report: Path, tmp_path: Path) -> list[int]:
+    """naturalWidth of every image of the report, as rendered by headless Chromium."""
+    site = tmp_path / "site"
+    shutil.copytree(report.parent, site)
+    page = (site / report.name).read_text(encoding="utf-8")
+    probe = ("<script>window.addEventListener('load', () => { document.title = 'WIDTHS=' + "
+             "JSON.stringify(Array.from(document.images).map(i => i.naturalWidth)); });</script>")
+    (site / report.name).write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom",
+         (site / report.name).as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    m = re.search(r"<title>WIDTHS=(\[[^<]*\])</title>", out.stdout)
+    assert m, f"no widths in Chromium's DOM (rc {out.returncode}): {out.stderr[-2000:]}"
+    return [int(w) for w in re.findall(r"\d+", m.group(1))]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason="headless Chromium not installed (/usr/bin/chromium; `apt-get install -y chromium`)")
+def test_report_renders_every_figure_in_chromium(micro_run, tmp_path: Path) -> None:
+    _, result = micro_run
+    widths = _chromium_image_widths(Path(result["report"]), tmp_path)
+    assert len(widths) == len(ALL_FIGURES)
+    assert all(w > 0 for w in widths), widths

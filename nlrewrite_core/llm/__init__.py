@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -58,9 +58,7 @@ class Usage:
                 setattr(self, k, getattr(self, k) + v)
 
     def snapshot(self) -> dict[str, float]:
-        d = asdict(self)
-        d.pop("_lock", None)
-        return d
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
     def since(self, before: dict[str, float]) -> dict[str, float]:
         """The usage accumulated since `before` (a snapshot), as a manifest `cost` dict."""
@@ -90,6 +88,8 @@ class LLM:
     def __init__(self, cfg: "LLMConfig"):
         self.cfg = cfg
         self.usage = Usage()
+        self.last_tokens: list[tuple[int, int]] = []
+        """(tokens in, tokens out) of each prompt of the latest `generate` call, in order."""
 
     @property
     def name(self) -> str:

@@ -40,7 +40,8 @@ class TransformersLLM(LLM):
         super().__init__(cfg)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.path.isdir(cfg.model) else None
+        if os.path.isdir(cfg.model):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.device = _resolve_device(cfg.device)
         self.dtype = _resolve_dtype(cfg.dtype, self.device)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
@@ -50,6 +51,11 @@ class TransformersLLM(LLM):
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self._ids_cache: dict[tuple[str, bool], list[int]] = {}
         self._vocab_text: list[str] | None = None
+        import inspect
+
+        # transformers 5.2x renames forward's `past_key_values` to `cache`; older ones only know the first.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # ---- tokens ---------------------------------------------------------------------------------
     def ids(self, text: str, first: bool) -> list[int]:
@@ -73,10 +79,17 @@ class TransformersLLM(LLM):
         lp = torch.log_softmax(logits.float(), dim=-1)
         vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1)
         out = []
+        self.token_text(0)
+        texts = self._vocab_text
+        n = len(texts)
         for v_row, i_row in zip(vals.tolist(), idx.tolist()):
             d: dict[str, float] = {}
             for v, i in zip(v_row, i_row):
-                merge_logprob(d, self.token_text(i), v)
+                t = texts[i] if i < n else self.tokenizer.decode([i])
+                if t in d:
+                    merge_logprob(d, t, v)
+                else:
+                    d[t] = v
             out.append(d)
         return out
 
@@ -102,7 +115,8 @@ class TransformersLLM(LLM):
             cache, pre_logits = None, None
             if pre:
                 res = self.model(input_ids=torch.tensor([pre], device=self.device), use_cache=True)
-                cache, pre_logits = res.past_key_values, res.logits[0, -1]
+                cache = res.cache if "cache" in type(res).__dataclass_fields__ else res.past_key_values
+                pre_logits = res.logits[0, -1]
                 calls += 1
             sufs = {i: self.ids(prompts[i].suffix, not pre) for i in members}
             empty = [i for i in members if not sufs[i]]
@@ -128,7 +142,7 @@ class TransformersLLM(LLM):
                 if cache is not None:
                     c = copy.deepcopy(cache)
                     c.batch_repeat_interleave(B)
-                    kw["past_key_values"] = c
+                    kw[self._cache_kw] = c
                 pos = (P + torch.arange(L)).expand(B, L)
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                     position_ids=pos.to(self.device), use_cache=cache is not None, **kw).logits
@@ -149,6 +163,7 @@ class TransformersLLM(LLM):
         all_ids = [self.ids(p.prefix, True) + self.ids(p.suffix, not p.prefix) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(all_ids[i]))
         out = [""] * len(prompts)
+        self.last_tokens = [(0, 0)] * len(prompts)
         eos = self.tokenizer.eos_token_id
         bs = self.cfg.batch_size
         if temperature > 0:
@@ -173,5 +188,6 @@ class TransformersLLM(LLM):
                     toks = toks[:toks.index(eos)]
                 out[i] = self.tokenizer.decode(toks, skip_special_tokens=True)
                 self.usage.add(tokens_in=len(all_ids[i]), tokens_out=len(toks))
+                self.last_tokens[i] = (len(all_ids[i]), len(toks))
         self.usage.add(calls=-(-len(order) // bs), prompts=len(prompts), seconds=time.perf_counter() - t0)
         return out

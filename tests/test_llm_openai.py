@@ -1,0 +1,155 @@
+"""The `openai` backend against a local completions server on 127.0.0.1 (http.server in a thread)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from nlrewrite_core.config import LLMConfig
+from nlrewrite_core.llm import LLMError, Prompt, make_llm
+from nlrewrite_core.simulate import llm_predictions
+
+KEY = "sk-test-SECRET-0123456789"
+
+
+class Server:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests: list[dict] = []
+        self.auth: set[str] = set()
+        self.fail: dict[str, list[int]] = {}  # prompt text -> statuses to answer first
+        self.delay = 0.05
+        self.hang = 0.0
+
+
+@pytest.fixture
+def server():
+    state = Server()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):  # keep the test output quiet
+            pass
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with state.lock:
+                state.in_flight += 1
+                state.max_in_flight = max(state.max_in_flight, state.in_flight)
+                state.requests.append(body)
+                state.auth.add(self.headers.get("Authorization", ""))
+                queue = state.fail.get(body["prompt"], [])
+                status = queue.pop(0) if queue else 200
+            try:
+                time.sleep(state.delay + state.hang)
+                if status != 200:
+                    self.send_response(status)
+                    self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "busy"}')
+                    return
+                n_in = len(body["prompt"].split())
+                if body.get("logprobs"):
+                    digit = str(len(body["prompt"]) % 10)
+                    top = {digit: -0.1, " 9": -3.0, "x": -4.0}
+                    choice = {"text": digit, "logprobs": {"tokens": [digit], "top_logprobs": [top]}}
+                    n_out = 1
+                else:
+                    choice = {"text": f"reasoning...\n[EXPLANATION]: answer to {n_in} words"}
+                    n_out = 7
+                data = json.dumps({"choices": [choice], "usage": {"prompt_tokens": n_in, "completion_tokens": n_out}})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(data.encode())
+            finally:
+                with state.lock:
+                    state.in_flight -= 1
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _llm(server, monkeypatch, **kw):
+    monkeypatch.setenv("NLR_TEST_KEY", KEY)
+    cfg = LLMConfig(backend="openai", model="served-model", base_url=server.url, api_key_env="NLR_TEST_KEY",
+                    backoff_s=0.01, **kw)
+    return make_llm(cfg)
+
+
+def test_concurrency_bound_tokens_and_key_header(server, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    llm = _llm(server, monkeypatch, max_concurrency=3)
+    prompts = [Prompt("shared prefix ", f"number {i}") for i in range(20)]
+    out = llm.generate(prompts, max_new_tokens=5)
+    assert len(out) == 20 and all("[EXPLANATION]:" in o for o in out)
+    assert 2 <= server.max_in_flight <= 3 and llm.max_in_flight <= 3
+    assert server.auth == {f"Bearer {KEY}"}
+    assert llm.usage.tokens_in == sum(len(p.text.split()) for p in prompts) and llm.usage.tokens_out == 7 * 20
+    assert llm.last_tokens[0] == (4, 7)
+    assert KEY not in caplog.text and KEY not in repr(llm.cfg) and KEY not in json.dumps(llm.usage.snapshot())
+
+
+def test_429_and_500_are_retried(server, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    llm = _llm(server, monkeypatch, max_retries=3)
+    server.fail = {"a": [429, 500], "b": [503]}
+    tops = llm.top_logprobs(["a", "b", "c"], k=3)
+    assert [max(t, key=t.get) for t in tops] == ["1", "1", "1"]
+    assert len(server.requests) == 6 and llm.usage.retries == 3
+    assert "retry" in caplog.text and KEY not in caplog.text
+
+
+def test_exhausted_retries_and_client_errors_are_clear(server, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    llm = _llm(server, monkeypatch, max_retries=1)
+    server.fail = {"a": [500, 500, 500]}
+    with pytest.raises(LLMError, match=r"failed after 2 attempts: HTTP 500") as e:
+        llm.generate(["a"])
+    assert KEY not in str(e.value)
+    server.fail = {"b": [401]}
+    with pytest.raises(LLMError, match="HTTP 401") as e:
+        llm.generate(["b"])
+    assert KEY not in str(e.value) and KEY not in caplog.text
+
+
+def test_timeouts_surface_as_clear_errors(server, monkeypatch):
+    llm = _llm(server, monkeypatch, timeout_s=0.2, max_retries=1)
+    server.hang = 1.0
+    t0 = time.perf_counter()
+    with pytest.raises(LLMError, match=r"timed out after 0.2s") as e:
+        llm.top_logprobs(["slow"])
+    assert time.perf_counter() - t0 < 5 and KEY not in str(e.value)
+
+
+def test_simulator_over_openai_and_no_key_in_artifacts(server, monkeypatch, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    from nlrewrite_core.storage import StageWriter, Store
+
+    llm = _llm(server, monkeypatch, max_concurrency=4)
+    suffixes = ["Text: <<a>>", "Text: b <<c>>", "Text: dd <<e>>"]
+    pred, failed = llm_predictions(np.array([3, 5]), ["expl one", "explanation two"], suffixes,
+                                   np.array([10, 11, 12]), np.array([2.0, 4.0], np.float32), llm)
+    assert len(pred) == 6 and len(failed) == 0
+    p = pred.to_pylist()
+    assert all(0 <= r["pred"] <= (2.0 if r["latent"] == 3 else 4.0) for r in p)
+    store = Store(str(tmp_path / "store"))
+    w = StageWriter(store, "simulate", "k" * 24, config=llm.cfg.model_dump(mode="json"), upstream={}, version="1")
+    w.table("predictions", pred)
+    w.finish(cost={"llm_backend": llm.backend, **llm.usage.since({})})
+    for f in (tmp_path / "store").rglob("*"):
+        if f.is_file():
+            assert KEY.encode() not in f.read_bytes(), f
+    assert KEY not in caplog.text

@@ -1,0 +1,80 @@
+"""The micro preset switched to the LLM methods by config, with a tiny Llama through the
+`transformers` backend: explain, score and simulate stages complete and record their cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nlrewrite_core import stages
+from nlrewrite_core.config import ConfigError, load_config
+from nlrewrite_core.storage import Store
+
+from llm_tiny import build_tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the tiny model gains nothing from two, and loses a lot on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_llm_sections_keep_default_keys_and_validate():
+    base = load_config("micro")
+    assert "llm" not in base.model_dump()["explain"] and "renormalize" not in base.model_dump()["simulate"]
+    with pytest.raises(ConfigError, match="simulate.llm is required"):
+        load_config("micro", overrides={"simulate": {"method": "llm"}})
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_config("micro", overrides={"simulate": {"method": "llm", "llm": {"model": "m", "bogus": 1}}})
+
+
+def test_micro_stages_with_tiny_llama(tmp_path):
+    model = str(build_tiny_llama(tmp_path / "tiny-llama"))
+    llm = {"backend": "transformers", "model": model, "device": "cpu", "max_new_tokens": 8, "batch_size": 64}
+    small = {"corpus": {"n_calib": 2, "n_eval": 2}, "transcoder": {"num_latents": 16, "k": 4}}
+    yaml_file = tmp_path / "llm.yaml"
+    yaml_file.write_text(json.dumps({**small, "explain": {"method": "ngram"}, "score": {"method": "detection", "llm": llm},
+                                     "simulate": {"method": "llm", "llm": {**llm, "top_logprobs": 400}}}))
+    cfg = load_config("micro", config_file=yaml_file)  # JSON is YAML
+    cfg_explain = load_config("micro", overrides={**small, "explain": {"method": "llm", "llm": llm, "n_examples": 4,
+                                                                        "window": 16, "max_retries": 0}})
+    keys, keys_e = stages.plan(cfg), stages.plan(cfg_explain)
+    assert keys["activations"] == keys_e["activations"] and keys["explain"] != keys_e["explain"]
+    store = Store(str(tmp_path / "store"))
+    for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder, stages.run_activations):
+        run(store, cfg, keys)
+
+    stages.run_explain(store, cfg_explain, keys_e)
+    m = store.read_manifest("explain", keys_e["explain"])
+    assert m["cost"]["llm_backend"] == "transformers" and m["cost"]["tokens_in"] > 0 and m["cost"]["tokens_out"] > 0
+    assert m["metrics"]["n_explained"] + m["metrics"]["n_unexplained"] + m["metrics"]["n_dead"] == 16
+    e = store.read_parquet(f"{store.artifact_dir('explain', keys_e['explain'])}/explanations.parquet").to_pylist()
+    assert all(r["reason"] for r in e if r["status"] == "unexplained")
+
+    cfg_c = load_config("micro", overrides={**small, "explain": {"method": "contrastive", "llm": llm, "n_examples": 4,
+                                                                  "window": 16, "max_retries": 0, "n_contrast": 2}})
+    keys_c = stages.plan(cfg_c)
+    stages.run_explain(store, cfg_c, keys_c)
+    assert store.read_manifest("explain", keys_c["explain"])["cost"]["tokens_in"] > m["cost"]["tokens_in"]
+
+    stages.run_explain(store, cfg, keys)  # ngram explanations for the scorer and simulator
+    stages.run_score(store, cfg, keys)
+    m = store.read_manifest("score", keys["score"])
+    assert m["cost"]["tokens_in"] > 0 and m["metrics"]["n_prompts"] > 0 and "n_malformed_prompts" in m["metrics"]
+    num_latents = stages._num_latents(store, keys)
+    for shard in range(len(stages.shard_ranges(num_latents, cfg.simulate.shard_latents))):
+        stages.run_simulate_shard(store, cfg, keys, shard)
+    m = store.read_manifest("simulate", keys["simulate"], "shard-00000")
+    assert m["cost"]["tokens_in_cached"] > 0 and m["metrics"]["n_predictions"] + m["metrics"]["n_failed"] > 0
+    stages.finish_simulate(store, cfg, keys)
+    p = stages.read_predictions(store, keys)
+    max_act = stages._max_act(store, keys, num_latents)
+    v, lat = p.column("pred").to_numpy(), p.column("latent").to_numpy()
+    assert len(p) > 0 and (v >= 0).all() and (v <= max_act[lat] + 1e-6).all()
+    stages.run_calibrate(store, cfg, keys)
+    assert store.has_manifest("calibrate", keys["calibrate"])
