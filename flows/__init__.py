@@ -1,1 +1,2 @@
-"""Prefect flows (nouns): `rewrite`, the whole DAG."""
+"""Prefect flows (nouns): `rewrite` (the whole DAG) and `simulate-shard` (one range of simulation
+shards, the unit of GPU fan-out)."""

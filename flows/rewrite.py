@@ -17,7 +17,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from nlrewrite_core import stages
 from nlrewrite_core.config import RewriteConfig, load_config
-from nlrewrite_core.storage import ArtifactRef, Store
+from nlrewrite_core.storage import MANIFEST, ArtifactRef, Store
 from tasks import stages as t
 from tasks.context import RunContext
 from tasks.stages import ensure, shard_sub
@@ -26,6 +26,15 @@ from tasks.stages import ensure, shard_sub
 def missing_shards(run: RunContext, store: Store, n_shards: int) -> list[int]:
     """Shards without a manifest (the manifest, not Prefect's state, says a shard is done)."""
     return [i for i in range(n_shards) if not store.has_manifest("simulate", run.stage_keys["simulate"], shard_sub(i))]
+
+
+def count_done_shards(run: RunContext, store: Store) -> int:
+    """Shards with a manifest, from one listing of the simulate artifact (cheap to poll on S3)."""
+    import pyarrow.fs as pafs
+
+    base = store.artifact_dir("simulate", run.stage_keys["simulate"])
+    infos = store.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return sum(1 for i in infos if i.base_name == MANIFEST and i.path[len(base):].strip("/").startswith("shard-"))
 
 
 def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
@@ -130,7 +139,7 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress) -> None:
                     active[idx] = launch(idx, attempts[idx])
                 else:
                     failed[idx] = f"{fr_id} ({why})"
-            done = n_shards - len(missing_shards(run, store, n_shards))
+            done = count_done_shards(run, store)
             if done != last_done:
                 update_progress_artifact(progress, 100.0 * done / n_shards)
                 logger.info("simulate: %d / %d shards done (%.0fs)", done, n_shards, time.perf_counter() - t0)

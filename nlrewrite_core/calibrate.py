@@ -391,7 +391,10 @@ def fit_calibration(
         ys.append(y)
     if not xs:
         return _make_maps(method, ids, np.zeros((0, 2)), np.zeros((0, 2)))
-    return _make_maps(method, ids, np.concatenate(xs), np.concatenate(ys))
+    # Blocks may need different knot counts (isotonic): pad each row with its last knot.
+    width = max(x.shape[1] for x in xs)
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), mode="edge")  # noqa: E731
+    return _make_maps(method, ids, np.concatenate([pad(x) for x in xs]), np.concatenate([pad(y) for y in ys]))
 
 
 def _distinct_knots(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -655,13 +655,17 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
     }
     n_runs += len(base)
     rows = [r for name, v in base.items() for r in rows_for(name, v)]
+    done: dict[tuple[str, bytes], dict[str, np.ndarray]] = {}  # the same latents twice (e.g. fraction 1): one run
     for method in ev_methods(cfg):
         for selection in ev.selections:
             for seed in (ev.random_seeds if selection == "random" else [-1]):
                 for frac in ev.fractions:
                     sel = eval_lib.select_latents(live, scores[live], frac, selection, seed)
-                    ce = run(patch_with(preds[method][:, sel], sel, f"{method} predictions"))
-                    n_runs += 1
+                    key = (method, sel.tobytes())
+                    if key not in done:
+                        done[key] = run(patch_with(preds[method][:, sel], sel, f"{method} predictions"))
+                        n_runs += 1
+                    ce = done[key]
                     rows += rows_for("simulated", ce, selection=selection, fraction=frac, calibration=method,
                                      seed=seed, n_latents=len(sel))
     t_sweep = time.perf_counter() - t0

@@ -33,15 +33,14 @@ def s3_env():
     """A moto S3 server on 127.0.0.1 and AWS credentials (with a distinctive fake secret) in the env."""
     from moto.server import ThreadedMotoServer
 
-    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-           "NLREWRITE_S3_MAX_ATTEMPTS": "3"}
+    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="nlr")
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="nlr-art")
     yield url
     server.stop()
     for k, v in old.items():
@@ -53,15 +52,15 @@ def s3_env():
 
 @pytest.fixture(scope="module")
 def s3_run(micro_run, s3_env):
-    """The session's micro run, copied to s3://nlr/runs1 (same layout as a run written there)."""
+    """The session's micro run, copied to s3://nlr-art/runs1 (same layout as a run written there)."""
     storage, result = micro_run
     client = boto3.client("s3", endpoint_url=s3_env)
     root = Path(storage)
     for f in sorted(root.rglob("*")):
         rel = f.relative_to(root).as_posix()
         if f.is_file() and not rel.startswith(".cache"):
-            client.upload_file(str(f), "nlr", f"runs1/{rel}")
-    return "s3://nlr/runs1", s3_env, result
+            client.upload_file(str(f), "nlr-art", f"runs1/{rel}")
+    return "s3://nlr-art/runs1", s3_env, result
 
 
 def cli(args, capsys) -> tuple[int, str, str]:
@@ -167,9 +166,9 @@ def auth_s3():
 def test_wrong_credentials_fail_fast_without_showing_them(auth_s3, s3_env, capsys, caplog, cmd):
     caplog.set_level(logging.DEBUG)
     t0 = time.perf_counter()
-    code, out, err = cli(cmd + ["--storage", "s3://nlr/x", "--endpoint-url", auth_s3], capsys)
+    code, out, err = cli(cmd + ["--storage", "s3://nlr-art/x", "--endpoint-url", auth_s3], capsys)
     assert code == 2, err
-    assert "access denied to bucket 'nlr'" in err and "credentials" in err
+    assert "access denied to bucket 'nlr-art'" in err and "credentials" in err
     assert time.perf_counter() - t0 < 10
     assert SECRET not in out + err + caplog.text
     assert not any(SECRET in str(r.args) for r in caplog.records)
@@ -181,12 +180,12 @@ def test_no_credentials_message(s3_env, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    code, out, err = cli(["artifacts", "ls", "r", "--storage", "s3://nlr/x", "--endpoint-url", s3_env], capsys)
+    code, out, err = cli(["artifacts", "ls", "r", "--storage", "s3://nlr-art/x", "--endpoint-url", s3_env], capsys)
     assert code == 2 and "no AWS credentials found" in err
 
 
 def test_unreachable_endpoint(s3_env, capsys):
-    code, out, err = cli(["artifacts", "ls", "r", "--storage", "s3://nlr/x", "--endpoint-url",
+    code, out, err = cli(["artifacts", "ls", "r", "--storage", "s3://nlr-art/x", "--endpoint-url",
                           f"http://127.0.0.1:{free_port()}"], capsys)
     assert code == 2 and "cannot reach the S3 endpoint" in err
 
@@ -232,3 +231,14 @@ def test_transient_s3_outage_is_retried(tmp_path):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_artifacts_ls_local_root_and_unknown_stage(micro_run, capsys):
+    storage, result = micro_run
+    code, out, err = cli(["artifacts", "ls", "micro-test", "--storage", storage, "--stage", "evaluate",
+                          "--format", "csv"], capsys)
+    assert code == 0, err
+    files = {line.split(",")[2] for line in out.splitlines()[1:]}
+    assert {"ce.parquet", "latent_metrics.parquet", "_manifest.json"} <= files
+    code, out, err = cli(["artifacts", "ls", "micro-test", "--storage", storage, "--stage", "nope"], capsys)
+    assert code == 2 and "--stage nope" in err

@@ -181,6 +181,10 @@ def test_fit_spans_latent_blocks() -> None:
     assert maps.x.shape == (pred.shape[1], 33)
     single = fit_calibration("quantile", pred[:, -1:], true[:, -1:], n_knots=33)
     np.testing.assert_array_equal(maps.y[-1], single.y[0])
+    # Methods whose knot count varies by latent (isotonic) pad blocks to one width.
+    iso = fit_calibration("isotonic", pred, true)
+    alone = fit_calibration("isotonic", pred[:, -1:], true[:, -1:])
+    np.testing.assert_array_equal(apply_calibration(iso, pred)[:, -1:], apply_calibration(alone, pred[:, -1:]))
 
 
 def test_table_round_trip() -> None:

@@ -236,3 +236,29 @@ def test_fanout_gives_up_after_max_attempts(prefect_server, tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="failed after 2 attempts"):
         f()
     assert fake.launched.count((3, 4)) == 2
+
+
+def test_stale_scheduled_shard_runs_of_a_killed_parent_are_cancelled(tmp_path):
+    """A resumed run cancels the still-scheduled shard runs its killed predecessor launched for the
+    same simulate key and storage, and leaves everything else alone."""
+    from types import SimpleNamespace as NS
+
+    from flows import rewrite as rw
+    from nlrewrite_core import stages
+    from tasks.context import RunContext
+
+    cfg = load_config("micro")
+    keys = stages.plan(cfg)
+    run = RunContext(run_id="r", storage="s3://b/p", config=cfg, stage_keys=keys)
+    mine = {"expected_key": keys["simulate"], "storage": "s3://b/p"}
+    runs = [
+        NS(id=1, parameters=mine, parent_task_run_id=uuid.uuid4(), tags=["parent:old"]),       # stale: cancel
+        NS(id=2, parameters=mine, parent_task_run_id=uuid.uuid4(), tags=["parent:new"]),       # this run's own
+        NS(id=3, parameters={**mine, "storage": "s3://b/other"}, parent_task_run_id=uuid.uuid4(), tags=["parent:old"]),
+        NS(id=4, parameters={**mine, "expected_key": "other"}, parent_task_run_id=uuid.uuid4(), tags=["parent:old"]),
+    ]
+    cancelled = []
+    client = NS(read_flow_runs=lambda **kw: runs,
+                set_flow_run_state=lambda fr_id, state, force: cancelled.append((fr_id, state.type.value, force)))
+    assert rw._cancel_stale_shard_runs(client, uuid.uuid4(), run, "new") == 1
+    assert cancelled == [(1, "CANCELLED", True)]
