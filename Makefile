@@ -22,7 +22,7 @@ run: install
 	$(BIN)/nlrewrite run --preset tiny $(ARGS)
 
 test: install
-	@./.ci/ensure-postgres.sh
+	@./.ci/ensure-test-deps.sh
 	$(BIN)/python -m pytest tests -q
 
 bench: install

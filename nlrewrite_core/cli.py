@@ -75,8 +75,27 @@ def format_table(cols: list[str], rows: list[tuple[Any, ...]] | list[list[Any]],
     return "\n".join(lines)
 
 
-CE_COLUMNS = ["condition", "selection", "fraction", "calibration", "seed", "n_latents", "ce_mean", "ce_lo", "ce_hi",
-              "delta_zero_mean"]
+HEADLINE_COLUMNS = ["condition", "selection", "fraction", "calibration", "n_latents", "ce_mean", "ce_lo", "ce_hi",
+                    "delta_zero_mean"]
+
+
+def headline_rows(ce: list[dict[str, Any]], positions: str, calibrations: tuple[str, ...] = ("none", "quantile")
+                  ) -> list[list[Any]]:
+    """The CE table as printed: baselines, then top and random (mean over seeds; the interval is
+    the seeds' min..max of their bootstrap bounds) per fraction, for the headline calibrations."""
+    rows = [r for r in ce if r.get("positions", positions) == positions]
+    out = [[r[c] for c in HEADLINE_COLUMNS] for r in rows if r["condition"] != "simulated"]
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["condition"] == "simulated" and r["calibration"] in calibrations:
+            groups.setdefault((r["calibration"], r["selection"], r["fraction"]), []).append(r)
+    for (cal, sel, frac), g in sorted(groups.items(), key=lambda kv: (calibrations.index(kv[0][0]), kv[0][1] != "top",
+                                                                     kv[0][2])):
+        mean = lambda c: sum(r[c] for r in g) / len(g)  # noqa: E731
+        label = sel if len(g) == 1 else f"{sel} (x{len(g)})"
+        out.append(["simulated", label, frac, cal, g[0]["n_latents"], mean("ce_mean"), min(r["ce_lo"] for r in g),
+                    max(r["ce_hi"] for r in g), mean("delta_zero_mean")])
+    return out
 
 
 def open_store(storage: str, endpoint_url: str | None, must_exist: bool = True):
@@ -106,10 +125,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
                      storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
-    rows = [[r[c] for c in CE_COLUMNS] for r in result["ce"]]
     print()
-    print(f"CE on the eval split ({cfg.evaluate.positions} positions), run {result['run_id']}:")
-    print(format_table(CE_COLUMNS, rows))
+    print(f"CE (nats) on the eval split, {cfg.evaluate.positions} positions, run {result['run_id']} "
+          f"(every condition and calibration: nlrewrite query {result['run_id']} 'select * from ce'):")
+    print(format_table(HEADLINE_COLUMNS, headline_rows(result["ce"], cfg.evaluate.positions)))
     print()
     for k, v in result["summary"].items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")

@@ -533,23 +533,25 @@ def finish_simulate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> A
     return w.finish(metrics={"n_shards": n_shards, "n_predictions": total})
 
 
-def read_predictions(store: Store, keys: dict[str, str], filters: Any = None) -> pa.Table:
+def read_predictions(store: Store, keys: dict[str, str], filters: Any = None,
+                     columns: list[str] | None = None) -> pa.Table:
     """All shards' predictions (the stage manifest lists the shard files)."""
     m = store.read_manifest("simulate", keys["simulate"])
     base = store.artifact_dir("simulate", keys["simulate"])
-    return pa.concat_tables([store.read_parquet(f"{base}/{f['file']}", filters=filters)
+    return pa.concat_tables([store.read_parquet(f"{base}/{f['file']}", filters=filters, columns=columns)
                              for f in m["files"] if f["file"].endswith(".parquet")])
 
 
 def _dense_split(store: Store, keys: dict[str, str], split: str, seq_len: int, num_latents: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(context ids, raw predictions, true activations) of a split, dense [n_ctx, num_latents],
-    rows in context_ids order; predictions are joined by (context id, latent id)."""
+    rows in context_ids order; predictions are joined by (context id, latent id). A missing
+    prediction (a failed simulator answer, or a latent never simulated) is NaN, never a value."""
     seq_ids, _ = load_tokens(store, keys, (split,))
     cids = context_ids(seq_ids, seq_len)
     p = read_predictions(store, keys, filters=pc.field("context_id").isin(cids.tolist()))
     pred = dense(p.column("context_id").to_numpy(), p.column("latent").to_numpy(), p.column("pred").to_numpy(),
-                 context_index(cids), (len(cids), num_latents))
+                 context_index(cids), (len(cids), num_latents), fill=np.nan)
     return cids, pred, true_activations(store, keys, split, seq_ids, seq_len, num_latents)
 
 
@@ -559,7 +561,14 @@ def run_calibrate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Art
     w = _writer(store, "calibrate", cfg, keys)
     num_latents, seq_len = _num_latents(store, keys), cfg.corpus.seq_len
     mats = {split: _dense_split(store, keys, split, seq_len, num_latents) for split in ("calib", "eval")}
-    latents = np.unique(read_predictions(store, keys).column("latent").to_numpy())
+    simulated = np.unique(read_predictions(store, keys, columns=["latent"]).column("latent").to_numpy())
+    # A latent with any failed prediction cannot be simulated faithfully: it is left out of
+    # calibration (so never patched) and counted, rather than given an invented value.
+    complete = ~(np.isnan(mats["calib"][1][:, simulated]).any(0) | np.isnan(mats["eval"][1][:, simulated]).any(0))
+    latents, excluded = simulated[complete], simulated[~complete]
+    if len(excluded):
+        log.warning("calibrate: %d latents have failed predictions and are not simulated: %s", len(excluded),
+                    excluded[:20].tolist())
     maps_tables, calibrated, fit_seconds = [], [], {}
     eval_cids, eval_pred, _ = mats["eval"]
     for method in cfg.calibrate.methods:
@@ -575,6 +584,7 @@ def run_calibrate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Art
     w.table("calibration", pa.concat_tables(maps_tables))
     w.table("calibrated", pa.concat_tables(calibrated))
     return w.finish(metrics={"methods": list(cfg.calibrate.methods), "n_latents": int(len(latents)),
+                             "n_latents_excluded_failed": int(len(excluded)), "excluded_latents": excluded.tolist(),
                              "n_calib_contexts": int(len(mats["calib"][0])), "fit_seconds": fit_seconds})
 
 
@@ -724,8 +734,9 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
     for p in positions:
         for fn_rate in ev.oracle_fn_rates:
             sub = [r for r in oracle_rows if r["positions"] == p and r["fn_rate"] == fn_rate]
-            crossings[f"{p}/fn={fn_rate:g}"] = eval_lib.crossing_specificity(
+            x = eval_lib.crossing_specificity(
                 np.array([r["specificity"] for r in sub]), np.array([r["ce_mean"] for r in sub]), zero_means[p])
+            crossings[f"{p}/fn={fn_rate:g}"] = None if math.isnan(x) else x  # None: no crossing (JSON-safe)
     t_oracle = time.perf_counter() - t1
     log.info("evaluate: oracle %d runs in %.1fs; specificity where CE crosses zero-ablation: %s",
              len(ev.oracle_fp_rates) * len(ev.oracle_fn_rates), t_oracle, crossings)

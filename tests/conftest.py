@@ -13,7 +13,46 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nlrewrite,nlrewrite_core
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: tiny models gain nothing from two, and lose a lot on a shared machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def moto_s3(env: dict[str, str], buckets: tuple[str, ...]) -> Iterator[str]:
+    """A real S3 endpoint (moto) on 127.0.0.1 with `env` (AWS credentials) set; yields its URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    for bucket in buckets:
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
+    try:
+        yield url
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from conftest import moto_s3
 from nlrewrite_core.cli import main
 from nlrewrite_core.storage import Store
 
@@ -31,23 +32,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def s3_env():
     """A moto S3 server on 127.0.0.1 and AWS credentials (with a distinctive fake secret) in the env."""
-    from moto.server import ThreadedMotoServer
-
     env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="nlr-art")
-    yield url
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3(env, ("nlr-art",)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

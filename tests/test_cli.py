@@ -101,3 +101,20 @@ def test_query_latent_metrics_columns(micro_run, capsys):
                  "--storage", storage, "--format", "csv"])
     assert code == 0
     assert capsys.readouterr().out.splitlines()[0] == "latent,detection_score,specificity,sensitivity"
+
+
+def test_headline_rows_average_random_seeds_and_filter_positions():
+    from nlrewrite_core.cli import headline_rows
+
+    def row(cond, sel="all", frac=None, cal="", seed=-1, ce=4.0, positions="all"):
+        return {"condition": cond, "selection": sel, "fraction": frac, "calibration": cal, "seed": seed,
+                "n_latents": 5, "ce_mean": ce, "ce_lo": ce - 0.1, "ce_hi": ce + 0.1, "delta_zero_mean": ce - 5,
+                "positions": positions}
+
+    ce = [row("clean"), row("clean", positions="last", ce=9.0),
+          row("simulated", "random", 0.1, "quantile", 0, 4.2), row("simulated", "random", 0.1, "quantile", 1, 4.4),
+          row("simulated", "top", 0.1, "quantile", -1, 4.1), row("simulated", "top", 0.1, "isotonic", -1, 7.0)]
+    rows = headline_rows(ce, "all")
+    assert [r[:4] for r in rows] == [["clean", "all", None, ""], ["simulated", "top", 0.1, "quantile"],
+                                     ["simulated", "random (x2)", 0.1, "quantile"]]
+    assert rows[2][5] == pytest.approx(4.3) and rows[2][6] == pytest.approx(4.1) and rows[2][7] == pytest.approx(4.5)

@@ -20,13 +20,7 @@ from nlrewrite_core.simulate import context_suffixes, llm_predictions
 from llm_tiny import build_tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tiny model gains nothing from two, and loses a lot on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = {i: w for i, w in enumerate(["the", " cat", " sat", "\n", " on", " mat", " dog", " ran"])}
 

@@ -15,13 +15,7 @@ from nlrewrite_core.storage import Store
 from llm_tiny import build_tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tiny model gains nothing from two, and loses a lot on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_llm_sections_keep_default_keys_and_validate():

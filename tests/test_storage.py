@@ -8,6 +8,7 @@ import boto3
 import pyarrow as pa
 import pytest
 
+from conftest import moto_s3
 from nlrewrite_core.storage import MANIFEST, StageWriter, Store, stage_key
 
 
@@ -48,26 +49,10 @@ def test_half_written_stage_is_not_done_and_is_cleaned(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3(monkeypatch_module=None):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
+def s3():
     env = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-    import os
-
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="nlr")
-    yield url
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3(env, ("nlr",)) as url:
+        yield url
 
 
 def test_s3_round_trip(s3):
