@@ -23,7 +23,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-class CorpusConfig(Section):
+class _Extended(Section):
+    """A section whose fields added after its first release (the LLM methods, the corpus tokenizer)
+    are left out of its dump while they keep their defaults, so a config that does not use them keeps its stage keys (and cached artifacts)."""
+
+    _added: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_added(self, handler):  # noqa: ANN001
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self._added:
+                if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                    data.pop(name)
+        return data
+
+
+class CorpusConfig(_Extended):
+    _added = ("tokenizer",)
     source: Literal["python-docs"] = "python-docs"
     """Text source. `python-docs`: pydoc_data topics plus docstrings of the standard library (ships with Python)."""
     max_chars: int = Field(2_000_000, gt=10_000)
@@ -40,6 +57,11 @@ class CorpusConfig(Section):
     """Sequences in the explain split (explanations and detection scores use it only)."""
     seed: int = 0
     """Salt of the stable hash that assigns sequences to splits."""
+    tokenizer: str = "train"
+    """`train`: train a byte-level BPE tokenizer of `vocab_size` on the text (the tiny subject is trained
+    on it); otherwise a Hugging Face tokenizer id or local directory (loaded with transformers'
+    AutoTokenizer, e.g. EleutherAI/pythia-160m): the subject's own tokenizer, required when the
+    subject comes from the hub. Documents are joined with its eos token; `vocab_size` is then unused."""
 
 
 class SubjectConfig(Section):
@@ -111,22 +133,6 @@ class ActivationsConfig(Section):
     """Sequences per forward pass while caching latents."""
     dtype: Literal["float32", "float16"] = "float32"
     """Storage type of cached activation values."""
-
-
-class _Extended(Section):
-    """A section whose fields added for the LLM methods are left out of its dump while they keep
-    their defaults, so a config that does not use them keeps its stage keys (and cached artifacts)."""
-
-    _added: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _drop_unused_added(self, handler):  # noqa: ANN001
-        data = handler(self)
-        if isinstance(data, dict):
-            for name in self._added:
-                if name in data and getattr(self, name) == type(self).model_fields[name].default:
-                    data.pop(name)
-        return data
 
 
 class LLMConfig(Section):
@@ -389,6 +395,12 @@ class RewriteConfig(Section):
 
     @model_validator(mode="after")
     def _check_layer(self) -> "RewriteConfig":
+        if self.subject.source == "hub" and self.corpus.tokenizer == "train":
+            raise ValueError(
+                "subject.source is 'hub' but corpus.tokenizer is 'train': a tokenizer trained here does not "
+                "share the hub model's vocabulary; set corpus.tokenizer to the subject's tokenizer "
+                f"(e.g. corpus.tokenizer: {self.subject.hub_id!r})"
+            )
         if self.subject.source == "train" and self.transcoder.layer >= self.subject.num_layers:
             raise ValueError(
                 f"transcoder.layer ({self.transcoder.layer}) is out of range: the subject has "
@@ -412,10 +424,24 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "oracle_fp_rates": [0.0, 1e-3, 1e-2, 1e-1], "oracle_fn_rates": [0.0, 0.5],
                      "sample_sizes": [0.25, 1.0], "sample_size_fractions": [1.0]},
     },
+    # The paper's setup (arXiv 2501.18838). Needs hub access and GPU workers; tested offline on local
+    # copies of tiny models (tests/test_pythia_preset.py). Calib contexts = n_calib * seq_len =
+    # 200 * 50 = 10,000; eval: 1,000 sentences, CE at the last position of each (evaluate.positions).
     "pythia-160m": {
-        "subject": {"source": "hub", "hub_id": "EleutherAI/pythia-160m", "num_layers": 12, "hidden_size": 768, "num_heads": 12},
-        "transcoder": {"layer": 6, "num_latents": 32768, "k": 32},
-        "corpus": {"seq_len": 64},
+        "corpus": {"tokenizer": "EleutherAI/pythia-160m", "max_chars": 20_000_000, "seq_len": 50,
+                   "n_calib": 200, "n_eval": 1000, "n_explain": 4000},
+        "subject": {"source": "hub", "hub_id": "EleutherAI/pythia-160m", "num_layers": 12, "hidden_size": 768,
+                    "num_heads": 12, "intermediate_size": 3072},
+        "transcoder": {"layer": 6, "num_latents": 32768, "k": 32, "max_train_tokens": 4_000_000},
+        "activations": {"batch_size": 64, "dtype": "float16"},
+        "explain": {"method": "llm", "n_examples": 40, "n_bins": 10, "window": 32,
+                    "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "chat_format": "llama3"}},
+        "score": {"method": "detection", "n_pos": 100, "n_neg": 100, "examples_per_prompt": 5, "n_bins": 10,
+                  "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "chat_format": "llama3"}},
+        "simulate": {"method": "llm", "window": 32, "shard_latents": 256,
+                     "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-8B-Instruct", "chat_format": "llama3"}},
+        "evaluate": {"positions": "last"},
+        "execution": {"device": "cuda"},
     },
 }
 

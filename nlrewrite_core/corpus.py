@@ -1,4 +1,5 @@
-"""Corpus stage: English text that ships with Python, a byte-level BPE tokenizer, and splits.
+"""Corpus stage: English text that ships with Python, a byte-level BPE tokenizer (trained here, or
+the subject's own from the hub), and splits.
 
 Everything here is a pure function of its arguments (and of the Python installation whose
 documentation is read): the same config gives the same text, tokenizer, sequences and splits.
@@ -211,14 +212,52 @@ def assign_splits(seqs: np.ndarray, cfg: CorpusConfig) -> np.ndarray:
     return splits.astype(str)
 
 
-def build_corpus(cfg: CorpusConfig) -> tuple[pa.Table, Tokenizer]:
-    """Collect text, train the tokenizer, cut sequences and assign splits.
+def load_hf_tokenizer(name: str):
+    """A Hugging Face fast tokenizer (hub id or local directory) via transformers' AutoTokenizer.
 
-    Returns a table (seq_id int64, split string, tokens list<int32>) and the tokenizer.
+    Raises ValueError, naming ``corpus.tokenizer``, when it is not a fast tokenizer (its
+    ``backend_tokenizer`` is what the corpus artifact stores) or has no eos token.
+    """
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(name)
+    if not getattr(hf, "is_fast", False):
+        raise ValueError(f"corpus.tokenizer {name!r} is not a fast (Rust) tokenizer: cannot store it as tokenizer.json")
+    if hf.eos_token_id is None:
+        raise ValueError(f"corpus.tokenizer {name!r} has no eos token to put between documents")
+    return hf
+
+
+def tokenize_sequences_hf(hf_tokenizer, text: str, seq_len: int) -> np.ndarray:
+    """Like ``tokenize_sequences`` with a Hugging Face tokenizer: each document is encoded without
+    special tokens and followed by the tokenizer's eos id. Returns int32 (n_seq, seq_len)."""
+    eos = int(hf_tokenizer.eos_token_id)
+    stream: list[int] = []
+    docs = split_documents(text)
+    for start in range(0, len(docs), 1024):
+        enc = hf_tokenizer(docs[start:start + 1024], add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in enc:
+            stream.extend(ids)
+            stream.append(eos)
+    n_seq = len(stream) // seq_len
+    return np.asarray(stream[: n_seq * seq_len], dtype=np.int32).reshape(n_seq, seq_len)
+
+
+def build_corpus(cfg: CorpusConfig) -> tuple[pa.Table, Tokenizer]:
+    """Collect text, train (or load, when ``cfg.tokenizer`` names one) the tokenizer, cut sequences
+    and assign splits.
+
+    Returns a table (seq_id int64, split string, tokens list<int32>) and the tokenizer (a
+    ``tokenizers.Tokenizer``: a loaded HF tokenizer's ``backend_tokenizer``).
     """
     text = collect_text(cfg)
-    tokenizer = train_tokenizer(text, cfg.vocab_size)
-    seqs = tokenize_sequences(tokenizer, text, cfg.seq_len)
+    if cfg.tokenizer == "train":
+        tokenizer = train_tokenizer(text, cfg.vocab_size)
+        seqs = tokenize_sequences(tokenizer, text, cfg.seq_len)
+    else:
+        hf = load_hf_tokenizer(cfg.tokenizer)
+        tokenizer = hf.backend_tokenizer
+        seqs = tokenize_sequences_hf(hf, text, cfg.seq_len)
     splits = assign_splits(seqs, cfg)
     table = pa.table({
         "seq_id": pa.array(np.arange(len(seqs), dtype=np.int64)),

@@ -190,8 +190,14 @@ def run_subject(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artif
     _, eval_tokens = load_tokens(store, keys, ("eval",))
     tokenizer = load_tokenizer(store, keys)
     if cfg.subject.source == "hub":
-        model = subject_lib.load_hub_model(cfg.subject.hub_id).to(device)
-        metrics: dict[str, Any] = {"hub_id": cfg.subject.hub_id}
+        model = subject_lib.load_hub_model(cfg.subject.hub_id, device=device)
+        n_vocab = model.get_input_embeddings().weight.shape[0]
+        top = int(max(train.max(initial=0), eval_tokens.max(initial=0)))
+        if top >= n_vocab:
+            raise ValueError(f"the corpus holds token id {top} but subject.hub_id {cfg.subject.hub_id!r} has only "
+                             f"{n_vocab} embeddings: corpus.tokenizer ({cfg.corpus.tokenizer!r}) must be the subject's")
+        metrics: dict[str, Any] = {"hub_id": cfg.subject.hub_id, "tokenizer": cfg.corpus.tokenizer,
+                                   "n_params": subject_lib.num_params(model)}
     else:
         model = subject_lib.build_model(cfg.subject, tokenizer.get_vocab_size(), cfg.corpus.seq_len).to(device)
         metrics = subject_lib.train_subject(model, train, cfg.subject, device=device)

@@ -33,6 +33,26 @@ def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _expanded(cache, batch: int):
+    """A copy of a batch-1 prefix cache seen as `batch` rows without copying its tensors: each layer's
+    keys/values become broadcast views, which the model's first cache update (a concatenation with
+    the suffix's keys/values) materializes once (batch_repeat_interleave would copy them twice)."""
+    c = copy.copy(cache)
+    layers = getattr(c, "layers", None)
+    if layers is None or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        c = copy.deepcopy(cache)
+        c.batch_repeat_interleave(batch)
+        return c
+    c.layers = []
+    for layer in layers:
+        new = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            new.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
+            new.values = layer.values.expand(batch, *layer.values.shape[1:])
+        c.layers.append(new)
+    return c
+
+
 class TransformersLLM(LLM):
     backend = "transformers"
 
@@ -140,9 +160,7 @@ class TransformersLLM(LLM):
                     mask[r, P:P + lens[r]] = 1
                 kw = {}
                 if cache is not None:
-                    c = copy.deepcopy(cache)
-                    c.batch_repeat_interleave(B)
-                    kw[self._cache_kw] = c
+                    kw[self._cache_kw] = _expanded(cache, B)
                 pos = (P + torch.arange(L)).expand(B, L)
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                     position_ids=pos.to(self.device), use_cache=cache is not None, **kw).logits
