@@ -182,6 +182,7 @@ def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_
                                      ("report", t.write_report)]):
         refs[stage] = ensure(fn, stage, run, store)
         update_progress_artifact(progress, 100.0 * (len(stage_tasks) + 2 + i) / total)
+    multilayer_rows = rewrite_layers(run, store) if cfg.multilayer.layers else None
 
     ce = store.read_parquet(f"{store.artifact_dir('evaluate', keys['evaluate'])}/ce.parquet").to_pylist()
     report = store.uri("artifacts", "report", keys["report"], "html", "report.html")
@@ -197,8 +198,41 @@ def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_
         + f"\n\nReport: `{report}`", key="rewrite-summary")
     create_link_artifact(report if store.is_s3 else f"file://{report}", link_text="report.html", key="rewrite-report")
     logger.info("run %s done: report %s", run_id, report)
-    return {"run_id": run_id, "report": report, "keys": keys, "ce": ce, "summary": summary,
-            "run_json": store.uri("runs", run_id, "run.json")}
+    out = {"run_id": run_id, "report": report, "keys": keys, "ce": ce, "summary": summary,
+           "run_json": store.uri("runs", run_id, "run.json")}
+    if multilayer_rows is not None:
+        out["multilayer"] = multilayer_rows
+    return out
+
+
+def rewrite_layers(run: RunContext, store: Store) -> list[dict[str, Any]]:
+    """Several layers at once: each extra layer's own pipeline (the ordinary stage tasks on that layer's
+    config, content-addressed and cached like the main layer's), then the `multilayer` stage."""
+    from nlrewrite_core import multilayer
+
+    logger = get_run_logger()
+    cfg = run.config
+    per_layer = multilayer.layer_keys(cfg)
+    for layer in cfg.multilayer.layers:
+        lrun = run.model_copy(update={"config": multilayer.layer_config(cfg, layer), "stage_keys": per_layer[layer]})
+        tasks = [("transcoder", t.train_transcoder)]
+        if cfg.multilayer.simulate:
+            tasks += [("activations", t.cache_activations), ("explain", t.explain_latents),
+                      ("embed", t.embed_contexts), ("score", t.score_explanations)]
+        for stage, fn in tasks:
+            ensure(fn.with_options(task_run_name=f"{fn.name}-layer{layer}"), stage, lrun, store)
+        if cfg.multilayer.simulate:
+            simulate_all(lrun, store)
+            ensure(t.calibrate_predictions.with_options(task_run_name=f"calibrate_predictions-layer{layer}"),
+                   "calibrate", lrun, store)
+        logger.info("multilayer: layer %d's pipeline done", layer)
+    ensure(t.evaluate_layers, "multilayer", run, store)
+    rows = store.read_parquet(f"{store.artifact_dir('multilayer', run.stage_keys['multilayer'])}/multilayer.parquet"
+                              ).to_pylist()
+    create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+                           if r["positions"] == cfg.evaluate.positions],
+                          key="multilayer", description=f"CE with 1..n layers rewritten at once, run {run.run_id}")
+    return rows
 
 
 if __name__ == "__main__":

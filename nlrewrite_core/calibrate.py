@@ -120,6 +120,14 @@ def _quantile_sorted(sorted_cols: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return s_lo + frac * (s_hi - s_lo)
 
 
+def _sort_columns(a: np.ndarray) -> np.ndarray:
+    """``np.sort(a.astype(float64), axis=0)``, the same values, about 4x faster: each column is
+    sorted as a contiguous row of the transpose (numpy's axis-0 sort copies strided columns)."""
+    t = a.T.astype(np.float64, order="C")
+    t.sort(axis=1)
+    return t.T
+
+
 def _tie_runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """First and last index of the run of equal values containing each entry, along axis 0.
 
@@ -161,8 +169,8 @@ def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.
     n_latents = pred.shape[1]
     probs = quantile_grid(n_knots, pred.shape[0])
     grid = np.broadcast_to(probs[:, None], (n_knots, n_latents))
-    sorted_pred = np.sort(pred.astype(np.float64), axis=0)
-    sorted_true = np.sort(true.astype(np.float64), axis=0)
+    sorted_pred = _sort_columns(pred)
+    sorted_true = _sort_columns(true)
     # Ties are found on the stored (float32) knots, so rounding cannot create a jump.
     x = _quantile_sorted(sorted_pred, grid).astype(np.float32)
     first, last = _tie_runs(x)
@@ -198,7 +206,7 @@ def _fit_quantile_hf(hf_type: int) -> KnotFit:
         x = np.maximum.accumulate(x.astype(np.float32), axis=0)
         first, last = _tie_runs(x)
         mid_probs = 0.5 * (probs[first] + probs[last])
-        sorted_true = np.sort(true.astype(np.float64), axis=0)
+        sorted_true = _sort_columns(true)
         y = np.empty(mid_probs.shape, dtype=np.float64)
         for j in range(x.shape[1]):
             unique, inverse = np.unique(mid_probs[:, j], return_inverse=True)
@@ -258,7 +266,7 @@ def _fit_affine(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.nd
     """Affine knots ``(t - d, 0), (t, 0), (t + d, s d)`` (see the module docstring)."""
     n, n_latents = pred.shape
     cols = np.arange(n_latents)
-    p = np.sort(pred.astype(np.float64), axis=0)
+    p = _sort_columns(pred)
     t = true.astype(np.float64)
     n_active = (t > 0).sum(axis=0)
     span = p[-1] - p[0]
@@ -502,3 +510,176 @@ def maps_from_table(table: pa.Table, method: str) -> CalibrationMaps:
         raise ValueError("calibration table rows have x and y of different lengths")
     width = int(x_len.max()) if x_len.size else 2
     return _make_maps(method, latents, _padded(rows["x"], x_len, width), _padded(rows["y"], y_len, width))
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming over simulation shards
+# ---------------------------------------------------------------------------------------------
+# Every map is fit on its own latent's column alone (see fit_calibration), so fitting the latents
+# of each shard separately gives exactly the maps of one fit over all latents at once. The helpers
+# below turn one shard's long-format predictions and the sparse true activations into the dense
+# [contexts x shard latents] blocks that fit_calibration and apply_calibration take.
+
+
+class SparseColumns:
+    """Sparse values (row, latent, value), e.g. the true activations of a split, from which dense
+    [n_rows, len(latents)] blocks of chosen latents are cut without ever building [n_rows x all
+    latents]. Memory: the sparse entries, sorted by latent once."""
+
+    def __init__(self, rows: np.ndarray, latents: np.ndarray, values: np.ndarray, n_rows: int):
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+            raise ValueError("sparse rows outside [0, n_rows)")
+        order = np.argsort(latents, kind="stable")
+        self.rows, self.latents = rows[order], np.asarray(latents, dtype=np.int64)[order]
+        self.values = np.asarray(values, dtype=np.float32)[order]
+        self.n_rows = n_rows
+
+    def dense(self, latents: np.ndarray) -> np.ndarray:
+        """float32 [n_rows, len(latents)]: column j holds latent latents[j] (zero where absent).
+        `latents` must be sorted and unique."""
+        latents = np.asarray(latents, dtype=np.int64)
+        out = np.zeros((self.n_rows, len(latents)), dtype=np.float32)
+        if not len(latents):
+            return out
+        a, b = np.searchsorted(self.latents, [latents[0], latents[-1] + 1])
+        lat = self.latents[a:b]
+        col = np.searchsorted(latents, lat)
+        hit = (col < len(latents)) & (latents[np.minimum(col, len(latents) - 1)] == lat)
+        out[self.rows[a:b][hit], col[hit]] = self.values[a:b][hit]
+        return out
+
+
+@dataclass(frozen=True)
+class ShardBlock:
+    """One shard's predictions, dense: calib rows [n_calib, L] and eval rows [n_eval, L], columns
+    the shard's latents (sorted ids); NaN where a prediction is missing (a failed answer)."""
+
+    latents: np.ndarray
+    calib: np.ndarray
+    eval: np.ndarray
+
+    def complete_latents(self) -> tuple[np.ndarray, np.ndarray]:
+        """(latents with every calib and eval prediction, latents with some missing)."""
+        ok = ~(np.isnan(self.calib).any(0) | np.isnan(self.eval).any(0))
+        return self.latents[ok], self.latents[~ok]
+
+    def columns(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(calib, eval) predictions of the given latents (a sorted subset of this shard's)."""
+        col = np.searchsorted(self.latents, latents)
+        return self.calib[:, col], self.eval[:, col]
+
+
+class ShardReader:
+    """A shard's prediction file read in pieces: its latent ids first (one small column), then its
+    row groups (context blocks) one at a time, so a shard's long rows are never all in memory."""
+
+    def __init__(self, parquet_file):
+        self.file = parquet_file
+
+    def latents(self) -> np.ndarray:
+        return np.unique(self.file.read(columns=["latent"]).column("latent").to_numpy())
+
+    def batches(self):
+        for i in range(self.file.num_row_groups):
+            yield self.file.read_row_group(i, columns=["context_id", "latent", "pred"])
+
+
+def shard_block(context_ids: np.ndarray, latents: np.ndarray, pred: np.ndarray, calib_cids: np.ndarray,
+                eval_cids: np.ndarray) -> ShardBlock:
+    """Dense calib and eval blocks of one shard's long-format predictions, joined by context id and
+    latent id (rows in calib_cids / eval_cids order). Predictions of other contexts are ignored;
+    a (context, latent) pair given twice is an error."""
+    import pyarrow as pa
+
+    t = pa.table({"context_id": np.asarray(context_ids), "latent": np.asarray(latents), "pred": np.asarray(pred)})
+    return shard_block_batches(np.unique(latents), [t], calib_cids, eval_cids)
+
+
+def shard_block_batches(lat_ids: np.ndarray, batches, calib_cids: np.ndarray, eval_cids: np.ndarray) -> ShardBlock:
+    """`shard_block` over a shard given as its sorted latent ids and an iterable of long-format
+    tables (context_id, latent, pred): each batch is scattered into the dense block and dropped."""
+    lat_ids = np.asarray(lat_ids, dtype=np.int64)
+    lo = int(lat_ids[0]) if lat_ids.size else 0
+    lookup = np.full(int(lat_ids[-1]) - lo + 1 if lat_ids.size else 0, -1, dtype=np.int64)
+    lookup[lat_ids - lo] = np.arange(len(lat_ids))
+    all_cids = np.concatenate([calib_cids, eval_cids]).astype(np.int64)
+    index = np.full(int(all_cids.max(initial=-1)) + 1, -1, dtype=np.int64)
+    index[all_cids] = np.arange(len(all_cids))
+    out = np.full((len(all_cids), len(lat_ids)), np.nan, dtype=np.float32)
+    flat_out = out.reshape(-1)
+    n_values = 0
+    for t in batches:
+        cid = t.column("context_id").to_numpy()
+        lat = t.column("latent").to_numpy()
+        known = (lat >= lo) & (lat - lo < len(lookup))
+        col = np.where(known, lookup[np.where(known, lat - lo, 0)], -1)
+        if (col < 0).any():
+            raise ValueError("a batch holds latents outside the shard's latent ids")
+        inside = cid < len(index)
+        row = np.where(inside, index[np.where(inside, cid, 0)], -1)
+        keep = row >= 0
+        values = t.column("pred").to_numpy().astype(np.float32)[keep]
+        if not np.isfinite(values).all():
+            raise ValueError("predictions contain NaN or inf")
+        flat_out[row[keep] * len(lat_ids) + col[keep]] = values
+        n_values += len(values)
+        del t, cid, lat, col, row, keep, values
+    if np.count_nonzero(~np.isnan(out)) != n_values:
+        raise ValueError("a shard holds two predictions for one (context, latent) pair")
+    n = len(calib_cids)
+    return ShardBlock(lat_ids, out[:n], out[n:])
+
+
+@dataclass
+class StreamResult:
+    """What :func:`stream_calibration` fit: maps tables per method, calibrated latents, latents
+    left out for failed predictions, calib predictions fit, seconds per method (fit only)."""
+
+    maps: dict[str, list[pa.Table]]
+    latents: list[np.ndarray]
+    excluded: list[np.ndarray]
+    n_fit: int = 0
+    fit_seconds: dict[str, float] | None = None
+
+
+def stream_calibration(shards, methods: list[str], n_knots: int, calib_cids: np.ndarray, eval_cids: np.ndarray,
+                       true_calib: SparseColumns, write) -> StreamResult:
+    """Fit every method's maps shard by shard and write the calibrated eval predictions.
+
+    ``shards`` yields, per simulation shard, a long-format prediction table (context_id, latent,
+    pred) holding all predictions of its latents, or a :class:`ShardReader` (read a row group at
+    a time). A latent with a missing prediction is left
+    out (``excluded``). ``write`` receives one table per (shard, method): context_id, latent,
+    pred (float32), method. Memory: one shard's dense [calib + eval contexts x shard latents].
+    Equal, map for map, to one :func:`fit_calibration` over all latents at once."""
+    import time
+
+    from .simulate import predictions_table
+
+    res = StreamResult({m: [] for m in methods}, [], [], 0, {m: 0.0 for m in methods})
+    for t in shards:
+        if isinstance(t, ShardReader):
+            block = shard_block_batches(t.latents(), t.batches(), calib_cids, eval_cids)
+        else:
+            block = shard_block(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
+                                t.column("pred").to_numpy(), calib_cids, eval_cids)
+        del t
+        latents, excluded = block.complete_latents()
+        res.latents.append(latents)
+        res.excluded.append(excluded)
+        if not len(latents):
+            continue
+        pred_c, pred_e = block.columns(latents)
+        del block
+        true_c = true_calib.dense(latents)
+        res.n_fit += pred_c.size
+        for method in methods:
+            t0 = time.perf_counter()
+            maps = fit_calibration(method, pred_c, true_c, n_knots, latents=latents)
+            res.fit_seconds[method] += time.perf_counter() - t0
+            res.maps[method].append(maps_to_table(maps))
+            out = apply_calibration(maps, pred_e, latents=latents)
+            table = predictions_table(eval_cids, latents, out)
+            write(table.append_column("method", pa.repeat(pa.scalar(method, pa.string()), len(table))))
+    return res

@@ -264,6 +264,10 @@ class SimulateConfig(_Extended):
     """Weight of the target token's own embedding in the similarity (the rest is the window's)."""
     shard_latents: int = Field(256, ge=1)
     """Latents per simulation shard (a shard covers all calib + eval contexts for its latents)."""
+    context_block: int = Field(8192, ge=1)
+    """Contexts per dense block within a shard: the `embedding` simulator computes and writes one
+    (context block x shard latents) block at a time (a Parquet row group), so a shard's memory is
+    bounded by this, not by the number of contexts."""
     llm: LLMConfig | None = None
     """The simulator LLM (required when method is `llm`)."""
     renormalize: bool = True
@@ -358,6 +362,32 @@ class EvaluateConfig(Section):
         return v
 
 
+class MultilayerConfig(Section):
+    """Several layers at once (the paper's open question 3): a transcoder for each of `layers` (the
+    same transcoder settings, another layer), then 1..n of the layers rewritten simultaneously."""
+
+    layers: list[int] = []
+    """Further layers, besides transcoder.layer, whose MLPs get a transcoder (and, with `simulate`, the
+    whole explain/score/simulate/calibrate pipeline). Subset n rewrites transcoder.layer followed by the
+    first n-1 of these, in the order given. Empty (the default): no multilayer stage runs."""
+    simulate: bool = True
+    """Also run every extra layer's explain/score/simulate/calibrate stages (cached, the same settings as
+    the main layer) and measure CE with all n layers' latents simulated; False: only transcoder,
+    zero-ablation and MLP zero-ablation of the n layers (the extra layers then need only a transcoder)."""
+    calibrations: list[CalibrationMethodName] = ["none", "quantile"]
+    """Calibration methods of the simulated condition (each must be in calibrate.methods)."""
+    fractions: list[float] = [1.0]
+    """Fractions of each layer's live latents simulated (top selection by that layer's detection score)."""
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        for f in v:
+            if not 0 < f <= 1:
+                raise ValueError(f"fraction {f} must be in (0, 1]")
+        return v
+
+
 class ExecutionConfig(Section):
     fanout: Literal["local", "deployment"] = "local"
     """How simulation shards run: `local` runs them as tasks in the flow's process; `deployment`
@@ -378,7 +408,8 @@ class ExecutionConfig(Section):
     """torch.set_num_threads; None keeps torch's default."""
 
 
-class RewriteConfig(Section):
+class RewriteConfig(_Extended):
+    _added = ("multilayer",)
     preset: str = "tiny"
     """Name of the preset this config started from (informational)."""
     corpus: CorpusConfig = CorpusConfig()
@@ -392,6 +423,7 @@ class RewriteConfig(Section):
     calibrate: CalibrateConfig = CalibrateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     execution: ExecutionConfig = ExecutionConfig()
+    multilayer: MultilayerConfig = MultilayerConfig()
 
     @model_validator(mode="after")
     def _check_layer(self) -> "RewriteConfig":
@@ -406,7 +438,27 @@ class RewriteConfig(Section):
                 f"transcoder.layer ({self.transcoder.layer}) is out of range: the subject has "
                 f"{self.subject.num_layers} layers (0..{self.subject.num_layers - 1})"
             )
+        self._check_multilayer()
         return self
+
+    def _check_multilayer(self) -> None:
+        ml = self.multilayer
+        if not ml.layers:
+            return
+        for layer in ml.layers:
+            if layer < 0 or (self.subject.source == "train" and layer >= self.subject.num_layers):
+                raise ValueError(f"multilayer.layers: layer {layer} is out of range: the subject has "
+                                 f"{self.subject.num_layers} layers (0..{self.subject.num_layers - 1})")
+            if layer == self.transcoder.layer:
+                raise ValueError(f"multilayer.layers: layer {layer} is transcoder.layer; list only the further layers")
+        if len(set(ml.layers)) != len(ml.layers):
+            raise ValueError(f"multilayer.layers must be distinct, got {ml.layers}")
+        if self.transcoder.checkpoint:
+            raise ValueError("multilayer.layers needs transcoders trained here, but transcoder.checkpoint is set "
+                             "(a checkpoint is for one layer)")
+        missing = [m for m in ml.calibrations if m not in self.calibrate.methods]
+        if ml.simulate and missing:
+            raise ValueError(f"multilayer.calibrations {missing} are not in calibrate.methods {self.calibrate.methods}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -423,6 +475,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate": {"fractions": [0.1, 1.0], "random_seeds": [0], "n_bootstrap": 100,
                      "oracle_fp_rates": [0.0, 1e-3, 1e-2, 1e-1], "oracle_fn_rates": [0.0, 0.5],
                      "sample_sizes": [0.25, 1.0], "sample_size_fractions": [1.0]},
+    },
+    # The tiny subject at the paper's shapes (issue 6): a 32,768-latent, k=32 transcoder; 10,000 calib
+    # contexts (200 x 50); 1,000 eval sentences, CE at the last position; the embedding simulator;
+    # quantile normalisation (and raw, its baseline); the full evaluation sweep. CPU only, no network.
+    # Stage costs at 1/16 and 1/4 of these shapes: benchmarks/scale.py.
+    "paper-shape": {
+        "corpus": {"seq_len": 50, "n_calib": 200, "n_eval": 1000, "n_explain": 2000},
+        "transcoder": {"num_latents": 32768, "k": 32},
+        "simulate": {"method": "embedding", "window": 32, "shard_latents": 512, "context_block": 8192},
+        "calibrate": {"methods": ["none", "quantile"]},
+        "evaluate": {"positions": "last"},
+        "execution": {"device": "cpu"},
     },
     # The paper's setup (arXiv 2501.18838). Needs hub access and GPU workers; tested offline on local
     # copies of tiny models (tests/test_pythia_preset.py). Calib contexts = n_calib * seq_len =

@@ -67,6 +67,25 @@ def ce_with(model: torch.nn.Module, layer: int, tokens: np.ndarray, batch_size: 
     return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def ce_with_layers(model: torch.nn.Module, tokens: np.ndarray, batch_size: int,
+                   makers: list[tuple[int, Callable[[slice], MlpFn]]]) -> np.ndarray:
+    """Per-position CE [n_seq, seq_len-1] with the MLP of every listed layer replaced at once: for each
+    batch of sequence rows, (layer, make_fn) gives that layer's replacement make_fn(rows). Nested
+    replace_mlp contexts, one forward hook per layer; no makers gives the clean model."""
+    import contextlib
+
+    out = []
+    device = next(model.parameters()).device
+    for start in range(0, len(tokens), batch_size):
+        rows = slice(start, min(start + batch_size, len(tokens)))
+        with contextlib.ExitStack() as stack:
+            for layer, make_fn in makers:
+                stack.enter_context(replace_mlp(model, layer, make_fn(rows)))
+            out.append(token_ce(model, tokens[rows], batch_size, device))
+    return torch.cat(out).numpy()
+
+
 POSITIONS = ("all", "last")
 """Position sets whose CE is reported: every position, or the last of each sequence (the paper)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as ds
 
 from .storage import Store
@@ -27,6 +28,7 @@ TABLES: dict[str, tuple[str, str]] = {
     "ce": ("evaluate", "ce"),
     "latent_metrics": ("evaluate", "latent_metrics"),
     "oracle": ("evaluate", "oracle"), "sample_size": ("evaluate", "sample_size"), "score_relation": ("evaluate", "score_relation"),
+    "multilayer": ("multilayer", "multilayer"),
 }
 
 
@@ -51,6 +53,16 @@ def table_files(store: Store, stage: str, key: str, name: str) -> list[str]:
             if f["file"].endswith(".parquet") and f["file"].split("/")[-1] == f"{name}.parquet"]
 
 
+def _dataset(files: list[str], store: Store) -> ds.Dataset:
+    """A dataset of Parquet files; float16 columns (stored predictions) read as float32, which
+    DuckDB can scan (it has no half-float type)."""
+    d = ds.dataset(files, filesystem=store.fs, format="parquet")
+    if any(f.type == pa.float16() for f in d.schema):
+        schema = pa.schema([f.with_type(pa.float32()) if f.type == pa.float16() else f for f in d.schema])
+        d = ds.dataset(files, filesystem=store.fs, format="parquet", schema=schema)
+    return d
+
+
 def connect(store: Store, run_id: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with one view per table of the run."""
     run = load_run(store, run_id)
@@ -61,7 +73,7 @@ def connect(store: Store, run_id: str) -> duckdb.DuckDBPyConnection:
             continue
         files = table_files(store, stage, key, name)
         if files:
-            con.register(view, ds.dataset(files, filesystem=store.fs, format="parquet"))
+            con.register(view, _dataset(files, store))
     return con
 
 

@@ -7,12 +7,30 @@ target token, mixed with the target token itself), clipped to [0, 1] and mapped 
 
 from __future__ import annotations
 
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .embedding import similarity
 
 PREDICTION_SCHEMA = pa.schema([("context_id", pa.int64()), ("latent", pa.int32()), ("pred", pa.float32())])
+CALIBRATED_SCHEMA = PREDICTION_SCHEMA.append(pa.field("method", pa.string()))
+"""The calibrate stage's `calibrated` table: calibrated eval predictions of each method."""
+STORED_SCHEMA = pa.schema([("context_id", pa.int64()), ("latent", pa.int32()), ("pred", pa.float16())])
+"""How predictions are stored on disk: float16 values (readers cast them to float32). The ids
+are delta-encoded (a block's context ids run up by one, latent ids are constant runs), so a
+prediction costs little more than its two value bytes before compression."""
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd", "compression_level": 3, "use_dictionary": False,
+    "column_encoding": {"context_id": "DELTA_BINARY_PACKED", "latent": "DELTA_BINARY_PACKED",
+                        "pred": "BYTE_STREAM_SPLIT"},
+}
 
 
 def context_windows(tokens: np.ndarray, window: int) -> list[tuple[int, int, int]]:
@@ -36,16 +54,94 @@ def simulate_block(expl_emb: np.ndarray, window_emb: np.ndarray, token_emb: np.n
     return linear_prediction(similarity(expl_emb, window_emb, token_emb, token_weight), max_act)
 
 
-def predictions_table(context_ids: np.ndarray, latents: np.ndarray, pred: np.ndarray) -> pa.Table:
-    """Long-format predictions, one row per (context, latent), grouped by latent."""
+def predictions_table(context_ids: np.ndarray, latents: np.ndarray, pred: np.ndarray,
+                      schema: pa.Schema = PREDICTION_SCHEMA) -> pa.Table:
+    """Long-format predictions, one row per (context, latent), grouped by latent. `schema` picks
+    the value type (float32, or float16 for storage: STORED_SCHEMA)."""
     if not np.isfinite(pred).all():
         raise ValueError("simulator produced non-finite predictions")
     n_ctx, n_lat = pred.shape
+    dtype = np.float16 if schema.field("pred").type == pa.float16() else np.float32
+    values = np.ascontiguousarray(pred.T, dtype=dtype).reshape(-1)
+    if dtype == np.float16 and not np.isfinite(values).all():
+        raise ValueError("predictions overflow float16")
     return pa.table({
         "context_id": pa.array(np.tile(context_ids.astype(np.int64), n_lat)),
         "latent": pa.array(np.repeat(latents.astype(np.int32), n_ctx)),
-        "pred": pa.array(pred.T.reshape(-1)),
-    }, schema=PREDICTION_SCHEMA)
+        "pred": pa.array(values),
+    }, schema=schema)
+
+CALIBRATED_OPTIONS: dict[str, Any] = {
+    "compression": "zstd", "compression_level": 1, "use_dictionary": ["method"],
+    "column_encoding": {"context_id": "DELTA_BINARY_PACKED", "latent": "DELTA_BINARY_PACKED",
+                        "pred": "BYTE_STREAM_SPLIT"},
+}
+"""Calibrated eval predictions keep float32 values (what evaluate patches in); ids delta-encoded."""
+
+
+class BlockWriter:
+    """Streams tables into one Parquet file, a row group per call to `write`, never holding more
+    than one block. The file appears whole or not at all: a local file is written under a
+    temporary name and renamed; on S3 the upload completes on close. `close()` returns
+    (rows, sha256, bytes)."""
+
+    def __init__(self, fs, path: str, schema: pa.Schema = STORED_SCHEMA, local: bool = True, **options: Any):
+        self.fs, self.path, self.local = fs, path, local
+        if local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            self.sink = open(self.tmp, "wb")
+        else:
+            self.sink = fs.open_output_stream(path)
+        opts = {**(PARQUET_OPTIONS if schema == STORED_SCHEMA else
+                   CALIBRATED_OPTIONS if schema == CALIBRATED_SCHEMA else {"compression": "zstd"}), **options}
+        self.writer = pq.ParquetWriter(self.sink, schema, **opts)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self.rows += table.num_rows
+
+    def close(self) -> tuple[int, str, int]:
+        self.writer.close()
+        if self.local:
+            self.sink.flush()
+            os.fsync(self.sink.fileno())
+            self.sink.close()
+            os.replace(self.tmp, self.path)
+        else:
+            self.sink.close()
+        h, size = hashlib.sha256(), 0
+        with self.fs.open_input_stream(self.path) as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+                size += len(chunk)
+        return self.rows, h.hexdigest(), size
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            if self.local:
+                self.sink.close()
+                if os.path.exists(self.tmp):
+                    os.remove(self.tmp)
+
+
+def context_blocks(n_contexts: int, block: int) -> Iterator[slice]:
+    """Row ranges of the context blocks: [0, block), [block, 2 block), ..., the last one shorter."""
+    for a in range(0, n_contexts, block):
+        yield slice(a, min(a + block, n_contexts))
+
+
+def simulate_shard_blocks(context_ids: np.ndarray, window_emb: np.ndarray, token_emb: np.ndarray,
+                          latents: np.ndarray, expl_emb: np.ndarray, max_act: np.ndarray, token_weight: float,
+                          context_block: int) -> Iterator[pa.Table]:
+    """One shard's predictions as dense blocks (context block x the shard's latents), each a
+    stored-schema table: only one block is ever in memory."""
+    for rows in context_blocks(len(context_ids), context_block):
+        pred = simulate_block(expl_emb, window_emb[rows], token_emb[rows], max_act, token_weight)
+        yield predictions_table(context_ids[rows], latents, pred, STORED_SCHEMA)
 
 
 # ---- the `llm` simulator (the paper's prompt) ------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from . import activations as acts_lib
@@ -38,7 +39,8 @@ log = logging.getLogger("nlrewrite")
 
 VERSIONS = {
     "corpus": "1", "subject": "1", "transcoder": "1", "activations": "1", "explain": "1",
-    "embed": "1", "score": "1", "simulate": "1", "calibrate": "2", "evaluate": "2", "report": "2",
+    "embed": "1", "score": "1", "simulate": "2", "calibrate": "3", "evaluate": "2", "report": "2",
+    "multilayer": "1",
 }
 CACHED_SPLITS = ("explain", "calib", "eval")
 
@@ -47,7 +49,7 @@ CACHED_SPLITS = ("explain", "calib", "eval")
 def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[str]]]:
     """Each stage's config section and its upstream stages (the DAG)."""
     d = cfg.model_dump(mode="json")
-    return {
+    out = {
         "corpus": (d["corpus"], []),
         "subject": (d["subject"], ["corpus"]),
         "transcoder": (d["transcoder"], ["subject", "corpus"]),
@@ -61,6 +63,15 @@ def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[st
         "evaluate": (d["evaluate"], ["corpus", "subject", "transcoder", "activations", "score", "calibrate"]),
         "report": ({}, ["transcoder", "subject", "activations", "score", "calibrate", "evaluate"]),
     }
+    if cfg.multilayer.layers:  # only when configured: a single-layer run keeps exactly its stages and keys
+        ml = cfg.multilayer
+        section = {"multilayer": d["multilayer"], "transcoder": d["transcoder"],
+                   "evaluate": {k: d["evaluate"][k] for k in ("batch_size", "n_bootstrap", "positions")}}
+        if ml.simulate:  # every extra layer's pipeline runs with the same settings as the main layer's
+            section.update({s: d[s] for s in ("activations", "explain", "embedding", "score", "simulate", "calibrate")})
+        out["multilayer"] = (section, ["corpus", "subject", "transcoder"]
+                             + (["score", "calibrate"] if ml.simulate else []))
+    return out
 
 
 def plan(cfg: RewriteConfig) -> dict[str, str]:
@@ -511,13 +522,21 @@ def run_simulate_shard(store: Store, cfg: RewriteConfig, keys: dict[str, str], s
     cids, win, tok = _embeddings(store, keys, ("calib", "eval"))
     latents, expl = _explained(store, keys, cfg, lo, hi)
     max_act = _max_act(store, keys, num_latents)[latents]
-    pred = sim_lib.simulate_block(expl, win, tok, max_act, cfg.simulate.token_weight)
-    table = sim_lib.predictions_table(cids, latents, pred)
-    w.table("predictions", table)
+    writer = sim_lib.BlockWriter(store.fs, f"{w.dir}/predictions.parquet", local=not store.is_s3)
+    try:
+        for block in sim_lib.simulate_shard_blocks(cids, win, tok, latents, expl, max_act, cfg.simulate.token_weight,
+                                                   cfg.simulate.context_block):
+            writer.write(block)
+    except BaseException:
+        writer.abort()
+        raise
+    rows, sha, size = writer.close()
+    w.files.append({"name": "predictions", "file": "predictions.parquet", "rows": rows, "sha256": sha})
     dt = time.perf_counter() - t0
-    log.info("simulate shard %d (latents %d-%d): %d predictions in %.1fs (%.0f/s)", shard, lo, hi, len(table), dt,
-             len(table) / max(dt, 1e-9))
-    return w.finish(metrics={"latents": [lo, hi], "n_predictions": len(table), "n_failed": 0})
+    log.info("simulate shard %d (latents %d-%d): %d predictions in %.1fs (%.0f/s), %.2f bytes/prediction", shard, lo,
+             hi, rows, dt, rows / max(dt, 1e-9), size / max(rows, 1))
+    return w.finish(metrics={"latents": [lo, hi], "n_predictions": rows, "n_failed": 0, "bytes": size,
+                             "bytes_per_prediction": size / max(rows, 1)})
 
 
 def finish_simulate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
@@ -539,59 +558,99 @@ def finish_simulate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> A
     return w.finish(metrics={"n_shards": n_shards, "n_predictions": total})
 
 
-def read_predictions(store: Store, keys: dict[str, str], filters: Any = None,
-                     columns: list[str] | None = None) -> pa.Table:
-    """All shards' predictions (the stage manifest lists the shard files)."""
+def prediction_files(store: Store, keys: dict[str, str]) -> list[str]:
+    """Paths of the shards' prediction files, in shard (latent range) order, from the stage manifest."""
     m = store.read_manifest("simulate", keys["simulate"])
     base = store.artifact_dir("simulate", keys["simulate"])
-    return pa.concat_tables([store.read_parquet(f"{base}/{f['file']}", filters=filters, columns=columns)
-                             for f in m["files"] if f["file"].endswith(".parquet")])
+    return [f"{base}/{f['file']}" for f in m["files"] if f["file"].endswith("predictions.parquet")]
+
+
+def _as_float32(t: pa.Table) -> pa.Table:
+    """Stored predictions (float16 values) with their values as float32, what every reader computes on."""
+    if "pred" in t.column_names and t.schema.field("pred").type != pa.float32():
+        t = t.set_column(t.column_names.index("pred"), "pred", t.column("pred").cast(pa.float32()))
+    return t
+
+
+def read_predictions(store: Store, keys: dict[str, str], filters: Any = None,
+                     columns: list[str] | None = None) -> pa.Table:
+    """All shards' predictions (the stage manifest lists the shard files), values as float32.
+    This holds them all in memory: stream over `prediction_files` for large runs."""
+    return pa.concat_tables([_as_float32(store.read_parquet(f, filters=filters, columns=columns))
+                             for f in prediction_files(store, keys)])
 
 
 def _dense_split(store: Store, keys: dict[str, str], split: str, seq_len: int, num_latents: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(context ids, raw predictions, true activations) of a split, dense [n_ctx, num_latents],
     rows in context_ids order; predictions are joined by (context id, latent id). A missing
-    prediction (a failed simulator answer, or a latent never simulated) is NaN, never a value."""
+    prediction (a failed simulator answer, or a latent never simulated) is NaN, never a value.
+    Reads one shard at a time (only the dense result is whole)."""
     seq_ids, _ = load_tokens(store, keys, (split,))
     cids = context_ids(seq_ids, seq_len)
-    p = read_predictions(store, keys, filters=pc.field("context_id").isin(cids.tolist()))
-    pred = dense(p.column("context_id").to_numpy(), p.column("latent").to_numpy(), p.column("pred").to_numpy(),
-                 context_index(cids), (len(cids), num_latents), fill=np.nan)
+    idx = context_index(cids)
+    pred = np.full((len(cids), num_latents), np.nan, dtype=np.float32)
+    lo, hi = (int(cids.min()), int(cids.max())) if len(cids) else (0, -1)
+    for f in prediction_files(store, keys):
+        p = store.read_parquet(f, filters=(pc.field("context_id") >= lo) & (pc.field("context_id") <= hi))
+        c = p.column("context_id").to_numpy()
+        keep = idx[c] >= 0
+        pred[idx[c[keep]], p.column("latent").to_numpy()[keep]] = p.column("pred").to_numpy()[keep]
     return cids, pred, true_activations(store, keys, split, seq_ids, seq_len, num_latents)
 
 
+CALIBRATED_SCHEMA = sim_lib.CALIBRATED_SCHEMA
+
+
 def run_calibrate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """Per-latent maps fit on the calib split, streaming over the simulation shards: a shard's
+    latents are calibrated from that shard's predictions and those latents' (sparse) true
+    activations alone, so only one shard's dense [contexts x shard latents] block is ever in
+    memory. The calibrated eval predictions are written a shard at a time."""
     if ref := _done(store, "calibrate", keys):
         return ref
     w = _writer(store, "calibrate", cfg, keys)
-    num_latents, seq_len = _num_latents(store, keys), cfg.corpus.seq_len
-    mats = {split: _dense_split(store, keys, split, seq_len, num_latents) for split in ("calib", "eval")}
-    simulated = np.unique(read_predictions(store, keys, columns=["latent"]).column("latent").to_numpy())
-    # A latent with any failed prediction cannot be simulated faithfully: it is left out of
-    # calibration (so never patched) and counted, rather than given an invented value.
-    complete = ~(np.isnan(mats["calib"][1][:, simulated]).any(0) | np.isnan(mats["eval"][1][:, simulated]).any(0))
-    latents, excluded = simulated[complete], simulated[~complete]
+    seq_len = cfg.corpus.seq_len
+    calib_cids = context_ids(load_tokens(store, keys, ("calib",))[0], seq_len)
+    eval_cids = context_ids(load_tokens(store, keys, ("eval",))[0], seq_len)
+    a = _table(store, "activations", keys["activations"], "activations", columns=["seq_id", "pos", "latent", "act"],
+               filters=pc.field("split") == "calib")
+    true_calib = calib_lib.SparseColumns(
+        context_index(calib_cids)[a.column("seq_id").to_numpy() * seq_len + a.column("pos").to_numpy()],
+        a.column("latent").to_numpy(), a.column("act").to_numpy(), len(calib_cids))
+    del a
+    writer = sim_lib.BlockWriter(store.fs, f"{w.dir}/calibrated.parquet", schema=CALIBRATED_SCHEMA,
+                                 local=not store.is_s3)
+    t_start = time.perf_counter()
+    shards = (calib_lib.ShardReader(pq.ParquetFile(store.fs.open_input_file(f))) for f in prediction_files(store, keys))
+    try:
+        res = calib_lib.stream_calibration(shards, list(cfg.calibrate.methods), cfg.calibrate.n_knots, calib_cids,
+                                           eval_cids, true_calib, writer.write)
+    except BaseException:
+        writer.abort()
+        raise
+    rows, sha, _ = writer.close()
+    w.files.append({"name": "calibrated", "file": "calibrated.parquet", "rows": rows, "sha256": sha})
+    latents = np.concatenate(res.latents) if res.latents else np.zeros(0, np.int64)
+    excluded = np.concatenate(res.excluded) if res.excluded else np.zeros(0, np.int64)
+    maps_tables, fit_seconds, n_fit = res.maps, res.fit_seconds, res.n_fit
     if len(excluded):
+        # A latent with any failed prediction cannot be simulated faithfully: it is left out of
+        # calibration (so never patched) and counted, rather than given an invented value.
         log.warning("calibrate: %d latents have failed predictions and are not simulated: %s", len(excluded),
                     excluded[:20].tolist())
-    maps_tables, calibrated, fit_seconds = [], [], {}
-    eval_cids, eval_pred, _ = mats["eval"]
-    for method in cfg.calibrate.methods:
-        t0 = time.perf_counter()
-        maps = calib_lib.fit_calibration(method, mats["calib"][1][:, latents], mats["calib"][2][:, latents],
-                                         cfg.calibrate.n_knots, latents=latents)
-        fit_seconds[method] = round(time.perf_counter() - t0, 3)
-        maps_tables.append(calib_lib.maps_to_table(maps))
-        out = calib_lib.apply_calibration(maps, eval_pred[:, latents], latents=latents)
-        t = sim_lib.predictions_table(eval_cids, latents, out)
-        calibrated.append(t.append_column("method", pa.array([method] * len(t))))
-    log.info("calibrate: %d methods on %d latents, fit seconds %s", len(fit_seconds), len(latents), fit_seconds)
-    w.table("calibration", pa.concat_tables(maps_tables))
-    w.table("calibrated", pa.concat_tables(calibrated))
+    fit_seconds = {m: round(v, 3) for m, v in fit_seconds.items()}
+    total = time.perf_counter() - t_start
+    log.info("calibrate: %d methods on %d latents (%d calib predictions) in %.1fs, fit seconds %s",
+             len(fit_seconds), len(latents), n_fit, total, fit_seconds)
+    empty = pa.Table.from_pylist([], schema=calib_lib.TABLE_SCHEMA)
+    w.table("calibration", pa.concat_tables([t for m in cfg.calibrate.methods for t in maps_tables[m]] or [empty]))
     return w.finish(metrics={"methods": list(cfg.calibrate.methods), "n_latents": int(len(latents)),
                              "n_latents_excluded_failed": int(len(excluded)), "excluded_latents": excluded.tolist(),
-                             "n_calib_contexts": int(len(mats["calib"][0])), "fit_seconds": fit_seconds})
+                             "n_calib_contexts": int(len(calib_cids)), "fit_seconds": fit_seconds,
+                             "n_calib_predictions": int(n_fit),
+                             "fit_predictions_per_s": {m: n_fit / max(v, 1e-9) for m, v in fit_seconds.items()},
+                             "predictions_per_s": n_fit / max(total, 1e-9)})
 
 
 def raw_thresholds(max_act: np.ndarray, digit: float) -> np.ndarray:

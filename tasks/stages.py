@@ -97,6 +97,13 @@ def write_report(run: RunContext) -> ArtifactRef:
     return stages.run_report(run.store(), run.config, run.stage_keys)
 
 
+@stage_task("multilayer", "evaluate_layers")
+def evaluate_layers(run: RunContext) -> ArtifactRef:
+    from nlrewrite_core import multilayer
+
+    return multilayer.run_multilayer(run.store(), run.config, run.stage_keys)
+
+
 def shard_sub(shard: int) -> str:
     """Sub-directory of one simulation shard inside the simulate artifact."""
     return f"shard-{shard:05d}"

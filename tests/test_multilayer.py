@@ -1,0 +1,107 @@
+"""Several layers at once: config validation, unchanged single-layer keys, and the micro run."""
+
+from __future__ import annotations
+
+import pytest
+
+from nlrewrite_core import multilayer, stages
+from nlrewrite_core.config import ConfigError, load_config
+from nlrewrite_core.storage import Store
+
+EXTRA = {"multilayer": {"layers": [1]}}
+
+
+@pytest.mark.parametrize("layers, match", [
+    ([0], "multilayer.layers: layer 0 is transcoder.layer"),
+    ([2], "multilayer.layers: layer 2 is out of range"),
+    ([-1], "multilayer.layers: layer -1 is out of range"),
+    ([1, 1], "multilayer.layers must be distinct"),
+])
+def test_bad_layers_are_config_errors(layers, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("micro", overrides={"multilayer": {"layers": layers}})
+
+
+def test_calibrations_must_be_computed():
+    with pytest.raises(ConfigError, match="multilayer.calibrations"):
+        load_config("micro", overrides={"multilayer": {"layers": [1], "calibrations": ["quantile-hf9"]}})
+
+
+@pytest.mark.parametrize("preset", ["tiny", "micro", "pythia-160m"])
+def test_single_layer_plan_and_dump_unchanged(preset):
+    cfg = load_config(preset)
+    assert "multilayer" not in cfg.model_dump(mode="json")
+    keys = stages.plan(cfg)
+    assert "multilayer" not in keys
+    assert stages.plan(load_config(preset, overrides={"multilayer": {"layers": []}})) == keys
+
+
+def test_extra_layers_add_only_the_multilayer_stage():
+    base = stages.plan(load_config("micro"))
+    cfg = load_config("micro", overrides=EXTRA)
+    keys = stages.plan(cfg)
+    assert list(keys) == [*base, "multilayer"]
+    assert {k: keys[k] for k in base} == base
+    # the extra layer's pipeline is the single-layer pipeline of that layer (shared, cached)
+    per = multilayer.layer_keys(cfg)
+    assert per[0] == base
+    assert per[1] == stages.plan(load_config("micro", overrides={"transcoder": {"layer": 1}}))
+    assert stages.plan(load_config("micro", overrides={"multilayer": {"layers": [1], "simulate": False}}))[
+        "multilayer"] != keys["multilayer"]
+
+
+def test_micro_two_layers(tmp_path, one_torch_thread):
+    """Layer 0 (main) and layer 1 of the micro subject: CE with 1 and 2 layers rewritten."""
+    cfg = load_config("micro", overrides=EXTRA)
+    keys = stages.plan(cfg)
+    store = Store(str(tmp_path / "store"))
+    for fn in (stages.run_corpus, stages.run_subject):
+        fn(store, cfg, keys)
+    ref = multilayer.run_multilayer(store, cfg, keys)
+    assert store.has_manifest("multilayer", keys["multilayer"])
+    t = stages._table(store, "multilayer", keys["multilayer"], "multilayer").to_pylist()
+    by = {(r["n_layers"], r["condition"], r["calibration"], r["positions"]): r for r in t}
+    for n, layers in ((1, "0"), (2, "0,1")):
+        for cond in ("clean", "transcoder", "zero_ablation", "mlp_ablation"):
+            assert (n, cond, "", "all") in by
+        for method in cfg.multilayer.calibrations:
+            r = by[(n, "simulated", method, "all")]
+            assert r["layers"] == layers and r["fraction"] == 1.0 and r["n_latents"] > 0
+        zero = by[(n, "zero_ablation", "", "all")]
+        assert zero["delta_zero_mean"] == 0.0
+    for r in t:
+        assert r["ce_lo"] <= r["ce_mean"] <= r["ce_hi"]
+    # the first subset is the single-layer evaluation of the main layer: same CE as the transcoder stage's fit
+    fit = store.read_manifest("transcoder", keys["transcoder"])["metrics"]
+    assert by[(1, "transcoder", "", "all")]["ce_mean"] == pytest.approx(fit["ce_transcoder"], rel=1e-5)
+    assert by[(1, "zero_ablation", "", "all")]["ce_mean"] == pytest.approx(fit["ce_zero_ablation"], rel=1e-5)
+    # rewriting a second layer on top of the first changes CE
+    assert by[(2, "zero_ablation", "", "all")]["ce_mean"] != by[(1, "zero_ablation", "", "all")]["ce_mean"]
+    # the extra layer's stages are ordinary, content-addressed artifacts
+    per = multilayer.layer_keys(cfg)
+    for stage in ("transcoder", "activations", "score", "calibrate"):
+        assert store.has_manifest(stage, per[1][stage])
+    assert ref.key == keys["multilayer"]
+    # a second call finds the manifest
+    assert multilayer.run_multilayer(store, cfg, keys).key == ref.key
+
+
+def test_flow_runs_multilayer_only_when_configured(micro_run, tmp_path):
+    """The rewrite flow with an extra layer: the main layer's stages are cache hits (a copy of the
+    micro run's store), layer 1's pipeline and the multilayer stage run, and `query` sees the table."""
+    import shutil
+
+    from flows.rewrite import rewrite
+    from nlrewrite_core.query import query
+
+    storage, first = micro_run
+    assert "multilayer" not in first and "multilayer" not in first["keys"]
+    copy = str(tmp_path / "store")
+    shutil.copytree(storage, copy)
+    result = rewrite(preset="micro", storage=copy, run_id="micro-multi", overrides=EXTRA)
+    assert {k: result["keys"][k] for k in first["keys"]} == first["keys"]
+    assert Store(copy).has_manifest("multilayer", result["keys"]["multilayer"])
+    assert {(r["n_layers"], r["layers"]) for r in result["multilayer"]} == {(1, "0"), (2, "0,1")}
+    _, rows = query(Store(copy), "micro-multi",
+                    "select count(*) from multilayer where condition = 'zero_ablation' and delta_zero_mean = 0")
+    assert rows[0][0] == 2 * 2  # two subsets x two position sets
