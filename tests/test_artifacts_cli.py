@@ -177,13 +177,12 @@ def test_unreachable_endpoint(s3_env, capsys):
     assert code == 2 and "cannot reach the S3 endpoint" in err
 
 
-def test_transient_s3_outage_is_retried(tmp_path):
+def test_transient_s3_outage_is_retried(tmp_path, monkeypatch):
     """The endpoint goes away and comes back on the same port: reads and writes wait and succeed."""
     from moto.server import ThreadedMotoServer
 
-    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    for k, v in {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
@@ -213,11 +212,6 @@ def test_transient_s3_outage_is_retried(tmp_path):
         assert store.read_bytes(store.path("b.bin")) == b"second"
     finally:
         server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_artifacts_ls_local_root_and_unknown_stage(micro_run, capsys):
