@@ -253,7 +253,7 @@ class ScoreConfig(_Extended):
 
 
 class SimulateConfig(_Extended):
-    _added = ("llm", "renormalize")
+    _added = ("llm", "renormalize", "eval_positions")
     method: Literal["embedding", "llm"] = "embedding"
     """Simulator. `embedding`: similarity of explanation and the context window ending at the target token.
     `llm`: the paper's prompt (explanation, window, last token marked, a 0-9 answer); the prediction is
@@ -273,6 +273,12 @@ class SimulateConfig(_Extended):
     renormalize: bool = True
     """llm: renormalize the digit probabilities to sum to 1 before the expected value (ours);
     False is the paper's sum of digit x probability over the top logprobs as they are."""
+    eval_positions: Literal["all", "last"] = "all"
+    """Eval contexts simulated. `all`: every position of every eval sentence (evaluation patches every
+    position and reports CE of all positions and of the last). `last`: only the last scored position of
+    each sentence (the paper: one target per sentence, so 1,000 eval sentences cost 1,000 contexts, not
+    50,000); evaluation then patches that position alone (the others keep the clean MLP) and reports
+    CE at the last position only (`evaluate.positions` must be `last`)."""
 
     @model_validator(mode="after")
     def _check_llm(self) -> "SimulateConfig":
@@ -438,6 +444,13 @@ class RewriteConfig(_Extended):
                 f"transcoder.layer ({self.transcoder.layer}) is out of range: the subject has "
                 f"{self.subject.num_layers} layers (0..{self.subject.num_layers - 1})"
             )
+        if self.simulate.eval_positions == "last":
+            if self.evaluate.positions != "last":
+                raise ValueError("simulate.eval_positions is 'last' (only the last position of each eval sentence is "
+                                 "simulated) but evaluate.positions is 'all'; set evaluate.positions: last")
+            if self.multilayer.layers:
+                raise ValueError("simulate.eval_positions 'last' is not supported with multilayer.layers; "
+                                 "use eval_positions: all for multi-layer rewriting")
         self._check_multilayer()
         return self
 
@@ -483,7 +496,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-shape": {
         "corpus": {"seq_len": 50, "n_calib": 200, "n_eval": 1000, "n_explain": 2000},
         "transcoder": {"num_latents": 32768, "k": 32},
-        "simulate": {"method": "embedding", "window": 32, "shard_latents": 512, "context_block": 8192},
+        "simulate": {"method": "embedding", "window": 32, "shard_latents": 512, "context_block": 8192,
+                     "eval_positions": "last"},
         "calibrate": {"methods": ["none", "quantile"]},
         "evaluate": {"positions": "last"},
         "execution": {"device": "cpu"},
@@ -502,7 +516,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "chat_format": "llama3"}},
         "score": {"method": "detection", "n_pos": 100, "n_neg": 100, "examples_per_prompt": 5, "n_bins": 10,
                   "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "chat_format": "llama3"}},
-        "simulate": {"method": "llm", "window": 32, "shard_latents": 256,
+        "simulate": {"method": "llm", "window": 32, "shard_latents": 256, "eval_positions": "last",
                      "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-8B-Instruct", "chat_format": "llama3"}},
         "evaluate": {"positions": "last"},
         "execution": {"device": "cuda"},

@@ -52,9 +52,10 @@ def flat(fn: Callable[[torch.Tensor], torch.Tensor]) -> MlpFn:
 # ---- CE under a replacement ---------------------------------------------------------------------
 @torch.no_grad()
 def ce_with(model: torch.nn.Module, layer: int, tokens: np.ndarray, batch_size: int,
-            make_fn: Callable[[slice], MlpFn] | None) -> np.ndarray:
+            make_fn: Callable[[slice], MlpFn] | None, position: int | None = None) -> np.ndarray:
     """Per-position CE [n_seq, seq_len-1] with the MLP at `layer` replaced by make_fn(rows)
-    for each batch of sequence rows (None: the clean model)."""
+    for each batch of sequence rows (None: the clean model); at sequence position `position` only
+    when given (see `replace_mlp`)."""
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(tokens), batch_size):
@@ -62,7 +63,7 @@ def ce_with(model: torch.nn.Module, layer: int, tokens: np.ndarray, batch_size: 
         if make_fn is None:
             out.append(token_ce(model, tokens[rows], batch_size, device))
         else:
-            with replace_mlp(model, layer, make_fn(rows)):
+            with replace_mlp(model, layer, make_fn(rows), position):
                 out.append(token_ce(model, tokens[rows], batch_size, device))
     return torch.cat(out).numpy()
 
@@ -88,6 +89,12 @@ def ce_with_layers(model: torch.nn.Module, tokens: np.ndarray, batch_size: int,
 
 POSITIONS = ("all", "last")
 """Position sets whose CE is reported: every position, or the last of each sequence (the paper)."""
+
+
+def scored_last_position(seq_len: int) -> int:
+    """The position whose MLP output feeds the last scored prediction (of token seq_len - 1): the
+    context `last` CE is measured at, and the one simulated with simulate.eval_positions 'last'."""
+    return seq_len - 2
 
 
 def per_sequence(ce: np.ndarray, positions: str) -> np.ndarray:

@@ -55,7 +55,8 @@ def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[st
         "transcoder": (d["transcoder"], ["subject", "corpus"]),
         "activations": (d["activations"], ["corpus", "subject", "transcoder"]),
         "explain": (d["explain"], ["corpus", "activations"]),
-        "embed": ({"embedding": d["embedding"], "window": d["simulate"]["window"]}, ["corpus"]),
+        "embed": ({"embedding": d["embedding"], "window": d["simulate"]["window"],
+                   **({"eval_positions": "last"} if cfg.simulate.eval_positions == "last" else {})}, ["corpus"]),
         "score": ({"score": d["score"], "token_weight": d["simulate"]["token_weight"]},
                   ["activations", "explain", "embed"]),
         "simulate": ({"simulate": d["simulate"], "embedding": d["embedding"]}, ["activations", "explain", "embed"]),
@@ -167,14 +168,43 @@ def context_ids(seq_ids: np.ndarray, seq_len: int) -> np.ndarray:
     return (seq_ids[:, None] * seq_len + np.arange(seq_len)[None, :]).reshape(-1)
 
 
+def sim_context_ids(cfg: RewriteConfig, split: str, seq_ids: np.ndarray) -> np.ndarray:
+    """The contexts of a split that are simulated, calibrated and evaluated: every position, or for
+    the eval split with simulate.eval_positions 'last' the last scored position of each sentence."""
+    seq_len = cfg.corpus.seq_len
+    if split == "eval" and cfg.simulate.eval_positions == "last":
+        return np.asarray(seq_ids, dtype=np.int64) * seq_len + eval_lib.scored_last_position(seq_len)
+    return context_ids(seq_ids, seq_len)
+
+
+def _sparse_activations(store: Store, keys: dict[str, str], split: str, seq_len: int, cids: np.ndarray,
+                        columns: tuple[str, ...] = ("latent", "act")) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(row in `cids`, {column: values}) of a split's cached activations at the contexts `cids`."""
+    t = _table(store, "activations", keys["activations"], "activations", columns=["seq_id", "pos", *columns],
+               filters=pc.field("split") == split)
+    c = t.column("seq_id").to_numpy().astype(np.int64) * seq_len + t.column("pos").to_numpy()
+    idx = context_index(cids)
+    row = np.where(c < len(idx), idx[np.minimum(c, len(idx) - 1)], -1)
+    keep = row >= 0
+    return row[keep], {k: t.column(k).to_numpy()[keep] for k in columns}
+
+
 def true_activations(store: Store, keys: dict[str, str], split: str, seq_ids: np.ndarray, seq_len: int,
-                     num_latents: int) -> np.ndarray:
-    """Dense true activations [n_ctx, num_latents] of a split, rows in context_ids(seq_ids) order."""
-    t = _table(store, "activations", keys["activations"], "activations", filters=pc.field("split") == split)
-    cids = t.column("seq_id").to_numpy() * seq_len + t.column("pos").to_numpy()
-    idx = context_index(context_ids(seq_ids, seq_len))
-    return dense(cids, t.column("latent").to_numpy(), t.column("act").to_numpy(), idx,
-                 (len(seq_ids) * seq_len, num_latents))
+                     num_latents: int, cids: np.ndarray | None = None) -> np.ndarray:
+    """Dense true activations [n_ctx, num_latents] of a split at the contexts `cids` (default: every
+    position, context_ids(seq_ids) order), rows in `cids` order."""
+    cids = context_ids(seq_ids, seq_len) if cids is None else cids
+    row, v = _sparse_activations(store, keys, split, seq_len, cids)
+    out = np.zeros((len(cids), num_latents), dtype=np.float32)
+    out[row, v["latent"]] = v["act"]
+    return out
+
+
+def true_sparse(store: Store, keys: dict[str, str], split: str, seq_len: int,
+                cids: np.ndarray) -> calib_lib.SparseColumns:
+    """A split's true activations at the contexts `cids` as sparse columns (rows in `cids` order)."""
+    row, v = _sparse_activations(store, keys, split, seq_len, cids)
+    return calib_lib.SparseColumns(row, v["latent"], v["act"], len(cids))
 
 
 # ---- stages -------------------------------------------------------------------------------------
@@ -363,7 +393,7 @@ def _llm_cost(llm, before: dict[str, float]) -> dict[str, Any]:
 
 def run_embed(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
     """Embed every context window the scorer and simulator need, once: the explain split's scoring
-    half and all calib and eval positions, plus every vocabulary token alone."""
+    half and the simulated calib and eval contexts (sim_context_ids), plus every vocabulary token alone."""
     if ref := _done(store, "embed", keys):
         return ref
     w = _writer(store, "embed", cfg, keys)
@@ -375,16 +405,19 @@ def run_embed(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifac
         if split == "explain":
             keep = np.isin(seq_ids, explain_halves(seq_ids)[1])
             seq_ids, tokens = seq_ids[keep], tokens[keep]
-        windows = sim_lib.context_windows(tokens, cfg.simulate.window)
+        cids = context_ids(seq_ids, seq_len)
+        keep = np.isin(cids, sim_context_ids(cfg, split, seq_ids))
+        cids = cids[keep]
+        windows = [w for w, k in zip(sim_lib.context_windows(tokens, cfg.simulate.window), keep) if k]
         texts = [tokenizer.decode(tokens[r, a:b].tolist()) for r, a, b in windows]
         t0 = time.perf_counter()
         emb = emb_lib.embed_texts(texts, cfg.embedding)
         log.info("embed: %s split, %d windows, %.0f windows/s", split, len(texts),
                  len(texts) / max(time.perf_counter() - t0, 1e-9))
         frames.append(pa.table({
-            "context_id": pa.array(context_ids(seq_ids, seq_len)),
+            "context_id": pa.array(cids),
             "split": pa.array([split] * len(texts)),
-            "token": pa.array(tokens.reshape(-1).astype(np.int32)),
+            "token": pa.array(tokens.reshape(-1)[keep].astype(np.int32)),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
         }))
     vocab = tokenizer.get_vocab_size()
@@ -486,6 +519,9 @@ def _run_simulate_shard_llm(store: Store, cfg: RewriteConfig, keys: dict[str, st
     tokenizer = load_tokenizer(store, keys)
     suffixes = sim_lib.context_suffixes(tokens, cfg.simulate.window, lambda ids: tokenizer.decode(ids))
     cids = context_ids(seq_ids, seq_len)
+    keep = np.isin(cids, np.concatenate([sim_context_ids(cfg, split, load_tokens(store, keys, (split,))[0])
+                                         for split in ("calib", "eval")]))
+    suffixes, cids = [x for x, k in zip(suffixes, keep) if k], cids[keep]
     e = _table(store, "explain", keys["explain"], "explanations", filters=pc.field("status") == "explained")
     lat = e.column("latent").to_numpy()
     keep = (lat >= lo) & (lat < hi)
@@ -602,6 +638,11 @@ def _dense_split(store: Store, keys: dict[str, str], split: str, seq_len: int, n
 CALIBRATED_SCHEMA = sim_lib.CALIBRATED_SCHEMA
 
 
+def _shard_readers(store: Store, keys: dict[str, str]):
+    """The simulation shards' prediction files, one ShardReader at a time (opened lazily)."""
+    return (calib_lib.ShardReader(pq.ParquetFile(store.fs.open_input_file(f))) for f in prediction_files(store, keys))
+
+
 def run_calibrate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
     """Per-latent maps fit on the calib split, streaming over the simulation shards: a shard's
     latents are calibrated from that shard's predictions and those latents' (sparse) true
@@ -610,22 +651,15 @@ def run_calibrate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Art
     if ref := _done(store, "calibrate", keys):
         return ref
     w = _writer(store, "calibrate", cfg, keys)
-    seq_len = cfg.corpus.seq_len
-    calib_cids = context_ids(load_tokens(store, keys, ("calib",))[0], seq_len)
-    eval_cids = context_ids(load_tokens(store, keys, ("eval",))[0], seq_len)
-    a = _table(store, "activations", keys["activations"], "activations", columns=["seq_id", "pos", "latent", "act"],
-               filters=pc.field("split") == "calib")
-    true_calib = calib_lib.SparseColumns(
-        context_index(calib_cids)[a.column("seq_id").to_numpy() * seq_len + a.column("pos").to_numpy()],
-        a.column("latent").to_numpy(), a.column("act").to_numpy(), len(calib_cids))
-    del a
+    calib_cids = sim_context_ids(cfg, "calib", load_tokens(store, keys, ("calib",))[0])
+    eval_cids = sim_context_ids(cfg, "eval", load_tokens(store, keys, ("eval",))[0])
+    true_calib = true_sparse(store, keys, "calib", cfg.corpus.seq_len, calib_cids)
     writer = sim_lib.BlockWriter(store.fs, f"{w.dir}/calibrated.parquet", schema=CALIBRATED_SCHEMA,
                                  local=not store.is_s3)
     t_start = time.perf_counter()
-    shards = (calib_lib.ShardReader(pq.ParquetFile(store.fs.open_input_file(f))) for f in prediction_files(store, keys))
     try:
-        res = calib_lib.stream_calibration(shards, list(cfg.calibrate.methods), cfg.calibrate.n_knots, calib_cids,
-                                           eval_cids, true_calib, writer.write)
+        res = calib_lib.stream_calibration(_shard_readers(store, keys), list(cfg.calibrate.methods),
+                                           cfg.calibrate.n_knots, calib_cids, eval_cids, true_calib, writer.write)
     except BaseException:
         writer.abort()
         raise
@@ -680,9 +714,12 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
     model, sae = load_subject(store, keys, device), load_sae(store, keys, device)
     layer, seq_len, num_latents = cfg.transcoder.layer, cfg.corpus.seq_len, sae.num_latents
     seq_ids, tokens = load_tokens(store, keys, ("eval",))
-    cids = context_ids(seq_ids, seq_len)
+    cids = sim_context_ids(cfg, "eval", seq_ids)
     cidx = context_index(cids)
-    true = true_activations(store, keys, "eval", seq_ids, seq_len, num_latents)
+    true = true_activations(store, keys, "eval", seq_ids, seq_len, num_latents, cids)
+    # simulate.eval_positions 'last': one simulated context per sentence, patched at that position alone.
+    position = eval_lib.scored_last_position(seq_len) if cfg.simulate.eval_positions == "last" else None
+    per_row = 1 if position is not None else seq_len
     cal = _table(store, "calibrate", keys["calibrate"], "calibrated")
     preds: dict[str, np.ndarray] = {}
     for method in ev_methods(cfg):
@@ -698,10 +735,10 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
                      .column("latent").to_numpy())
     bs = ev.batch_size
     primary = ev.positions
-    positions = [primary] + [p for p in eval_lib.POSITIONS if p != primary]
+    positions = [primary] + [p for p in eval_lib.POSITIONS if p != primary and position is None]
 
     def run(fn_for_rows) -> dict[str, np.ndarray]:
-        ce = eval_lib.ce_with(model, layer, tokens, bs, fn_for_rows)
+        ce = eval_lib.ce_with(model, layer, tokens, bs, fn_for_rows, position)
         return {p: eval_lib.per_sequence(ce, p) for p in positions}
 
     def patch_with(values: np.ndarray, sel: np.ndarray, what: str):
@@ -709,7 +746,7 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
         eval_lib.check_patch_values(values, what)
         sel_t = torch.as_tensor(sel, device=device)
         def make(rows: slice):
-            r = slice(rows.start * seq_len, rows.stop * seq_len)
+            r = slice(rows.start * per_row, rows.stop * per_row)
             vals = torch.as_tensor(values[r], device=device)
             return eval_lib.flat(lambda x: eval_lib.patched_output(sae, x, sel_t, vals))
         return make
@@ -808,7 +845,8 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
 
     # Sample-size ablation (Figure A2): maps fit on nested subsets of the calib sequences.
     t2 = time.perf_counter()
-    size_rows = _sample_size_ablation(store, cfg, keys, live, scores, true, run, patch_with, rows_for, num_latents)
+    size_rows = _sample_size_ablation(store, cfg, keys, live, scores, true, cids, run, patch_with, rows_for,
+                                      num_latents)
     n_runs += len(size_rows) // max(len(positions), 1)
     t_sizes = time.perf_counter() - t2
 
@@ -854,25 +892,31 @@ def calib_subsets(n_sequences: int, sizes: list[float], seed: int = 0) -> list[t
 
 
 def _sample_size_ablation(store: Store, cfg: RewriteConfig, keys: dict[str, str], live: np.ndarray,
-                          scores: np.ndarray, true_eval: np.ndarray, run, patch_with, rows_for,
-                          num_latents: int) -> list[dict[str, Any]]:
+                          scores: np.ndarray, true_eval: np.ndarray, eval_cids: np.ndarray, run, patch_with,
+                          rows_for, num_latents: int) -> list[dict[str, Any]]:
     """CE (top selection) and mean specificity/sensitivity with calibration maps fit on subsets of
-    the calib split, for every calibration method except `none` (which fits nothing)."""
+    the calib split, for every calibration method except `none` (which fits nothing). Each subset
+    streams over the simulation shards exactly as the calibrate stage does (one shard in memory)."""
     ev, seq_len = cfg.evaluate, cfg.corpus.seq_len
     methods = [m for m in ev_methods(cfg) if m != "none"]
     if not ev.sample_sizes or not methods:
         return []
-    _, calib_pred, calib_true = _dense_split(store, keys, "calib", seq_len, num_latents)
-    _, eval_pred, _ = _dense_split(store, keys, "eval", seq_len, num_latents)
-    n_seq = calib_pred.shape[0] // seq_len
+    calib_seq = load_tokens(store, keys, ("calib",))[0]
+    eidx = context_index(eval_cids)
     out = []
-    for size, seq_rows in calib_subsets(n_seq, ev.sample_sizes):
-        rows = (seq_rows[:, None] * seq_len + np.arange(seq_len)[None, :]).reshape(-1)
+    for size, seq_rows in calib_subsets(len(calib_seq), ev.sample_sizes):
+        calib_cids = sim_context_ids(cfg, "calib", calib_seq[seq_rows])
+        preds = {m: np.zeros((len(eval_cids), num_latents), dtype=np.float32) for m in methods}
+
+        def collect(t: pa.Table) -> None:
+            m = t.column("method")[0].as_py()
+            preds[m][eidx[t.column("context_id").to_numpy()], t.column("latent").to_numpy()] = \
+                t.column("pred").to_numpy()
+
+        calib_lib.stream_calibration(_shard_readers(store, keys), methods, cfg.calibrate.n_knots, calib_cids,
+                                     eval_cids, true_sparse(store, keys, "calib", seq_len, calib_cids), collect)
         for method in methods:
-            maps = calib_lib.fit_calibration(method, calib_pred[rows][:, live], calib_true[rows][:, live],
-                                             cfg.calibrate.n_knots, latents=live)
-            pred = np.zeros_like(eval_pred)
-            pred[:, live] = calib_lib.apply_calibration(maps, eval_pred[:, live], latents=live)
+            pred = preds[method]
             m = eval_lib.activity_metrics(pred[:, live], true_eval[:, live], ev.active_threshold)
             spec, sens = float(np.nanmean(m["specificity"])), float(np.nanmean(m["sensitivity"]))
             for frac in ev.sample_size_fractions:
@@ -881,7 +925,7 @@ def _sample_size_ablation(store: Store, cfg: RewriteConfig, keys: dict[str, str]
                 for r in rows_for("simulated", ce, selection="top", fraction=frac, calibration=method,
                                   n_latents=len(sel)):
                     out.append({"calibration": method, "calib_fraction": size, "n_calib_sequences": len(seq_rows),
-                                "n_calib_contexts": len(rows), "fraction": frac, "n_latents": len(sel),
+                                "n_calib_contexts": len(calib_cids), "fraction": frac, "n_latents": len(sel),
                                 **{k: r[k] for k in ("positions", "ce_mean", "ce_lo", "ce_hi", "n", "delta_zero_mean",
                                                      "delta_zero_lo", "delta_zero_hi")},
                                 "specificity": spec, "sensitivity": sens, "threshold": ev.active_threshold})
@@ -893,10 +937,12 @@ def ev_methods(cfg: RewriteConfig) -> list[str]:
 
 
 def _example_latents(store: Store, keys: dict[str, str], cfg: RewriteConfig, lm: Any, preds: dict[str, np.ndarray],
-                     true: np.ndarray, tokens: np.ndarray, n_examples: int = 4) -> list[dict[str, Any]]:
+                     true: np.ndarray, tokens: np.ndarray, ctx_row: np.ndarray, ctx_pos: np.ndarray,
+                     n_examples: int = 4) -> list[dict[str, Any]]:
     """A few example latents for the report: the best, two middle and the worst by detection score
     among latents active on eval, with explanation, raw-prediction metrics, top eval contexts and
-    (true, predicted) activations per method. ``preds`` holds dense [n_ctx, n_latents] arrays."""
+    (true, predicted) activations per method. ``preds`` holds dense [n_ctx, n_latents] arrays; context
+    row i is position ctx_pos[i] of token row ctx_row[i]."""
     raw = lm[lm["calibration"] == "none"] if "none" in set(lm["calibration"]) else lm.drop_duplicates("latent")
     raw = raw[(raw["n_true_active"] > 0) & np.isfinite(raw["detection_score"].astype(float))]
     if raw.empty:
@@ -906,7 +952,6 @@ def _example_latents(store: Store, keys: dict[str, str], cfg: RewriteConfig, lm:
     chosen = raw.iloc[picks]
     expl = _table(store, "explain", keys["explain"], "explanations").to_pandas().set_index("latent")
     tokenizer = load_tokenizer(store, keys)
-    seq_len = cfg.corpus.seq_len
     out = []
     for _, r in chosen.iterrows():
         lat = int(r["latent"])
@@ -914,7 +959,7 @@ def _example_latents(store: Store, keys: dict[str, str], cfg: RewriteConfig, lm:
         top = np.argsort(-col, kind="stable")[:3]
         contexts = []
         for row in top[col[top] > 0]:
-            s, pos = divmod(int(row), seq_len)
+            s, pos = int(ctx_row[row]), int(ctx_pos[row])
             left = tokenizer.decode(tokens[s, max(0, pos - 12):pos].tolist())
             target = tokenizer.decode([int(tokens[s, pos])])
             contexts.append(f"{col[row]:.3f}: …{left}[{target}]")
@@ -944,9 +989,9 @@ def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
     # one sample of (context, latent) pairs, the same for every method (the tables share their row order).
     num_latents, seq_len = _num_latents(store, keys), cfg.corpus.seq_len
     seq_ids, tokens = load_tokens(store, keys, ("eval",))
-    true = true_activations(store, keys, "eval", seq_ids, seq_len, num_latents)
+    eval_cids = sim_context_ids(cfg, "eval", seq_ids)
+    true = true_activations(store, keys, "eval", seq_ids, seq_len, num_latents, eval_cids)
     cal = _table(store, "calibrate", keys["calibrate"], "calibrated")
-    eval_cids = context_ids(seq_ids, seq_len)
     cidx = context_index(eval_cids)
     dists: dict[str, np.ndarray] = {}
     dense_preds: dict[str, np.ndarray] = {}
@@ -961,7 +1006,8 @@ def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
         dists["raw" if method == "none" else method] = v[sample]
         dense_preds[method] = dense(c, l, v, cidx, (len(eval_cids), num_latents))
     del cal
-    examples = _example_latents(store, keys, cfg, lm, dense_preds, true, tokens)
+    examples = _example_latents(store, keys, cfg, lm, dense_preds, true, tokens, np.searchsorted(seq_ids, eval_cids // seq_len),
+                                eval_cids % seq_len)
     del dense_preds
     summary = {
         "preset": cfg.preset,

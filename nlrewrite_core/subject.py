@@ -152,15 +152,20 @@ def mlp_module(model: torch.nn.Module, layer: int) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def replace_mlp(model: torch.nn.Module, layer: int, fn: MlpFn) -> Iterator[None]:
-    """Within the block, the MLP at ``layer`` returns ``fn(mlp_input)`` instead of its own output.
+def replace_mlp(model: torch.nn.Module, layer: int, fn: MlpFn, position: int | None = None) -> Iterator[None]:
+    """Within the block, the MLP at ``layer`` returns ``fn(mlp_input)`` instead of its own output;
+    with ``position``, at that sequence position only (``fn`` sees the [batch, 1, d] input there)
+    and the MLP's own output everywhere else.
 
-    Implemented as a forward hook (the MLP still runs; its output is discarded); the hook is
-    removed on exit, also when an exception is raised.
+    Implemented as a forward hook (the MLP still runs); the hook is removed on exit, also when an
+    exception is raised.
     """
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        out = fn(args[0])
-        return out.to(output.dtype)
+        if position is None:
+            return fn(args[0]).to(output.dtype)
+        out = output.clone()
+        out[:, position:position + 1] = fn(args[0][:, position:position + 1]).to(output.dtype)
+        return out
 
     handle = mlp_module(model, layer).register_forward_hook(hook)
     try:

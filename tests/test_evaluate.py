@@ -282,3 +282,80 @@ def test_micro_run_evaluate_tables(micro_run):
     assert lm.loc[defined, "auroc"].between(0, 1).all() and lm.loc[~defined, "auroc"].isna().all()
     rel = frame("select * from score_relation")
     assert {"specificity", "sensitivity", "auroc", "spearman"} <= set(rel["metric"])
+
+
+def test_replace_mlp_at_one_position_leaves_the_rest_clean(model_and_sae):
+    """Patching one position: the CE of every earlier prediction is the clean model's (causal), the
+    patched position and later ones change; position=None patches every position."""
+    model, sae = model_and_sae
+    tokens = np.random.default_rng(1).integers(0, 64, size=(5, 16))
+    pos = ev.scored_last_position(16)
+    assert pos == 14  # ce[:, -1] predicts token 15 from position 14
+    clean = ev.ce_with(model, 1, tokens, 4, None)
+    zero = lambda rows: subject.zero_mlp  # noqa: E731
+    one = ev.ce_with(model, 1, tokens, 4, zero, position=pos)
+    assert np.array_equal(one[:, :pos], clean[:, :pos])
+    assert not np.allclose(one[:, pos], clean[:, pos])
+    every = ev.ce_with(model, 1, tokens, 4, zero)
+    assert not np.allclose(every[:, :pos], clean[:, :pos])
+    mid = ev.ce_with(model, 1, tokens, 4, zero, position=5)
+    assert np.array_equal(mid[:, :5], clean[:, :5]) and not np.allclose(mid[:, 5:], clean[:, 5:])
+
+
+def test_eval_positions_last_needs_last_positions():
+    from nlrewrite_core.config import load_config
+
+    with pytest.raises(ValueError, match="evaluate.positions"):
+        load_config("micro", overrides={"simulate": {"eval_positions": "last"}})
+    cfg = load_config("micro", overrides={"simulate": {"eval_positions": "last"}, "evaluate": {"positions": "last"}})
+    assert cfg.simulate.eval_positions == "last"
+    assert "eval_positions" not in load_config("micro").model_dump()["simulate"]  # default keeps stage keys
+
+
+def test_micro_run_eval_positions_last(micro_run):
+    """simulate.eval_positions 'last' on the micro run's storage (corpus..explain reused): one simulated
+    eval context per sentence (its last scored position), patched there alone; CE reported at the last
+    position only; the transcoder condition differs from clean only at that position; the oracle with no
+    errors equals the transcoder; the sample-size ablation at all calib equals the main sweep."""
+    import pandas as pd
+
+    from flows.rewrite import rewrite
+    from nlrewrite_core import stages
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.query import query
+    from nlrewrite_core.storage import Store
+
+    storage, _ = micro_run
+    overrides = {"simulate": {"eval_positions": "last"}, "evaluate": {"positions": "last"}}
+    rewrite(preset="micro", storage=storage, run_id="micro-last", overrides=overrides)
+    cfg = load_config("micro", overrides=overrides)
+    store, keys, base_keys = Store(storage), stages.plan(cfg), stages.plan(load_config("micro"))
+    assert all(keys[s] == base_keys[s] for s in ("corpus", "subject", "transcoder", "activations", "explain"))
+    assert keys["embed"] != base_keys["embed"]
+    seq_ids, _ = stages.load_tokens(store, keys, ("eval",))
+    n_lat = stages._num_latents(store, keys)
+
+    def frame(sql):
+        cols, rows = query(store, "micro-last", sql)
+        return pd.DataFrame(rows, columns=cols)
+
+    cal = stages._table(store, "calibrate", keys["calibrate"], "calibrated")
+    want = seq_ids * cfg.corpus.seq_len + cfg.corpus.seq_len - 2
+    assert np.array_equal(np.unique(cal.column("context_id").to_numpy()), np.sort(want))
+    n_methods = len(cfg.calibrate.methods)
+    assert len(cal) == len(want) * len(np.unique(cal.column("latent").to_numpy())) * n_methods
+    assert len(cal) <= len(want) * n_lat * n_methods
+    ce = frame("select * from ce")
+    assert set(ce["positions"]) == {"last"}
+    base = ce[ce["condition"] != "simulated"].set_index("condition")["ce_mean"]
+    assert base["transcoder"] != base["clean"] and base["zero_ablation"] != base["transcoder"]
+    oracle = frame("select * from oracle")
+    exact = oracle[(oracle["fp_rate"] == 0) & (oracle["fn_rate"] == 0)]
+    assert exact["ce_mean"].iloc[0] == pytest.approx(base["transcoder"], abs=1e-6)
+    sizes = frame("select * from sample_size where calib_fraction = 1.0")
+    for _, r in sizes.iterrows():
+        main = ce[(ce["condition"] == "simulated") & (ce["selection"] == "top") & (ce["calibration"] == r["calibration"])
+                  & np.isclose(ce["fraction"].astype(float), r["fraction"])]
+        assert main["ce_mean"].iloc[0] == pytest.approx(r["ce_mean"], abs=1e-9)
+    lm = frame("select * from latent_metrics")
+    assert lm["n_true_active"].max() <= len(want)
