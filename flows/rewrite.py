@@ -171,6 +171,7 @@ def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_
     stage_tasks = [("corpus", t.build_corpus), ("subject", t.train_subject), ("transcoder", t.train_transcoder),
                    ("activations", t.cache_activations), ("explain", t.explain_latents), ("embed", t.embed_contexts),
                    ("score", t.score_explanations)]
+    stage_tasks = [(stage, fn) for stage, fn in stage_tasks if stage in keys]  # embed: only for embedding methods
     total = len(stage_tasks) + 4
     progress = create_progress_artifact(0.0, key="rewrite-stages", description=f"rewrite: stages done / {total}")
     refs: dict[str, ArtifactRef] = {}
@@ -220,6 +221,8 @@ def rewrite_layers(run: RunContext, store: Store) -> list[dict[str, Any]]:
             tasks += [("activations", t.cache_activations), ("explain", t.explain_latents),
                       ("embed", t.embed_contexts), ("score", t.score_explanations)]
         for stage, fn in tasks:
+            if stage not in per_layer[layer]:
+                continue
             ensure(fn.with_options(task_run_name=f"{fn.name}-layer{layer}"), stage, lrun, store)
         if cfg.multilayer.simulate:
             simulate_all(lrun, store)

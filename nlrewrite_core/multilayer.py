@@ -62,8 +62,9 @@ def ensure_layer_pipeline(store: Store, cfg: RewriteConfig, keys: dict[str, str]
     stages.run_transcoder(store, cfg, keys)
     if not simulate:
         return
-    for fn in (stages.run_activations, stages.run_explain, stages.run_embed, stages.run_score):
-        fn(store, cfg, keys)
+    for stage in ("activations", "explain", "embed", "score"):
+        if stage in keys:  # embed: only for the embedding methods
+            getattr(stages, f"run_{stage}")(store, cfg, keys)
     if not store.has_manifest("simulate", keys["simulate"]):
         n_shards = len(stages.shard_ranges(stages._num_latents(store, keys), cfg.simulate.shard_latents))
         for shard in range(n_shards):

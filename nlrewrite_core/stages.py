@@ -49,6 +49,8 @@ CACHED_SPLITS = ("explain", "calib", "eval")
 def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[str]]]:
     """Each stage's config section and its upstream stages (the DAG)."""
     d = cfg.model_dump(mode="json")
+    # The context embeddings serve the embedding scorer and simulator only: LLM methods skip the stage.
+    emb = ["embed"] if "embedding" in (cfg.score.method, cfg.simulate.method) else []
     out = {
         "corpus": (d["corpus"], []),
         "subject": (d["subject"], ["corpus"]),
@@ -58,12 +60,14 @@ def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[st
         "embed": ({"embedding": d["embedding"], "window": d["simulate"]["window"],
                    **({"eval_positions": "last"} if cfg.simulate.eval_positions == "last" else {})}, ["corpus"]),
         "score": ({"score": d["score"], "token_weight": d["simulate"]["token_weight"]},
-                  ["activations", "explain", "embed"]),
-        "simulate": ({"simulate": d["simulate"], "embedding": d["embedding"]}, ["activations", "explain", "embed"]),
+                  ["activations", "explain", *emb]),
+        "simulate": ({"simulate": d["simulate"], "embedding": d["embedding"]}, ["activations", "explain", *emb]),
         "calibrate": (d["calibrate"], ["activations", "simulate"]),
         "evaluate": (d["evaluate"], ["corpus", "subject", "transcoder", "activations", "score", "calibrate"]),
         "report": ({}, ["transcoder", "subject", "activations", "score", "calibrate", "evaluate"]),
     }
+    if not emb:
+        del out["embed"]
     if cfg.multilayer.layers:  # only when configured: a single-layer run keeps exactly its stages and keys
         ml = cfg.multilayer
         section = {"multilayer": d["multilayer"], "transcoder": d["transcoder"],
@@ -585,13 +589,18 @@ def finish_simulate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> A
     if missing:
         raise RuntimeError(f"simulate: shards {missing} have no manifest; rerun the flow to finish them")
     w = _writer(store, "simulate", cfg, keys)
-    total = 0
+    total, cost = 0, {}
     for i in range(n_shards):
         m = store.read_manifest("simulate", keys["simulate"], f"shard-{i:05d}")
         for f in m["files"]:
             w.files.append({**f, "name": f"shard-{i:05d}/{f['name']}", "file": f"shard-{i:05d}/{f['file']}"})
             total += f["rows"] or 0
-    return w.finish(metrics={"n_shards": n_shards, "n_predictions": total})
+        for k, v in m.get("cost", {}).items():  # the stage's cost is its shards' (LLM tokens, seconds)
+            if isinstance(v, (int, float)):
+                name = "shards_wall_s" if k == "wall_s" else k
+                cost[name] = cost.get(name, 0) + v
+    cost = {k: round(v, 3) if isinstance(v, float) else v for k, v in cost.items()}
+    return w.finish(metrics={"n_shards": n_shards, "n_predictions": total}, cost=cost)
 
 
 def prediction_files(store: Store, keys: dict[str, str]) -> list[str]:

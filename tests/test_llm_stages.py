@@ -66,9 +66,28 @@ def test_micro_stages_with_tiny_llama(tmp_path):
     m = store.read_manifest("simulate", keys["simulate"], "shard-00000")
     assert m["cost"]["tokens_in_cached"] > 0 and m["metrics"]["n_predictions"] + m["metrics"]["n_failed"] > 0
     stages.finish_simulate(store, cfg, keys)
+    shard_costs = [store.read_manifest("simulate", keys["simulate"], f"shard-{i:05d}")["cost"]
+                   for i in range(len(stages.shard_ranges(num_latents, cfg.simulate.shard_latents)))]
+    total = store.read_manifest("simulate", keys["simulate"])["cost"]
+    assert total["tokens_in"] == sum(c["tokens_in"] for c in shard_costs) > 0
+    assert total["shards_wall_s"] == pytest.approx(sum(c["wall_s"] for c in shard_costs), abs=0.01)
     p = stages.read_predictions(store, keys)
     max_act = stages._max_act(store, keys, num_latents)
     v, lat = p.column("pred").to_numpy(), p.column("latent").to_numpy()
     assert len(p) > 0 and (v >= 0).all() and (v <= max_act[lat] + 1e-6).all()
     stages.run_calibrate(store, cfg, keys)
     assert store.has_manifest("calibrate", keys["calibrate"])
+
+
+def test_llm_methods_skip_the_embed_stage():
+    """The context embeddings serve the embedding scorer/simulator only: a config whose scorer and
+    simulator are both LLMs has no embed stage (nor embed upstream); one embedding method keeps it."""
+    from nlrewrite_core.config import load_config
+
+    llm = {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}
+    both = load_config("micro", overrides={"score": {"method": "detection", "llm": llm},
+                                           "simulate": {"method": "llm", "llm": llm}})
+    assert "embed" not in stages.plan(both)
+    assert all("embed" not in ups for _, ups in stages.stage_configs(both).values())
+    one = load_config("micro", overrides={"simulate": {"method": "llm", "llm": llm}})
+    assert "embed" in stages.plan(one) and "embed" in stages.stage_configs(one)["score"][1]

@@ -1,0 +1,148 @@
+"""The `paper-shape` preset end to end (issue 6): every stage of the real pipeline, each in its own
+process, with its wall time and peak RSS; then the CE-evaluation throughput against the bare subject
+forward on the same eval sentences (same run).
+
+The stages are the library's (nlrewrite_core.stages), run in DAG order on one storage root, without
+Prefect (whose tasks are thin wrappers of the same functions). A stage whose manifest exists is
+reused (its row says `cached`), so an interrupted run resumes.
+
+    python benchmarks/paper_shape.py --storage /tmp/paper-shape            # the whole preset
+    python benchmarks/paper_shape.py --preset micro --storage /tmp/m       # a quick check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))
+
+STAGES = ["corpus", "subject", "transcoder", "activations", "explain", "embed", "score", "simulate", "calibrate",
+          "evaluate", "report"]
+
+
+def run_stage(stage: str, preset: str, storage: str) -> dict:
+    """Run one stage (all shards, for simulate) in this process; its result as a dict."""
+    from nlrewrite_core import stages
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.storage import Store
+
+    cfg, store = load_config(preset), Store(storage)
+    keys = stages.plan(cfg)
+    cached = store.has_manifest(stage, keys[stage])
+    t0 = time.perf_counter()
+    if stage == "simulate":
+        n = len(stages.shard_ranges(stages._num_latents(store, keys), cfg.simulate.shard_latents))
+        for shard in range(n):
+            stages.run_simulate_shard(store, cfg, keys, shard)
+        stages.finish_simulate(store, cfg, keys)
+    else:
+        getattr(stages, f"run_{stage}")(store, cfg, keys)
+    seconds = time.perf_counter() - t0
+    m = store.read_manifest(stage, keys[stage]).get("metrics", {})
+    extra = {}
+    if stage == "simulate" and not cached:
+        shard_ms = [store.read_manifest("simulate", keys["simulate"], f"shard-{i:05d}")["metrics"] for i in range(n)]
+        rows = sum(s["n_predictions"] for s in shard_ms)
+        extra = {"predictions": rows, "bytes_per_prediction": sum(s.get("bytes", 0) for s in shard_ms) / max(rows, 1)}
+    if stage == "calibrate":
+        extra = {"calib_predictions_per_s": m.get("predictions_per_s")}
+    return {"stage": stage, "cached": cached, "seconds": seconds, **extra}
+
+
+def ce_throughput(preset: str, storage: str, reps: int = 3) -> dict:
+    """Patched CE evaluation (every explained latent simulated, quantile values when fit, as in the
+    sweep) vs the bare subject forward (token_ce with no hook) on the same eval sentences."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import torch
+
+    from nlrewrite_core import evaluate as ev
+    from nlrewrite_core import stages
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.storage import Store
+
+    cfg, store = load_config(preset), Store(storage)
+    keys = stages.plan(cfg)
+    model, sae = stages.load_subject(store, keys, "cpu"), stages.load_sae(store, keys, "cpu")
+    seq_ids, tokens = stages.load_tokens(store, keys, ("eval",))
+    seq_len, bs = cfg.corpus.seq_len, cfg.evaluate.batch_size
+    position = ev.scored_last_position(seq_len) if cfg.simulate.eval_positions == "last" else None
+    per_row = 1 if position is not None else seq_len
+    cids = stages.sim_context_ids(cfg, "eval", seq_ids)
+    cal = stages._table(store, "calibrate", keys["calibrate"], "calibrated")
+    method = "quantile" if "quantile" in cfg.calibrate.methods else cfg.calibrate.methods[0]
+    t = cal.filter(pc.field("method") == method)
+    live = np.unique(t.column("latent").to_numpy())
+    values = stages.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(), t.column("pred").to_numpy(),
+                          stages.context_index(cids), (len(cids), sae.num_latents))[:, live]
+    del cal, t
+    sel = torch.as_tensor(live)
+
+    def make(rows: slice):
+        vals = torch.as_tensor(values[rows.start * per_row:rows.stop * per_row])
+        return ev.flat(lambda x: ev.patched_output(sae, x, sel, vals))
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    bare = timed(lambda: ev.ce_with(model, cfg.transcoder.layer, tokens, bs, None))
+    patched = timed(lambda: ev.ce_with(model, cfg.transcoder.layer, tokens, bs, make, position))
+    n_tok = tokens.size
+    return {"stage": "ce_throughput", "bare_forward_tokens_per_s": n_tok / bare,
+            "patched_eval_tokens_per_s": n_tok / patched, "ratio_vs_bare": bare / patched,
+            "n_latents_patched": int(len(live)), "sentences": int(len(tokens)), "method": method}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="paper-shape")
+    ap.add_argument("--storage", required=True)
+    ap.add_argument("--_stage", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._stage:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+        res = ce_throughput(a.preset, a.storage) if a._stage == "ce_throughput" else run_stage(a._stage, a.preset,
+                                                                                               a.storage)
+        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        print(json.dumps(res))
+        return 0
+    from _common import report
+
+    rows, t_all = [], time.perf_counter()
+    for stage in STAGES + ["ce_throughput"]:
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, __file__, "--preset", a.preset, "--storage", a.storage, "--_stage", stage],
+                             stdout=subprocess.PIPE, text=True)
+        if out.returncode:
+            print(f"stage {stage} failed (exit {out.returncode}); its log is above", file=sys.stderr)
+            return 1
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["wall_s"] = round(time.perf_counter() - t0, 1)
+        r = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    core = ("stage", "cached", "seconds", "peak_rss_mib")
+    table = [{**{k: r.get(k, "") for k in core},
+              "detail": ", ".join(f"{k}={v}" for k, v in r.items() if k not in core + ("wall_s",))} for r in rows]
+    report(f"paper_shape_{a.preset}", table, {"preset": a.preset, "storage": a.storage, "stages": rows,
+                                              "total_s": round(time.perf_counter() - t_all, 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
