@@ -1,15 +1,20 @@
 """SQL over a run's tables: DuckDB views over the Parquet files, read in place (local or S3).
 
 DuckDB's httpfs extension cannot be installed offline, so each table is a pyarrow dataset on the
-store's filesystem, registered in DuckDB.
+store's filesystem, registered in DuckDB (`stage_dataset`: the one place that tells local from S3).
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from .storage import Store
@@ -63,6 +68,12 @@ def _dataset(files: list[str], store: Store) -> ds.Dataset:
     return d
 
 
+def stage_dataset(store: Store, stage: str, key: str, name: str) -> ds.Dataset:
+    """A stage table (all its Parquet files, from the manifest) as one dataset on the store's
+    filesystem, local or S3, ready to register in DuckDB; nothing is read until it is scanned."""
+    return _dataset(table_files(store, stage, key, name), store)
+
+
 def connect(store: Store, run_id: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with one view per table of the run."""
     run = load_run(store, run_id)
@@ -75,6 +86,55 @@ def connect(store: Store, run_id: str) -> duckdb.DuckDBPyConnection:
         if files:
             con.register(view, _dataset(files, store))
     return con
+
+
+# Bounds DuckDB's own memory for the stage queries below: larger intermediates spill to a temp dir.
+DUCKDB_MEMORY_LIMIT = "2GB"
+
+
+@contextlib.contextmanager
+def bounded_connection(memory_limit: str = DUCKDB_MEMORY_LIMIT) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection whose memory is capped at `memory_limit`; sorts and windows that need
+    more spill to a temporary directory, removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="nlrewrite-duckdb-") as tmp:
+        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": tmp,
+                                     "preserve_insertion_order": False})
+        # DuckDB >= 1.4 may rewrite a `row_number() <= n` window as a per-group top-n aggregate,
+        # whose states do not spill (it runs out of memory at the cache's scale): keep the window.
+        with contextlib.suppress(duckdb.Error):
+            con.execute("SET disabled_optimizers = 'top_n_window_elimination'")
+        try:
+            yield con
+        finally:
+            con.close()
+
+
+def top_activations(store: Store, key: str, split: str, seq_ids: np.ndarray, max_candidates: int = 0,
+                    memory_limit: str = DUCKDB_MEMORY_LIMIT) -> pa.Table:
+    """The explainer's candidate rows of the sparse latent cache (activations stage `key`), selected
+    in DuckDB over the stored Parquet files (local or S3) without loading the cache.
+
+    Rows of `split` whose seq_id is in `seq_ids` (filtered in the streaming scan); for each latent
+    its top `max_candidates` rows by activation, ties broken by (seq_id, pos) (0: every row), by
+    `row_number() OVER (PARTITION BY latent ORDER BY act DESC, seq_id, pos)`. Columns seq_id
+    (int64), pos (int32), latent (int32), act (float32), sorted by (latent, act desc, seq_id, pos).
+
+    Memory is bounded by DuckDB's `memory_limit` (the window's sort spills to a temp directory
+    beyond it) plus the kept rows returned (about 20 bytes a row: max_candidates x latents at most).
+    """
+    # The row filter runs in the pyarrow scan (a hash-set lookup per row), not as a DuckDB join,
+    # whose planner could build its hash table on the cache side.
+    rows = stage_dataset(store, "activations", key, "activations").filter(
+        (pc.field("split") == split) & pc.field("seq_id").isin(pa.array(np.asarray(seq_ids), pa.int64())))
+    n = int(max_candidates)
+    cut = (f"QUALIFY row_number() OVER (PARTITION BY latent ORDER BY act DESC, seq_id, pos) <= {n}"
+           if n > 0 else "")
+    sql = f"""SELECT seq_id::BIGINT AS seq_id, pos::INTEGER AS pos, latent::INTEGER AS latent, act::FLOAT AS act
+              FROM (SELECT seq_id, pos, latent, act FROM activations {cut})
+              ORDER BY latent, act DESC, seq_id, pos"""
+    with bounded_connection(memory_limit) as con:
+        con.register("activations", rows)
+        return con.sql(sql).to_arrow_table()
 
 
 def query(store: Store, run_id: str, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -28,6 +28,7 @@ from . import corpus as corpus_lib
 from . import embedding as emb_lib
 from . import evaluate as eval_lib
 from . import explain as explain_lib
+from . import query as query_lib
 from . import score as score_lib
 from . import simulate as sim_lib
 from . import subject as subject_lib
@@ -352,8 +353,9 @@ def run_explain(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artif
     num_latents = _num_latents(store, keys)
     seq_ids, tokens = load_tokens(store, keys, ("explain",))
     shown, _ = explain_halves(seq_ids)
-    a = _table(store, "activations", keys["activations"], "activations",
-               filters=(pc.field("split") == "explain") & pc.field("seq_id").isin(shown.tolist()))
+    # The candidate rows (the top max_candidates per latent, or all) selected in DuckDB over the
+    # cache's files: the cache itself is never loaded.
+    a = query_lib.top_activations(store, keys["activations"], "explain", shown, cfg.explain.max_candidates)
     tokenizer = load_tokenizer(store, keys)
     by_seq = {int(s): tokens[i] for i, s in enumerate(seq_ids)}
     t0 = time.perf_counter()
