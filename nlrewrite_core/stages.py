@@ -457,23 +457,28 @@ def _explained(store: Store, keys: dict[str, str], cfg: RewriteConfig, lo: int =
     return lat[keep], emb_lib.embed_texts(texts, cfg.embedding)
 
 
+SCORE_BLOCK = 1024
+"""Latents scored at a time by the embedding scorer (bounds its memory at any latent count)."""
+
+
 def run_score(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
     if ref := _done(store, "score", keys):
         return ref
     w = _writer(store, "score", cfg, keys)
-    num_latents = _num_latents(store, keys)
     seq_len = cfg.corpus.seq_len
     if cfg.score.method == "detection":
         return _run_score_llm(store, cfg, keys, w)
     cids, win, tok = _embeddings(store, keys, ("explain",))
     latents, expl = _explained(store, keys, cfg)
-    sim = emb_lib.similarity(expl, win, tok, cfg.simulate.token_weight)
-    seq_ids = np.unique(cids // seq_len)
-    true = true_activations(store, keys, "explain", seq_ids, seq_len, num_latents)
-    true = true[context_index(context_ids(seq_ids, seq_len))[cids]]
+    true = true_sparse(store, keys, "explain", seq_len, cids)
     t0 = time.perf_counter()
-    table = score_lib.score_latents(sim, true[:, latents] > 0, latents, cfg.score.n_pos, cfg.score.n_neg,
-                                    cfg.score.seed, "embedding-detection")
+    # A block of latents at a time: similarities and firing masks are [contexts x block], never x all latents.
+    tables = [score_lib.score_latents(emb_lib.similarity(expl[b], win, tok, cfg.simulate.token_weight),
+                                      true.dense(latents[b]) > 0, latents[b], cfg.score.n_pos, cfg.score.n_neg,
+                                      cfg.score.seed, "embedding-detection")
+              for b in (slice(a, a + SCORE_BLOCK) for a in range(0, len(latents), SCORE_BLOCK))]
+    table = pa.concat_tables(tables) if tables else score_lib.score_latents(
+        np.zeros((len(cids), 0), np.float32), np.zeros((len(cids), 0), bool), latents, 0, 0, 0, "embedding-detection")
     scores = table.column("score").to_numpy(zero_copy_only=False)
     mean = float(np.nanmean(scores.astype(float))) if len(scores) else float("nan")
     log.info("score: %d latents scored in %.1fs, mean detection score %.3f", len(table), time.perf_counter() - t0, mean)

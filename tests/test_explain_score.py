@@ -56,3 +56,25 @@ def test_score_latents_null_without_positives():
     t = score_latents(sim, firing, np.array([5, 9]), 6, 6, 0, "embedding").to_pylist()
     assert t[0]["latent"] == 5 and t[0]["score"] is not None and t[0]["n_pos"] == 6
     assert t[1]["latent"] == 9 and t[1]["score"] is None and t[1]["n_pos"] == 0
+
+
+def test_embedding_scores_by_latent_block_equal_one_block(micro_run, tmp_path, monkeypatch):
+    """The embedding scorer works a block of latents at a time (bounded memory): scores computed in
+    blocks of 7 latents equal those of the micro run (one block), latent for latent."""
+    import shutil
+
+    from nlrewrite_core import stages
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.storage import Store
+
+    storage, _ = micro_run
+    cfg = load_config("micro")
+    keys = stages.plan(cfg)
+    copy = tmp_path / "store"
+    shutil.copytree(storage, copy)
+    shutil.rmtree(copy / "artifacts" / "score" / keys["score"])
+    monkeypatch.setattr(stages, "SCORE_BLOCK", 7)
+    stages.run_score(Store(str(copy)), cfg, keys)
+    got = stages._table(Store(str(copy)), "score", keys["score"], "scores")
+    want = stages._table(Store(storage), "score", keys["score"], "scores")
+    assert len(got) > 7 and got.equals(want)
