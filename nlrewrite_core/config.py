@@ -179,7 +179,7 @@ class LLMConfig(Section):
 
 
 class ExplainConfig(_Extended):
-    _added = ("llm", "window", "max_retries", "n_neighbors", "n_contrast")
+    _added = ("llm", "window", "max_retries", "n_neighbors", "n_contrast", "max_candidates")
     method: Literal["ngram", "llm", "contrastive"] = "ngram"
     """Explainer. `ngram`: a sentence built from the top-activating tokens and what precedes them.
     `llm`: the paper's prompt (32-token windows, activating tokens marked <<tok>> with activations
@@ -208,11 +208,21 @@ class ExplainConfig(_Extended):
     """contrastive: nearest latents by decoder-direction cosine whose firing contexts are contrasted."""
     n_contrast: int = Field(10, ge=1)
     """contrastive: counter-examples shown (contexts where a neighbour fires and the latent does not)."""
+    max_candidates: int = Field(0, ge=0)
+    """Activating rows kept per latent as example candidates: its top `max_candidates` by activation
+    (ties by seq_id, pos), selected in DuckDB over the latent cache's files, which are never loaded
+    whole. 0 keeps every activating row (as before). A delphi-style cap such as 2,000 bounds the
+    explain stage's memory at the paper's scale (10M tokens x k=32 = 320M cached rows); examples
+    are then sampled across rank bins of the kept rows, and (`llm`) a shown window marks only the
+    latent's kept activations."""
 
     @model_validator(mode="after")
     def _check_llm(self) -> "ExplainConfig":
         if self.method in ("llm", "contrastive") and self.llm is None:
             raise ValueError(f"explain.llm is required when explain.method is {self.method!r}")
+        if 0 < self.max_candidates < self.min_activations:
+            raise ValueError(f"explain.max_candidates ({self.max_candidates}) is below explain.min_activations "
+                             f"({self.min_activations}): every latent would be dead")
         return self
 
 
@@ -253,7 +263,7 @@ class ScoreConfig(_Extended):
 
 
 class SimulateConfig(_Extended):
-    _added = ("llm", "renormalize", "eval_positions")
+    _added = ("llm", "renormalize", "eval_positions", "prompt_order")
     method: Literal["embedding", "llm"] = "embedding"
     """Simulator. `embedding`: similarity of explanation and the context window ending at the target token.
     `llm`: the paper's prompt (explanation, window, last token marked, a 0-9 answer); the prediction is
@@ -279,6 +289,12 @@ class SimulateConfig(_Extended):
     each sentence (the paper: one target per sentence, so 1,000 eval sentences cost 1,000 contexts, not
     50,000); evaluation then patches that position alone (the others keep the clean MLP) and reports
     CE at the last position only (`evaluate.positions` must be `last`)."""
+    prompt_order: Literal["explanation_first", "context_first"] = "explanation_first"
+    """llm: order of the simulator prompt. `explanation_first` (the paper's): instructions + explanation
+    as the shared prefix (computed once per latent), the context window + question as the per-prompt
+    suffix. `context_first`: instructions + context window as the shared prefix (once per context,
+    for all of a shard's latents), the explanation + question as the suffix; fewer tokens computed
+    per prediction when shards hold many latents, but a different prompt than the paper's."""
 
     @model_validator(mode="after")
     def _check_llm(self) -> "SimulateConfig":
@@ -491,13 +507,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The tiny subject at the paper's shapes (issue 6): a 32,768-latent, k=32 transcoder; 10,000 calib
     # contexts (200 x 50); 1,000 eval sentences, CE at the last position; the embedding simulator;
-    # quantile normalisation (and raw, its baseline); the full evaluation sweep. CPU only, no network.
+    # quantile normalisation (and raw, its baseline); the full evaluation sweep; explanations from each
+    # latent's top 2,000 activating rows (delphi-style, selected in DuckDB). CPU only, no network.
     # Stage costs at 1/16 and 1/4 of these shapes: benchmarks/scale.py.
     "paper-shape": {
         "corpus": {"seq_len": 50, "n_calib": 200, "n_eval": 1000, "n_explain": 2000},
         "transcoder": {"num_latents": 32768, "k": 32},
         "simulate": {"method": "embedding", "window": 32, "shard_latents": 512, "context_block": 8192,
                      "eval_positions": "last"},
+        "explain": {"max_candidates": 2000},
         "calibrate": {"methods": ["none", "quantile"]},
         "evaluate": {"positions": "last"},
         "execution": {"device": "cpu"},

@@ -11,13 +11,16 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .embedding import similarity
+
+if TYPE_CHECKING:
+    from .llm.prompts import PromptOrder
 
 PREDICTION_SCHEMA = pa.schema([("context_id", pa.int64()), ("latent", pa.int32()), ("pred", pa.float32())])
 CALIBRATED_SCHEMA = PREDICTION_SCHEMA.append(pa.field("method", pa.string()))
@@ -149,43 +152,55 @@ FAILED_SCHEMA = pa.schema([("context_id", pa.int64()), ("latent", pa.int32()), (
 
 
 def context_suffixes(tokens: np.ndarray, window: int, decode) -> list[str]:
-    """The simulator prompt's context part for every (sequence, position), row-major: the window
-    ending at the target token, the target token marked <<tok>>."""
+    """The simulator prompt's context part (`prompts.simulator_context`) for every (sequence, position),
+    row-major: the window ending at the target token, the target token marked <<tok>>. It starts the
+    suffix in the `explanation_first` order and ends the shared prefix in `context_first`."""
     from .llm import prompts as P
 
-    return [P.simulator_suffix(decode(tokens[r, a:b - 1].tolist()), decode([int(tokens[r, b - 1])]))
+    return [P.simulator_context(decode(tokens[r, a:b - 1].tolist()), decode([int(tokens[r, b - 1])]))
             for r, a, b in context_windows(tokens, window)]
 
 
-def llm_predictions(latents: np.ndarray, explanations: list[str], suffixes: list[str], context_ids: np.ndarray,
-                    max_act: np.ndarray, llm, renormalize: bool = True) -> tuple[pa.Table, pa.Table]:
-    """Predictions of `latents` on every context: one prompt per (context, latent) whose prefix (the
-    instructions and the explanation) is shared by all of a latent's contexts. E is the expected
-    digit over the top logprobs (renormalized over the digits unless `renormalize` is False, the
-    paper's way), mapped linearly onto [0, max_act]. A prompt with no digit among its top logprobs
-    is a failed prediction: a row of the second table, never a value.
-    Returns (predictions, failed)."""
-    from .llm import Prompt
+PROMPTS_PER_CALL = 16384
+"""llm_predictions: prompts per `top_logprobs` call, rounded to whole prefix groups (at least one)."""
+
+
+def llm_predictions(latents: np.ndarray, explanations: list[str], contexts: list[str], context_ids: np.ndarray,
+                    max_act: np.ndarray, llm, renormalize: bool = True,
+                    order: PromptOrder = "explanation_first") -> tuple[pa.Table, pa.Table]:
+    """Predictions of `latents` on every context (`contexts`: the context parts of `context_suffixes`):
+    one prompt per (context, latent). `order` (prompts.PromptOrder) picks the shared prefix: the
+    explanation (shared by a latent's contexts) or the context (shared by the latents); each call
+    holds whole groups of prompts that share a prefix, adjacent. E is the expected digit over the
+    top logprobs (renormalized over the digits unless `renormalize` is False, the paper's way), mapped
+    linearly onto [0, max_act]. A prompt with no digit among its top logprobs is a failed prediction:
+    a row of the second table, never a value. Both tables list rows by latent, then context, in
+    either order. Returns (predictions, failed)."""
     from .llm import prompts as P
 
-    ctx, lat_col, pred = [], [], []
-    failed: dict[str, list] = {"context_id": [], "latent": [], "reason": []}
-    for lat, expl, m in zip(latents, explanations, max_act):
-        prefix = P.simulator_prefix(expl)
-        tops = llm.top_logprobs([Prompt(prefix, s) for s in suffixes])
-        for cid, top in zip(context_ids, tops):
+    n_lat, n_ctx = len(latents), len(contexts)
+    pred = np.zeros((n_lat, n_ctx), dtype=np.float32)
+    done = np.zeros((n_lat, n_ctx), dtype=bool)
+    outer, inner = (n_lat, n_ctx) if order == "explanation_first" else (n_ctx, n_lat)
+    step = max(1, PROMPTS_PER_CALL // max(inner, 1))
+    for a in range(0, outer, step):
+        firsts = np.arange(a, min(a + step, outer))
+        o, n = np.repeat(firsts, inner), np.tile(np.arange(inner), len(firsts))
+        lat_i, ctx_i = (o, n) if order == "explanation_first" else (n, o)
+        tops = llm.top_logprobs([P.simulator_prompt(explanations[j], contexts[i], order)
+                                 for j, i in zip(lat_i, ctx_i)])
+        for j, i, top in zip(lat_i, ctx_i, tops):
             e = P.expected_digit(top, renormalize)
-            if e is None:
-                failed["context_id"].append(int(cid))
-                failed["latent"].append(int(lat))
-                failed["reason"].append("no digit 0-9 among the top logprobs")
-                continue
-            ctx.append(int(cid))
-            lat_col.append(int(lat))
-            pred.append(P.digit_to_activation(e, float(m)))
-    pred_arr = np.asarray(pred, dtype=np.float32)
-    if len(pred_arr) and not (np.isfinite(pred_arr).all() and (pred_arr >= 0).all()):
+            if e is not None:
+                pred[j, i], done[j, i] = P.digit_to_activation(e, float(max_act[j])), True
+    if not (np.isfinite(pred[done]).all() and (pred[done] >= 0).all()):
         raise ValueError("simulator produced non-finite or negative predictions")
-    table = pa.table({"context_id": pa.array(ctx, pa.int64()), "latent": pa.array(lat_col, pa.int32()),
-                      "pred": pa.array(pred_arr, pa.float32())}, schema=PREDICTION_SCHEMA)
-    return table, pa.Table.from_pydict(failed, schema=FAILED_SCHEMA)
+
+    def keys(mask: np.ndarray) -> dict[str, pa.Array]:
+        lat_i, ctx_i = np.nonzero(mask)  # by latent, then context
+        return {"context_id": pa.array(np.asarray(context_ids)[ctx_i], pa.int64()),
+                "latent": pa.array(np.asarray(latents)[lat_i], pa.int32())}
+
+    table = pa.table({**keys(done), "pred": pa.array(pred[done], pa.float32())}, schema=PREDICTION_SCHEMA)
+    reason = pa.array(["no digit 0-9 among the top logprobs"] * int((~done).sum()), pa.string())
+    return table, pa.table({**keys(~done), "reason": reason}, schema=FAILED_SCHEMA)

@@ -540,7 +540,8 @@ def _run_simulate_shard_llm(store: Store, cfg: RewriteConfig, keys: dict[str, st
     texts = [t for t, k in zip(e.column("explanation").to_pylist(), keep) if k]
     max_act = _max_act(store, keys, num_latents)[latents]
     llm, before = _llm_for(cfg.simulate.llm)
-    table, failed = sim_lib.llm_predictions(latents, texts, suffixes, cids, max_act, llm, cfg.simulate.renormalize)
+    table, failed = sim_lib.llm_predictions(latents, texts, suffixes, cids, max_act, llm, cfg.simulate.renormalize,
+                                            order=cfg.simulate.prompt_order)
     w.table("predictions", table)
     # Failed predictions are listed beside the shard's Parquet (JSON, so that readers of the
     # predictions, which take every .parquet of the stage, never mix them with values).

@@ -3,6 +3,7 @@ local HF model directory, for the LLM-method tests (no hub access needed)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 WORDS = ("the cat sat on a mat and then the dog ran to the house where it found some food . "
@@ -11,8 +12,11 @@ WORDS = ("the cat sat on a mat and then the dog ran to the house where it found 
          "eight nine ten [EXPLANATION]: << >> ( ) , \" Example Activations: yes no\n")
 
 
-def build_tiny_llama(path: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Write a random-weight LlamaForCausalLM and its tokenizer (digits 0-9 single tokens) to path."""
+def build_tiny_llama(path: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0, vocab_size: int = 400,
+                     texts: Sequence[str] = ()) -> Path:
+    """Write a random-weight LlamaForCausalLM and its tokenizer (digits 0-9 single tokens) to path. The
+    tokenizer is a byte-level BPE of `vocab_size` trained on the prompts' words and `texts` (a larger
+    vocabulary makes most words one token, as with a real LLM's tokenizer)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -24,9 +28,9 @@ def build_tiny_llama(path: str | Path, hidden: int = 32, layers: int = 2, seed: 
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = [WORDS * 3, prompts.EXPLAINER_SYSTEM, prompts.DETECTION_SYSTEM, prompts.SIMULATOR_SYSTEM]
+    text = [WORDS * 3, prompts.EXPLAINER_SYSTEM, prompts.DETECTION_SYSTEM, prompts.SIMULATOR_SYSTEM, *texts]
     tok.train_from_iterator(text, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

@@ -21,9 +21,14 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_dir):
-    return make_llm(LLMConfig(model=str(tiny_dir), device="cpu", batch_size=7, top_logprobs=8, max_new_tokens=12))
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=CUDA)])
+def tiny_llm(tiny_dir, request):
+    """The tiny Llama on CPU and, where a GPU is present, on CUDA (float32 on both: exact comparisons)."""
+    return make_llm(LLMConfig(model=str(tiny_dir), device=request.param, dtype="float32", batch_size=7,
+                              top_logprobs=8, max_new_tokens=12))
 
 
 def test_prefix_shared_logprobs_equal_one_at_a_time(tiny_llm):
@@ -62,3 +67,18 @@ def test_merge_logprob_adds_probabilities():
     u = Usage()
     u.add(tokens_in=3)
     assert u.since({})["tokens_in"] == 3
+
+
+@CUDA
+def test_cuda_bfloat16_matches_cpu_float32(tiny_dir):
+    """On a GPU in bf16 (the production dtype), prefix-shared expected digits stay close to the CPU
+    float32 reference for simulator prompts (bf16 rounding only)."""
+    from nlrewrite_core.llm import prompts as P
+
+    ctx = [P.simulator_context("the cat sat on the", " mat"), P.simulator_context("def f(x): return", " 3")]
+    prompts = [P.simulator_prompt(e, c, o) for e in ("nouns", "digits in code") for c in ctx
+               for o in ("explanation_first", "context_first")]
+    ref = make_llm(LLMConfig(model=str(tiny_dir), device="cpu", dtype="float32", top_logprobs=400))
+    gpu = make_llm(LLMConfig(model=str(tiny_dir), device="cuda", dtype="bfloat16", top_logprobs=400))
+    for a, b in zip(ref.top_logprobs(prompts), gpu.top_logprobs(prompts)):
+        assert abs(P.expected_digit(a) - P.expected_digit(b)) < 0.1

@@ -1,9 +1,11 @@
 """The `transformers` backend: a local HF causal LM on CPU or CUDA.
 
-`top_logprobs` groups prompts by prefix, runs each distinct prefix once, and feeds the suffixes
-in batches (sorted by length, right-padded) on a copy of the prefix's KV cache repeated over the
-batch: the shared tokens are computed once, not once per prompt. `share_prefix=False` runs every
-prompt alone from scratch (the reference the tests and the benchmark compare against).
+`top_logprobs` groups prompts by prefix, runs each distinct prefix once (up to `batch_size`
+prefixes per forward pass), and feeds each prefix's suffixes in batches (sorted by length,
+right-padded) on a view of the prefix's KV cache repeated over the batch: the shared tokens are
+computed once, not once per prompt, and the LM head runs only at each prompt's last token.
+`share_prefix=False` runs every prompt alone from scratch (the reference the tests and the
+benchmark compare against).
 """
 
 from __future__ import annotations
@@ -33,22 +35,25 @@ def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _expanded(cache, batch: int):
-    """A copy of a batch-1 prefix cache seen as `batch` rows without copying its tensors: each layer's
-    keys/values become broadcast views, which the model's first cache update (a concatenation with
-    the suffix's keys/values) materializes once (batch_repeat_interleave would copy them twice)."""
-    c = copy.copy(cache)
-    layers = getattr(c, "layers", None)
-    if layers is None or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+def _expanded(cache, row: int, length: int, batch: int):
+    """Row `row` of a (right-padded) prefix cache, cut to its first `length` positions, seen as `batch`
+    rows. Plain dynamic layers become broadcast views of their keys/values, which the model's first
+    cache update (a concatenation with the suffix's keys/values) materializes once; other caches
+    are copied through the Cache API."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(hasattr(x, "keys") and not hasattr(x, "cumulative_length") for x in layers):
         c = copy.deepcopy(cache)
+        c.batch_select_indices(torch.tensor([row]))
+        c.crop(length)
         c.batch_repeat_interleave(batch)
         return c
+    c = copy.copy(cache)
     c.layers = []
     for layer in layers:
         new = copy.copy(layer)
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            new.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
-            new.values = layer.values.expand(batch, *layer.values.shape[1:])
+            new.keys = layer.keys[row:row + 1, :, :length].expand(batch, -1, -1, -1)
+            new.values = layer.values[row:row + 1, :, :length].expand(batch, -1, -1, -1)
         c.layers.append(new)
     return c
 
@@ -76,6 +81,7 @@ class TransformersLLM(LLM):
         # transformers 5.2x renames forward's `past_key_values` to `cache`; older ones only know the first.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
 
     # ---- tokens ---------------------------------------------------------------------------------
     def ids(self, text: str, first: bool) -> list[int]:
@@ -114,6 +120,18 @@ class TransformersLLM(LLM):
         return out
 
     # ---- logprobs -------------------------------------------------------------------------------
+    def _last_logits(self, ids: list[list[int]] | torch.Tensor, lens: list[int], **kw) -> tuple[torch.Tensor, object]:
+        """One forward pass of right-padded `ids` [B, L]: (the next-token logits [B, V] after each row's
+        last real token, row r's lens[r]-th; the model output). The LM head runs only at those positions
+        when the model's forward takes `logits_to_keep` (a 1-D tensor of the batch's distinct last positions)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).to(self.device)
+        last = torch.tensor(lens, device=self.device) - 1
+        if self._logits_to_keep:
+            keep, last = torch.unique(last, return_inverse=True)
+            kw["logits_to_keep"] = keep
+        res = self.model(input_ids=ids, **kw)
+        return res.logits[torch.arange(len(lens), device=self.device), last], res
+
     @torch.inference_mode()
     def _top_logprobs(self, prompts: list[Prompt], k: int, share_prefix: bool = True) -> list[dict[str, float]]:
         t0 = time.perf_counter()
@@ -121,58 +139,58 @@ class TransformersLLM(LLM):
         if not share_prefix:
             for i, p in enumerate(prompts):
                 ids = self.ids(p.prefix, True) + self.ids(p.suffix, not p.prefix)
-                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, -1]
-                out[i] = self._top(logits[None], k)[0]
+                out[i] = self._top(self._last_logits([ids], [len(ids)])[0], k)[0]
                 self.usage.add(tokens_in=len(ids), tokens_out=1)
             self.usage.add(calls=len(prompts), prompts=len(prompts), seconds=time.perf_counter() - t0)
             return out  # type: ignore[return-value]
         groups: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
             groups[p.prefix].append(i)
-        calls = 0
-        for prefix, members in groups.items():
-            pre = self.ids(prefix, True)
+        prefixes, bs, calls = list(groups), self.cfg.batch_size, 0
+        for a in range(0, len(prefixes), bs):
+            # Up to `bs` prefixes in one right-padded forward pass (no attention mask: with a causal
+            # model a real token never attends to the pads after it); each keeps its own row's cache.
+            pres = [self.ids(prefix, True) for prefix in prefixes[a:a + bs]]
             cache, pre_logits = None, None
-            if pre:
-                res = self.model(input_ids=torch.tensor([pre], device=self.device), use_cache=True)
+            if any(pres):
+                width = max(map(len, pres))
+                pre_logits, res = self._last_logits([x + [self.pad_id] * (width - len(x)) for x in pres],
+                                                    [max(len(x), 1) for x in pres], use_cache=True)
                 cache = res.cache if "cache" in type(res).__dataclass_fields__ else res.past_key_values
-                pre_logits = res.logits[0, -1]
                 calls += 1
-            sufs = {i: self.ids(prompts[i].suffix, not pre) for i in members}
-            empty = [i for i in members if not sufs[i]]
-            if empty:
-                if pre_logits is None:
-                    raise ValueError("an empty prompt has no next-token distribution")
-                top = self._top(pre_logits[None], k)[0]
-                for i in empty:
-                    out[i] = dict(top)
-            rest = sorted((i for i in members if sufs[i]), key=lambda i: len(sufs[i]))
-            bs = self.cfg.batch_size
-            for a in range(0, len(rest), bs):
-                batch = rest[a:a + bs]
-                lens = [len(sufs[i]) for i in batch]
-                L, B, P = max(lens), len(batch), len(pre)
-                ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((B, P + L), dtype=torch.long)
-                mask[:, :P] = 1
-                for r, i in enumerate(batch):
-                    ids[r, :lens[r]] = torch.tensor(sufs[i])
-                    mask[r, P:P + lens[r]] = 1
-                kw = {}
-                if cache is not None:
-                    kw[self._cache_kw] = _expanded(cache, B)
-                pos = (P + torch.arange(L)).expand(B, L)
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    position_ids=pos.to(self.device), use_cache=cache is not None, **kw).logits
-                last = logits[torch.arange(B, device=logits.device), torch.tensor(lens, device=logits.device) - 1]
-                for i, d in zip(batch, self._top(last, k)):
-                    out[i] = d
-                calls += 1
-                self.usage.add(tokens_in=sum(lens))
-            self.usage.add(tokens_in=len(pre) * len(members), tokens_in_cached=len(pre) * (len(members) - 1),
-                           tokens_out=len(members))
+            for row, (pre, prefix) in enumerate(zip(pres, prefixes[a:a + bs])):
+                calls += self._suffixes(prompts, groups[prefix], pre, cache, row, pre_logits, k, out)
         self.usage.add(calls=calls, prompts=len(prompts), seconds=time.perf_counter() - t0)
         return out  # type: ignore[return-value]
+
+    def _suffixes(self, prompts: list[Prompt], members: list[int], pre: list[int], cache, row: int,
+                  pre_logits: torch.Tensor | None, k: int, out: list) -> int:
+        """Fill `out` for the prompts `members` that share the prefix tokens `pre` (row `row` of the
+        prefix batch's `cache` and `pre_logits`): their suffixes in batches sorted by length, right
+        padded, with no attention mask (exact for a causal model). Returns the forward passes run."""
+        sufs = {i: self.ids(prompts[i].suffix, not pre) for i in members}
+        empty = [i for i in members if not sufs[i]]
+        if empty:
+            if not pre:
+                raise ValueError("an empty prompt has no next-token distribution")
+            top = self._top(pre_logits[row:row + 1], k)[0]
+            for i in empty:
+                out[i] = dict(top)
+        rest = sorted((i for i in members if sufs[i]), key=lambda i: len(sufs[i]))
+        bs, P = self.cfg.batch_size, len(pre)
+        for a in range(0, len(rest), bs):
+            batch = rest[a:a + bs]
+            lens = [len(sufs[i]) for i in batch]
+            L, B = max(lens), len(batch)
+            ids = [sufs[i] + [self.pad_id] * (L - n) for i, n in zip(batch, lens)]
+            kw = {self._cache_kw: _expanded(cache, row, P, B)} if pre else {}
+            pos = (P + torch.arange(L, device=self.device)).expand(B, L)
+            last, _ = self._last_logits(ids, lens, position_ids=pos, use_cache=bool(pre), **kw)
+            for i, d in zip(batch, self._top(last, k)):
+                out[i] = d
+            self.usage.add(tokens_in=sum(lens))
+        self.usage.add(tokens_in=P * len(members), tokens_in_cached=P * (len(members) - 1), tokens_out=len(members))
+        return -(-len(rest) // bs)
 
     # ---- generation -----------------------------------------------------------------------------
     @torch.inference_mode()

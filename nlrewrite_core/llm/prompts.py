@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 from . import Prompt
 
@@ -129,13 +130,37 @@ Answer with a single digit from 0 to 9: 0 means the latent does not activate at 
 """
 
 
-def simulator_prefix(explanation: str) -> str:
-    return SIMULATOR_SYSTEM + f"Explanation of the latent: {clean(explanation)}\n\n"
+SIMULATOR_QUESTION = "Activation of the last token (0-9):"
+PromptOrder = Literal["explanation_first", "context_first"]
+"""Order of the simulator prompt's two parts. `explanation_first` (the paper's): the prefix is the
+instructions and the explanation, shared by all of a latent's contexts; the suffix is the context
+and the question. `context_first`: the prefix is the instructions and the context, shared by all
+the latents simulated on it; the question is asked in the prefix, before the explanation, and the
+suffix is the explanation and a short answer cue (`CONTEXT_FIRST_CUE`): the fewest tokens per prompt."""
+CONTEXT_FIRST_QUESTION = ("How strongly does the latent explained below activate on the marked last token? "
+                          "Answer after 'Activation:' with a digit from 0 to 9.\n\nExplanation of the latent:")
+CONTEXT_FIRST_CUE = "\nActivation:"
 
 
-def simulator_suffix(before: str, last: str) -> str:
-    """The context part: the window with its last token marked, and the question."""
-    return f"Text: {clean(before)}<<{clean(last)}>>\n\nActivation of the last token (0-9):"
+def simulator_explanation(explanation: str) -> str:
+    """The explanation part of a simulator prompt."""
+    return f"Explanation of the latent: {clean(explanation)}\n\n"
+
+
+def simulator_context(before: str, last: str) -> str:
+    """The context part of a simulator prompt: the window with its last token marked."""
+    return f"Text: {clean(before)}<<{clean(last)}>>\n\n"
+
+
+def simulator_prompt(explanation: str, context: str, order: PromptOrder = "explanation_first") -> Prompt:
+    """The simulator prompt of an explanation and a context part (`simulator_context`): the
+    instructions, the two parts in `order` (the first one ends the shared prefix), the question
+    (see PromptOrder for where context_first asks it)."""
+    if order == "explanation_first":
+        return Prompt(SIMULATOR_SYSTEM + simulator_explanation(explanation), context + SIMULATOR_QUESTION)
+    if order == "context_first":
+        return Prompt(SIMULATOR_SYSTEM + context + CONTEXT_FIRST_QUESTION, f" {clean(explanation)}{CONTEXT_FIRST_CUE}")
+    raise ValueError(f"unknown simulator prompt order {order!r}")
 
 
 def expected_digit(top: dict[str, float] | None, renormalize: bool = True) -> float | None:
