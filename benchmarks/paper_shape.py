@@ -7,6 +7,7 @@ Prefect (whose tasks are thin wrappers of the same functions). A stage whose man
 reused (its row says `cached`), so an interrupted run resumes.
 
     python benchmarks/paper_shape.py --storage /tmp/paper-shape            # the whole preset
+    python benchmarks/paper_shape.py --storage /tmp/ps --points 1/16,1/4,1 # + growth exponent per stage
     python benchmarks/paper_shape.py --preset micro --storage /tmp/m       # a quick check of the script
 """
 
@@ -18,7 +19,10 @@ import resource
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -28,13 +32,22 @@ STAGES = ["corpus", "subject", "transcoder", "activations", "explain", "embed", 
           "evaluate", "report"]
 
 
-def run_stage(stage: str, preset: str, storage: str) -> dict:
+def point_config(preset: str, fraction: Fraction):
+    """The preset with `fraction` of its transcoder latents (1: the preset itself)."""
+    from nlrewrite_core.config import load_config
+
+    cfg = load_config(preset)
+    if fraction == 1:
+        return cfg
+    return load_config(preset, overrides={"transcoder": {"num_latents": int(cfg.transcoder.num_latents * fraction)}})
+
+
+def run_stage(stage: str, preset: str, storage: str, fraction: Fraction = Fraction(1)) -> dict:
     """Run one stage (all shards, for simulate) in this process; its result as a dict."""
     from nlrewrite_core import stages
-    from nlrewrite_core.config import load_config
     from nlrewrite_core.storage import Store
 
-    cfg, store = load_config(preset), Store(storage)
+    cfg, store = point_config(preset, fraction), Store(storage)
     keys = stages.plan(cfg)
     cached = store.has_manifest(stage, keys[stage])
     t0 = time.perf_counter()
@@ -57,19 +70,17 @@ def run_stage(stage: str, preset: str, storage: str) -> dict:
     return {"stage": stage, "cached": cached, "seconds": seconds, **extra}
 
 
-def ce_throughput(preset: str, storage: str, reps: int = 5) -> dict:
+def ce_throughput(preset: str, storage: str, fraction: Fraction = Fraction(1), reps: int = 5) -> dict:
     """Patched CE evaluation (every explained latent simulated, quantile values when fit, as in the
     sweep) vs the bare subject forward (token_ce with no hook) on the same eval sentences."""
-    import numpy as np
     import pyarrow.compute as pc
     import torch
 
     from nlrewrite_core import evaluate as ev
     from nlrewrite_core import stages
-    from nlrewrite_core.config import load_config
     from nlrewrite_core.storage import Store
 
-    cfg, store = load_config(preset), Store(storage)
+    cfg, store = point_config(preset, fraction), Store(storage)
     keys = stages.plan(cfg)
     model, sae = stages.load_subject(store, keys, "cpu"), stages.load_sae(store, keys, "cpu")
     seq_ids, tokens = stages.load_tokens(store, keys, ("eval",))
@@ -109,37 +120,53 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="paper-shape")
     ap.add_argument("--storage", required=True)
+    ap.add_argument("--points", default="1", help="fractions of the preset's latent count, e.g. 1/16,1/4,1 "
+                                                  "(one storage root: stages that do not depend on it are shared)")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)
+    ap.add_argument("--_point", default="1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._stage:
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-        res = ce_throughput(a.preset, a.storage) if a._stage == "ce_throughput" else run_stage(a._stage, a.preset,
-                                                                                               a.storage)
+        fn = ce_throughput if a._stage == "ce_throughput" else lambda *x: run_stage(a._stage, *x)
+        res = fn(a.preset, a.storage, Fraction(a._point))
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         print(json.dumps(res))
         return 0
     from _common import report
 
     rows, t_all = [], time.perf_counter()
-    for stage in STAGES + ["ce_throughput"]:
-        t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--preset", a.preset, "--storage", a.storage, "--_stage", stage],
-                             stdout=subprocess.PIPE, text=True)
-        if out.returncode:
-            print(f"stage {stage} failed (exit {out.returncode}); its log is above", file=sys.stderr)
-            return 1
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        r["wall_s"] = round(time.perf_counter() - t0, 1)
-        r = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    core = ("stage", "cached", "seconds", "peak_rss_mib")
+    points = [Fraction(p) for p in a.points.split(",")]
+    for point in points:
+        for stage in STAGES + ["ce_throughput"]:
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--preset", a.preset, "--storage", a.storage,
+                                  "--_stage", stage, "--_point", str(point)], stdout=subprocess.PIPE, text=True)
+            if out.returncode:
+                print(f"stage {stage} failed (exit {out.returncode}); its log is above", file=sys.stderr)
+                return 1
+            r = {"point": str(point), **json.loads(out.stdout.strip().splitlines()[-1])}
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            r = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    # Growth exponent per stage, time ~ latents^b (least squares on log-log), over the points where
+    # the stage ran (not cached: a stage independent of the latent count runs at the first point only).
+    exponents = {}
+    for stage in STAGES:
+        pts = [(float(Fraction(r["point"])), r["seconds"]) for r in rows if r["stage"] == stage and not r["cached"]]
+        if len(pts) >= 2:
+            x, y = np.log([p for p, _ in pts]), np.log([max(t, 1e-3) for _, t in pts])
+            exponents[stage] = round(float(np.polyfit(x, y, 1)[0]), 3)
+    core = ("point", "stage", "cached", "seconds", "peak_rss_mib")
     table = [{**{k: r.get(k, "") for k in core},
               "detail": ", ".join(f"{k}={v}" for k, v in r.items() if k not in core + ("wall_s",))} for r in rows]
     report(f"paper_shape_{a.preset}", table, {"preset": a.preset, "storage": a.storage, "stages": rows,
+                                              "growth_exponents": exponents,
                                               "total_s": round(time.perf_counter() - t_all, 1)})
+    if exponents:
+        print("growth exponents (time ~ latents^b):", exponents)
     return 0
 
 
