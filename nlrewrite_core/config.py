@@ -106,7 +106,8 @@ class TranscoderConfig(Section):
     k: int = Field(16, ge=1)
     """Active latents per token (TopK)."""
     checkpoint: str | None = None
-    """Path of an existing sparsify checkpoint directory (cfg.json + sae.safetensors) to load instead of training."""
+    """An existing sparsify checkpoint (cfg.json + sae.safetensors) to load instead of training: a local
+    directory, or hf://<owner>/<repo>[/<hookpoint>] on the Hugging Face hub (sparsify's layout)."""
     steps: int = Field(1500, ge=1)
     """Optimizer steps on cached MLP inputs/outputs (fixed count)."""
     batch_tokens: int = Field(1024, ge=16)

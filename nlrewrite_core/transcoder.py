@@ -213,8 +213,21 @@ def save_transcoder(sae: SparseCoder, path: str | Path) -> None:
     sae.save_to_disk(path)
 
 
+HUB_PREFIX = "hf://"
+"""A checkpoint on the Hugging Face hub: hf://<owner>/<repo>[/<hookpoint>] (sparsify's layout: one
+folder per hookpoint, e.g. hf://EleutherAI/skip-transcoder-pythia-160m-32k/layers.6.mlp)."""
+
+
 def load_transcoder(path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
-    """Load a sparsify-format checkpoint directory (ours or one written by sparsify), in eval mode."""
+    """Load a sparsify-format checkpoint (ours or one written by sparsify), in eval mode: a local
+    directory, or `hf://owner/repo[/hookpoint]` through sparsify's hub loader (the local HF cache
+    when HF_HUB_OFFLINE is set)."""
+    if str(path).startswith(HUB_PREFIX):
+        parts = str(path)[len(HUB_PREFIX):].strip("/").split("/")
+        if len(parts) < 2 or not all(parts[:2]):
+            raise ValueError(f"transcoder.checkpoint {path!r}: expected {HUB_PREFIX}<owner>/<repo>[/<hookpoint>]")
+        name, hookpoint = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        return SparseCoder.load_from_hub(name, hookpoint, device=device).eval()
     return SparseCoder.load_from_disk(path, device=device).eval()
 
 

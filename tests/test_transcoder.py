@@ -112,3 +112,26 @@ def test_collect_mlp_io_and_ce() -> None:
                                                                 max_train_tokens=1000, layer=1))
     ce = transcoder.transcoder_ce(model, 1, sae, toks, batch_size=2)
     assert set(ce) >= {"ce_clean", "ce_transcoder", "ce_zero_ablation", "ce_recovered", "ce_mlp_zero"}
+
+
+def test_loads_checkpoint_from_the_hub_cache(tmp_path, monkeypatch) -> None:
+    """hf://owner/repo/hookpoint goes through sparsify's hub loader (huggingface_hub's
+    snapshot_download), here answered offline from a local HF cache laid out as the hub would."""
+    sae = transcoder.new_transcoder(D, CFG)
+    snap = tmp_path / "hub" / "models--acme--tc-tiny" / "snapshots" / ("0" * 40)
+    transcoder.save_transcoder(sae, snap / "layers.1.mlp")
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    loaded = transcoder.load_transcoder("hf://acme/tc-tiny/layers.1.mlp")
+    x = torch.randn(4, D)
+    assert torch.equal(transcoder.transcoder_output(sae, x), transcoder.transcoder_output(loaded, x))
+    with pytest.raises(ValueError, match="hf://<owner>/<repo>"):
+        transcoder.load_transcoder("hf://only-owner")
+    with pytest.raises(Exception):  # not in the cache, offline: huggingface_hub's own error
+        transcoder.load_transcoder("hf://acme/missing/layers.1.mlp")
