@@ -507,10 +507,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "sample_sizes": [0.25, 1.0], "sample_size_fractions": [1.0]},
     },
     # The tiny subject at the paper's shapes (issue 6): a 32,768-latent, k=32 transcoder; 10,000 calib
-    # contexts (200 x 50); 1,000 eval sentences, CE at the last position; the embedding simulator;
-    # quantile normalisation (and raw, its baseline); the full evaluation sweep; explanations from each
-    # latent's top 2,000 activating rows (delphi-style, selected in DuckDB). CPU only, no network.
-    # Stage costs at 1/16 and 1/4 of these shapes: benchmarks/scale.py.
+    # contexts (200 x 50); 1,000 eval sentences, only their last scored position simulated and patched
+    # (simulate.eval_positions), CE there; the embedding simulator; quantile normalisation (and raw, its
+    # baseline); the full evaluation sweep; explanations from each latent's top 2,000 activating rows
+    # (delphi-style, selected in DuckDB). CPU only, no network: about 21 minutes on 2 cores.
+    # Every stage's time and peak RSS, also at 1/16 and 1/4 of the latents: benchmarks/paper_shape.py.
     "paper-shape": {
         "corpus": {"seq_len": 50, "n_calib": 200, "n_eval": 1000, "n_explain": 2000},
         "transcoder": {"num_latents": 32768, "k": 32},
