@@ -27,7 +27,7 @@ def test_llm_sections_keep_default_keys_and_validate():
         load_config("micro", overrides={"simulate": {"method": "llm", "llm": {"model": "m", "bogus": 1}}})
 
 
-def test_micro_stages_with_tiny_llama(tmp_path):
+def test_micro_stages_with_tiny_llama(tmp_path, prefect_server):
     model = str(build_tiny_llama(tmp_path / "tiny-llama"))
     llm = {"backend": "transformers", "model": model, "device": "cpu", "max_new_tokens": 8, "batch_size": 64}
     small = {"corpus": {"n_calib": 2, "n_eval": 2}, "transcoder": {"num_latents": 16, "k": 4}}
@@ -77,6 +77,15 @@ def test_micro_stages_with_tiny_llama(tmp_path):
     assert len(p) > 0 and (v >= 0).all() and (v <= max_act[lat] + 1e-6).all()
     stages.run_calibrate(store, cfg, keys)
     assert store.has_manifest("calibrate", keys["calibrate"])
+
+    # The whole flow with the same config file: the stages above are found by manifest, evaluate and
+    # report run on the LLM simulator's predictions, and no embed stage runs (LLM scorer and simulator).
+    from flows.rewrite import rewrite
+
+    result = rewrite(preset="micro", config_file=str(yaml_file), storage=str(tmp_path / "store"), run_id="llm")
+    assert result["keys"] == keys and "embed" not in keys
+    assert not (tmp_path / "store" / "artifacts" / "embed").exists()
+    assert {r["condition"] for r in result["ce"]} >= {"clean", "transcoder", "zero_ablation", "simulated"}
 
 
 def test_llm_methods_skip_the_embed_stage():
