@@ -7,6 +7,7 @@ the library function also checks the manifest first, so a cache miss never redoe
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -25,7 +26,9 @@ def stage_cache_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], st
     def key_fn(_ctx: TaskRunContext, params: dict[str, Any]) -> str:
         run: RunContext = params["run"]
         shard = params.get("shard")
-        root = hashlib.sha256(f"{run.storage}|{run.endpoint_url}".encode()).hexdigest()[:8]
+        # The absolute root: "./nlrewrite-data" in two checkouts is two roots, not one cache entry.
+        where = run.storage if "://" in run.storage else os.path.abspath(run.storage)
+        root = hashlib.sha256(f"{where}|{run.endpoint_url}".encode()).hexdigest()[:8]
         return f"{stage}-{run.stage_keys[stage]}-{root}" + (f"-shard-{shard}" if shard is not None else "")
     return key_fn
 

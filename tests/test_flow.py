@@ -144,3 +144,23 @@ def test_deleted_manifest_is_recomputed_even_if_prefect_cached(micro_run):
     Path(store.artifact_dir("report", key), MANIFEST).unlink()
     rewrite(preset="micro", storage=storage, run_id="micro-test")
     assert store.has_manifest("report", key)
+
+
+def test_cache_key_uses_the_absolute_storage_root(tmp_path, monkeypatch):
+    """A relative storage path names a different root in each working directory: Prefect's cache key
+    must differ (else a fresh checkout's run would find another checkout's cache records)."""
+    from nlrewrite_core import stages
+    from nlrewrite_core.config import load_config
+    from tasks.context import RunContext
+    from tasks.stages import stage_cache_key
+
+    cfg = load_config("micro")
+    key_of = lambda storage: stage_cache_key("corpus")(None, {"run": RunContext(  # noqa: E731
+        run_id="r", storage=storage, endpoint_url=None, config=cfg, stage_keys=stages.plan(cfg))})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    in_a = key_of("./data")
+    assert in_a == key_of(str(tmp_path / "a" / "data"))
+    monkeypatch.chdir(tmp_path / "b")
+    assert key_of("./data") != in_a
