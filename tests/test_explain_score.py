@@ -78,3 +78,29 @@ def test_embedding_scores_by_latent_block_equal_one_block(micro_run, tmp_path, m
     got = stages._table(Store(str(copy)), "score", keys["score"], "scores")
     want = stages._table(Store(storage), "score", keys["score"], "scores")
     assert len(got) > 7 and got.equals(want)
+
+
+def test_scorer_truth_holds_only_the_scoring_contexts(micro_run):
+    """The scorer's true activations at the scoring half's contexts: activations of the explainer's
+    half must not land anywhere (an earlier version wrote them onto the last context: -1 index)."""
+    import pyarrow.compute as pc
+
+    from nlrewrite_core import stages
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.storage import Store
+
+    storage, _ = micro_run
+    store, cfg = Store(storage), load_config("micro")
+    keys = stages.plan(cfg)
+    seq_ids, _ = stages.load_tokens(store, keys, ("explain",))
+    shown, scoring = stages.explain_halves(seq_ids)
+    cids = stages.context_ids(scoring, cfg.corpus.seq_len)
+    n_lat = stages._num_latents(store, keys)
+    dense = stages.true_activations(store, keys, "explain", scoring, cfg.corpus.seq_len, n_lat, cids)
+    assert (dense > 0).sum(axis=1).max() <= cfg.transcoder.k
+    a = stages._table(store, "activations", keys["activations"], "activations",
+                      filters=pc.field("split") == "explain").to_pandas()
+    a = a[a["seq_id"].isin(scoring)]
+    assert (dense > 0).sum() == (a["act"] > 0).sum()
+    sparse = stages.true_sparse(store, keys, "explain", cfg.corpus.seq_len, cids)
+    assert np.array_equal(sparse.dense(np.arange(n_lat)), dense)
