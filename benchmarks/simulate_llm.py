@@ -4,7 +4,8 @@ prompts, outputs compared.
 
 Orders (`simulate.prompt_order`): `explanation_first` (the paper's prompt; the prefix, instructions +
 explanation, is shared by a latent's contexts) and `context_first` (the prefix, instructions + the
-marked window, is shared by the latents; the suffix is the explanation + question). Every prompt is
+marked window + question, is shared by the latents; the suffix is the explanation + a short answer
+cue). Every prompt is
 one of `--latents` x `--contexts`, so each prefix is shared by `--contexts` prompts (explanation_first)
 or `--latents` prompts (context_first). The batched path is FLOP-bound: its speedup over one at a
 time is at most the tokens computed per prediction, (P + S) / (S + P / shared), which tends to
