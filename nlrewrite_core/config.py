@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
@@ -21,6 +21,12 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+UnitFraction = Annotated[float, Field(gt=0, le=1)]
+"""A fraction in (0, 1] (of latents, of calib contexts)."""
+Rate = Annotated[float, Field(ge=0, lt=1)]
+"""An error rate in [0, 1)."""
 
 
 class _Extended(Section):
@@ -334,7 +340,7 @@ class CalibrateConfig(Section):
 
 
 class EvaluateConfig(Section):
-    fractions: list[float] = [0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0]
+    fractions: list[UnitFraction] = [0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0]
     """Fractions of live latents whose activations are simulated (at least one latent each)."""
     selections: list[Literal["top", "random"]] = ["top", "random"]
     """How latents are chosen: `top` by detection score, `random` uniformly (one draw per seed)."""
@@ -354,35 +360,19 @@ class EvaluateConfig(Section):
     digit 1; 0.5: the rounded digit is >= 1). A threshold-free per-latent AUROC is reported as well."""
     n_score_bins: int = Field(5, ge=1)
     """Bins of detection score for the binned means of specificity/sensitivity (equal-count bins)."""
-    oracle_fp_rates: list[float] = [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    oracle_fp_rates: list[Rate] = [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
     """Oracle: false-positive rates injected into the true activations (specificity = 1 - rate)."""
-    oracle_fn_rates: list[float] = [0.0, 0.2, 0.5]
+    oracle_fn_rates: list[Rate] = [0.0, 0.2, 0.5]
     """Oracle: false-negative rates (fraction of true activations set to zero)."""
     oracle_seed: int = 0
     """Seed of the oracle's injected errors."""
-    sample_sizes: list[float] = [0.1, 0.333, 1.0]
+    sample_sizes: list[UnitFraction] = [0.1, 0.333, 1.0]
     """Sample-size ablation (the paper's Figure A2): fractions of the calib split's sequences that
     calibration maps are fit on (nested subsets); an empty list skips the ablation."""
-    sample_size_fractions: list[float] = [0.1, 1.0]
+    sample_size_fractions: list[UnitFraction] = [0.1, 1.0]
     """Fractions of latents (top selection) simulated in the sample-size ablation."""
     batch_size: int = Field(32, ge=1)
     """Sequences per forward pass."""
-
-    @field_validator("fractions", "sample_size_fractions", "sample_sizes")
-    @classmethod
-    def _fractions(cls, v: list[float]) -> list[float]:
-        for f in v:
-            if not 0 < f <= 1:
-                raise ValueError(f"fraction {f} must be in (0, 1]")
-        return v
-
-    @field_validator("oracle_fp_rates", "oracle_fn_rates")
-    @classmethod
-    def _rates(cls, v: list[float]) -> list[float]:
-        for r in v:
-            if not 0 <= r < 1:
-                raise ValueError(f"rate {r} must be in [0, 1)")
-        return v
 
 
 class MultilayerConfig(Section):
@@ -399,16 +389,8 @@ class MultilayerConfig(Section):
     zero-ablation and MLP zero-ablation of the n layers (the extra layers then need only a transcoder)."""
     calibrations: list[CalibrationMethodName] = ["none", "quantile"]
     """Calibration methods of the simulated condition (each must be in calibrate.methods)."""
-    fractions: list[float] = [1.0]
+    fractions: list[UnitFraction] = [1.0]
     """Fractions of each layer's live latents simulated (top selection by that layer's detection score)."""
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions(cls, v: list[float]) -> list[float]:
-        for f in v:
-            if not 0 < f <= 1:
-                raise ValueError(f"fraction {f} must be in (0, 1]")
-        return v
 
 
 class ExecutionConfig(Section):
