@@ -182,34 +182,33 @@ def sim_context_ids(cfg: RewriteConfig, split: str, seq_ids: np.ndarray) -> np.n
     return context_ids(seq_ids, seq_len)
 
 
-def _sparse_activations(store: Store, keys: dict[str, str], split: str, seq_len: int, cids: np.ndarray,
-                        columns: tuple[str, ...] = ("latent", "act")) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(row in `cids`, {column: values}) of a split's cached activations at the contexts `cids`."""
-    t = _table(store, "activations", keys["activations"], "activations", columns=["seq_id", "pos", *columns],
+def _sparse_activations(store: Store, keys: dict[str, str], split: str, seq_len: int, cids: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row in `cids`, latent, act) of a split's cached activations at the contexts `cids`; the
+    split's activations at other contexts are left out."""
+    t = _table(store, "activations", keys["activations"], "activations", columns=["seq_id", "pos", "latent", "act"],
                filters=pc.field("split") == split)
     c = t.column("seq_id").to_numpy().astype(np.int64) * seq_len + t.column("pos").to_numpy()
     idx = context_index(cids)
     row = np.where(c < len(idx), idx[np.minimum(c, len(idx) - 1)], -1)
     keep = row >= 0
-    return row[keep], {k: t.column(k).to_numpy()[keep] for k in columns}
+    return row[keep], t.column("latent").to_numpy()[keep], t.column("act").to_numpy()[keep]
 
 
-def true_activations(store: Store, keys: dict[str, str], split: str, seq_ids: np.ndarray, seq_len: int,
-                     num_latents: int, cids: np.ndarray | None = None) -> np.ndarray:
-    """Dense true activations [n_ctx, num_latents] of a split at the contexts `cids` (default: every
-    position, context_ids(seq_ids) order), rows in `cids` order."""
-    cids = context_ids(seq_ids, seq_len) if cids is None else cids
-    row, v = _sparse_activations(store, keys, split, seq_len, cids)
+def true_activations(store: Store, keys: dict[str, str], split: str, seq_len: int, cids: np.ndarray,
+                     num_latents: int) -> np.ndarray:
+    """Dense true activations [len(cids), num_latents] of a split at the contexts `cids`, rows in `cids` order."""
+    row, lat, act = _sparse_activations(store, keys, split, seq_len, cids)
     out = np.zeros((len(cids), num_latents), dtype=np.float32)
-    out[row, v["latent"]] = v["act"]
+    out[row, lat] = act
     return out
 
 
 def true_sparse(store: Store, keys: dict[str, str], split: str, seq_len: int,
                 cids: np.ndarray) -> calib_lib.SparseColumns:
     """A split's true activations at the contexts `cids` as sparse columns (rows in `cids` order)."""
-    row, v = _sparse_activations(store, keys, split, seq_len, cids)
-    return calib_lib.SparseColumns(row, v["latent"], v["act"], len(cids))
+    row, lat, act = _sparse_activations(store, keys, split, seq_len, cids)
+    return calib_lib.SparseColumns(row, lat, act, len(cids))
 
 
 # ---- stages -------------------------------------------------------------------------------------
@@ -633,25 +632,6 @@ def read_predictions(store: Store, keys: dict[str, str], filters: Any = None,
                              for f in prediction_files(store, keys)])
 
 
-def _dense_split(store: Store, keys: dict[str, str], split: str, seq_len: int, num_latents: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(context ids, raw predictions, true activations) of a split, dense [n_ctx, num_latents],
-    rows in context_ids order; predictions are joined by (context id, latent id). A missing
-    prediction (a failed simulator answer, or a latent never simulated) is NaN, never a value.
-    Reads one shard at a time (only the dense result is whole)."""
-    seq_ids, _ = load_tokens(store, keys, (split,))
-    cids = context_ids(seq_ids, seq_len)
-    idx = context_index(cids)
-    pred = np.full((len(cids), num_latents), np.nan, dtype=np.float32)
-    lo, hi = (int(cids.min()), int(cids.max())) if len(cids) else (0, -1)
-    for f in prediction_files(store, keys):
-        p = store.read_parquet(f, filters=(pc.field("context_id") >= lo) & (pc.field("context_id") <= hi))
-        c = p.column("context_id").to_numpy()
-        keep = idx[c] >= 0
-        pred[idx[c[keep]], p.column("latent").to_numpy()[keep]] = p.column("pred").to_numpy()[keep]
-    return cids, pred, true_activations(store, keys, split, seq_ids, seq_len, num_latents)
-
-
 CALIBRATED_SCHEMA = sim_lib.CALIBRATED_SCHEMA
 
 
@@ -733,7 +713,7 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
     seq_ids, tokens = load_tokens(store, keys, ("eval",))
     cids = sim_context_ids(cfg, "eval", seq_ids)
     cidx = context_index(cids)
-    true = true_activations(store, keys, "eval", seq_ids, seq_len, num_latents, cids)
+    true = true_activations(store, keys, "eval", seq_len, cids, num_latents)
     # simulate.eval_positions 'last': one simulated context per sentence, patched at that position alone.
     position = eval_lib.scored_last_position(seq_len) if cfg.simulate.eval_positions == "last" else None
     per_row = 1 if position is not None else seq_len
@@ -1007,7 +987,7 @@ def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
     num_latents, seq_len = _num_latents(store, keys), cfg.corpus.seq_len
     seq_ids, tokens = load_tokens(store, keys, ("eval",))
     eval_cids = sim_context_ids(cfg, "eval", seq_ids)
-    true = true_activations(store, keys, "eval", seq_ids, seq_len, num_latents, eval_cids)
+    true = true_activations(store, keys, "eval", seq_len, eval_cids, num_latents)
     cal = _table(store, "calibrate", keys["calibrate"], "calibrated")
     cidx = context_index(eval_cids)
     dists: dict[str, np.ndarray] = {}

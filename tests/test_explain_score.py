@@ -96,7 +96,7 @@ def test_scorer_truth_holds_only_the_scoring_contexts(micro_run):
     shown, scoring = stages.explain_halves(seq_ids)
     cids = stages.context_ids(scoring, cfg.corpus.seq_len)
     n_lat = stages._num_latents(store, keys)
-    dense = stages.true_activations(store, keys, "explain", scoring, cfg.corpus.seq_len, n_lat, cids)
+    dense = stages.true_activations(store, keys, "explain", cfg.corpus.seq_len, cids, n_lat)
     assert (dense > 0).sum(axis=1).max() <= cfg.transcoder.k
     a = stages._table(store, "activations", keys["activations"], "activations",
                       filters=pc.field("split") == "explain").to_pandas()

@@ -22,6 +22,26 @@ def _problem(n_calib=300, n_eval=120, n_lat=70, seed=0):
     return calib_cids, eval_cids, latents, pred, true
 
 
+def _dense_split(store, keys, split: str, seq_len: int, num_latents: int):
+    """In-memory reference: (context ids, raw predictions, true activations) of a split, dense
+    [n_ctx, num_latents] in context_ids order, predictions joined by (context id, latent id), a
+    missing one NaN."""
+    import pyarrow.compute as pc
+
+    from nlrewrite_core import stages
+
+    seq_ids, _ = stages.load_tokens(store, keys, (split,))
+    cids = stages.context_ids(seq_ids, seq_len)
+    idx = stages.context_index(cids)
+    pred = np.full((len(cids), num_latents), np.nan, dtype=np.float32)
+    for f in stages.prediction_files(store, keys):
+        p = store.read_parquet(f, filters=(pc.field("context_id") >= int(cids.min())) & (pc.field("context_id") <= int(cids.max())))
+        c = p.column("context_id").to_numpy()
+        keep = idx[c] >= 0
+        pred[idx[c[keep]], p.column("latent").to_numpy()[keep]] = p.column("pred").to_numpy()[keep]
+    return cids, pred, stages.true_activations(store, keys, split, seq_len, cids, num_latents)
+
+
 @pytest.mark.parametrize("method", ["none", "quantile", "quantile-hf1", "isotonic", "affine"])
 @pytest.mark.parametrize("shard", [7, 32, 70])
 def test_streaming_calibration_equals_in_memory(method, shard):
@@ -154,8 +174,8 @@ def test_micro_run_shards_rerun_and_streaming_calibration(micro_run):
     # Streaming calibration (what run_calibrate wrote) == one in-memory fit over dense matrices.
     seq_len = cfg.corpus.seq_len
     cal = stages._table(store, "calibrate", keys["calibrate"], "calibrated")
-    _, cp, ct = stages._dense_split(store, keys, "calib", seq_len, n_lat)
-    ecids, ep, _ = stages._dense_split(store, keys, "eval", seq_len, n_lat)
+    _, cp, ct = _dense_split(store, keys, "calib", seq_len, n_lat)
+    ecids, ep, _ = _dense_split(store, keys, "eval", seq_len, n_lat)
     live = np.flatnonzero(~(np.isnan(cp).any(0) | np.isnan(ep).any(0)))
     for method in cfg.calibrate.methods:
         maps = C.fit_calibration(method, cp[:, live], ct[:, live], cfg.calibrate.n_knots, latents=live)
