@@ -74,7 +74,6 @@ def ce_throughput(preset: str, storage: str, fraction: Fraction = Fraction(1), r
     """Patched CE evaluation (every explained latent simulated, quantile values when fit, as in the
     sweep) vs the bare subject forward (token_ce with no hook) on the same eval sentences."""
     import pyarrow.compute as pc
-    import torch
 
     from nlrewrite_core import evaluate as ev
     from nlrewrite_core import stages
@@ -95,11 +94,7 @@ def ce_throughput(preset: str, storage: str, fraction: Fraction = Fraction(1), r
     values = stages.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(), t.column("pred").to_numpy(),
                           stages.context_index(cids), (len(cids), sae.num_latents))[:, live]
     del cal, t
-    sel = torch.as_tensor(live)
-
-    def make(rows: slice):
-        vals = torch.as_tensor(values[rows.start * per_row:rows.stop * per_row])
-        return ev.flat(lambda x: ev.patched_output(sae, x, sel, vals))
+    make = ev.patch_rows(sae, values, live, per_row, f"{method} predictions")
 
     runs = {"bare": lambda: ev.ce_with(model, cfg.transcoder.layer, tokens, bs, None),
             "patched": lambda: ev.ce_with(model, cfg.transcoder.layer, tokens, bs, make, position)}

@@ -49,6 +49,21 @@ def flat(fn: Callable[[torch.Tensor], torch.Tensor]) -> MlpFn:
     return wrapped
 
 
+def patch_rows(sae: torch.nn.Module, values: np.ndarray, latents: np.ndarray, per_row: int,
+               what: str) -> Callable[[slice], MlpFn]:
+    """A `ce_with` make_fn patching `latents` with dense values [n_contexts, len(latents)] (rows in
+    context order, `per_row` contexts per sequence: seq_len, or 1 when one position is patched).
+    Non-finite values are refused first (check_patch_values; `what` names them)."""
+    check_patch_values(values, what)
+    device = sae.encoder.weight.device
+    sel = torch.as_tensor(latents, device=device)
+
+    def make(rows: slice) -> MlpFn:
+        vals = torch.as_tensor(values[rows.start * per_row:rows.stop * per_row], device=device)
+        return flat(lambda x: patched_output(sae, x, sel, vals))
+    return make
+
+
 # ---- CE under a replacement ---------------------------------------------------------------------
 @torch.no_grad()
 def ce_with(model: torch.nn.Module, layer: int, tokens: np.ndarray, batch_size: int,

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from . import evaluate as eval_lib
 from . import stages
@@ -123,15 +122,6 @@ def run_multilayer(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
     def fixed(fn):
         return lambda rows: fn
 
-    def patch(sae: torch.nn.Module, values: np.ndarray, sel: np.ndarray, what: str):
-        eval_lib.check_patch_values(values, what)
-        sel_t = torch.as_tensor(sel, device=device)
-
-        def make(rows: slice):
-            vals = torch.as_tensor(values[rows.start * seq_len:rows.stop * seq_len], device=device)
-            return eval_lib.flat(lambda x: eval_lib.patched_output(sae, x, sel_t, vals))
-        return make
-
     t1 = time.perf_counter()
     clean = run([])
     rows: list[dict[str, Any]] = []
@@ -154,8 +144,8 @@ def run_multilayer(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
                 for lay in layers:
                     live, scores, preds = sims[lay]
                     sel = eval_lib.select_latents(live, scores[live], frac, "top", -1)
-                    makers.append((lay, patch(saes[lay], preds[method][:, sel], sel,
-                                              f"layer {lay} {method} predictions")))
+                    makers.append((lay, eval_lib.patch_rows(saes[lay], preds[method][:, sel], sel, seq_len,
+                                                            f"layer {lay} {method} predictions")))
                     n_lat += len(sel)
                 conds.append(("simulated", run(makers), {"selection": "top", "fraction": frac,
                                                          "calibration": method, "n_latents": n_lat}))

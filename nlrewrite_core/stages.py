@@ -740,13 +740,7 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
 
     def patch_with(values: np.ndarray, sel: np.ndarray, what: str):
         """An MLP replacement patching dense values [n_ctx, len(sel)] (rows in context order)."""
-        eval_lib.check_patch_values(values, what)
-        sel_t = torch.as_tensor(sel, device=device)
-        def make(rows: slice):
-            r = slice(rows.start * per_row, rows.stop * per_row)
-            vals = torch.as_tensor(values[r], device=device)
-            return eval_lib.flat(lambda x: eval_lib.patched_output(sae, x, sel_t, vals))
-        return make
+        return eval_lib.patch_rows(sae, values, sel, per_row, what)
 
     def rows_for(condition: str, ce: dict[str, np.ndarray], **kw: Any) -> list[dict[str, Any]]:
         return [eval_lib.ce_row(condition, ce[p], zero[p], ev.n_bootstrap, positions=p, **kw) for p in positions]
