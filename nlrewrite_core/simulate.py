@@ -151,14 +151,18 @@ def simulate_shard_blocks(context_ids: np.ndarray, window_emb: np.ndarray, token
 FAILED_SCHEMA = pa.schema([("context_id", pa.int64()), ("latent", pa.int32()), ("reason", pa.string())])
 
 
-def context_suffixes(tokens: np.ndarray, window: int, decode) -> list[str]:
+def context_suffixes(tokens: np.ndarray, window: int, decode, keep: np.ndarray | None = None) -> list[str]:
     """The simulator prompt's context part (`prompts.simulator_context`) for every (sequence, position),
-    row-major: the window ending at the target token, the target token marked <<tok>>. It starts the
-    suffix in the `explanation_first` order and ends the shared prefix in `context_first`."""
+    row-major, or only where the boolean mask `keep` (over those contexts) is set: the window ending at
+    the target token, the target token marked <<tok>>. It starts the suffix in the `explanation_first`
+    order and ends the shared prefix in `context_first`."""
     from .llm import prompts as P
 
+    windows = context_windows(tokens, window)
+    if keep is not None:
+        windows = [w for w, k in zip(windows, keep) if k]
     return [P.simulator_context(decode(tokens[r, a:b - 1].tolist()), decode([int(tokens[r, b - 1])]))
-            for r, a, b in context_windows(tokens, window)]
+            for r, a, b in windows]
 
 
 PROMPTS_PER_CALL = 16384

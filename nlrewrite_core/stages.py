@@ -182,6 +182,14 @@ def sim_context_ids(cfg: RewriteConfig, split: str, seq_ids: np.ndarray) -> np.n
     return context_ids(seq_ids, seq_len)
 
 
+def _simulated(cfg: RewriteConfig, split: str, seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(context ids, mask) of the simulated contexts (sim_context_ids) among every (sequence, position)
+    context of `seq_ids`, row-major: the mask selects them from context_ids / context_windows."""
+    cids = context_ids(seq_ids, cfg.corpus.seq_len)
+    keep = np.isin(cids, sim_context_ids(cfg, split, seq_ids))
+    return cids[keep], keep
+
+
 def _sparse_activations(store: Store, keys: dict[str, str], split: str, seq_len: int, cids: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row in `cids`, latent, act) of a split's cached activations at the contexts `cids`; the
@@ -403,16 +411,13 @@ def run_embed(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifac
         return ref
     w = _writer(store, "embed", cfg, keys)
     tokenizer = load_tokenizer(store, keys)
-    seq_len = cfg.corpus.seq_len
     frames = []
     for split in CACHED_SPLITS:
         seq_ids, tokens = load_tokens(store, keys, (split,))
         if split == "explain":
             keep = np.isin(seq_ids, explain_halves(seq_ids)[1])
             seq_ids, tokens = seq_ids[keep], tokens[keep]
-        cids = context_ids(seq_ids, seq_len)
-        keep = np.isin(cids, sim_context_ids(cfg, split, seq_ids))
-        cids = cids[keep]
+        cids, keep = _simulated(cfg, split, seq_ids)
         windows = [w for w, k in zip(sim_lib.context_windows(tokens, cfg.simulate.window), keep) if k]
         texts = [tokenizer.decode(tokens[r, a:b].tolist()) for r, a, b in windows]
         t0 = time.perf_counter()
@@ -524,14 +529,14 @@ def _run_simulate_shard_llm(store: Store, cfg: RewriteConfig, keys: dict[str, st
                             lo: int, hi: int, num_latents: int) -> ArtifactRef:
     """The `llm` simulator on one shard's latents over every calib and eval context."""
     t0 = time.perf_counter()
-    seq_len = cfg.corpus.seq_len
-    seq_ids, tokens = load_tokens(store, keys, ("calib", "eval"))
     tokenizer = load_tokenizer(store, keys)
-    suffixes = sim_lib.context_suffixes(tokens, cfg.simulate.window, lambda ids: tokenizer.decode(ids))
-    cids = context_ids(seq_ids, seq_len)
-    keep = np.isin(cids, np.concatenate([sim_context_ids(cfg, split, load_tokens(store, keys, (split,))[0])
-                                         for split in ("calib", "eval")]))
-    suffixes, cids = [x for x, k in zip(suffixes, keep) if k], cids[keep]
+    parts, suffixes = [], []
+    for split in ("calib", "eval"):
+        seq_ids, tokens = load_tokens(store, keys, (split,))
+        split_cids, keep = _simulated(cfg, split, seq_ids)
+        parts.append(split_cids)
+        suffixes += sim_lib.context_suffixes(tokens, cfg.simulate.window, lambda ids: tokenizer.decode(ids), keep)
+    cids = np.concatenate(parts)
     e = _table(store, "explain", keys["explain"], "explanations", filters=pc.field("status") == "explained")
     lat = e.column("latent").to_numpy()
     keep = (lat >= lo) & (lat < hi)

@@ -127,3 +127,11 @@ def test_tiny_llama_llm_predictions_both_orders(tiny_dir, order):
     assert sorted(keys) == [(lat, c) for lat in (0, 1) for c in range(6)]
     assert all(math.isfinite(v) and v >= 0 for v in pred.column("pred").to_pylist())
     assert llm.usage.tokens_in_cached > 0
+
+
+def test_context_suffixes_for_a_mask_of_contexts():
+    tokens = np.array([[0, 1, 2, 4, 0, 5], [6, 7, 0, 1, 2, 4]])
+    keep = np.zeros(tokens.size, dtype=bool)
+    keep[[4, 11]] = True  # the scored last position (seq_len - 2) and the very last one
+    every = context_suffixes(tokens, 4, _decode)
+    assert context_suffixes(tokens, 4, _decode, keep) == [every[4], every[11]]
