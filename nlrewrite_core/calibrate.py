@@ -45,15 +45,18 @@ sorts rows by latent id whatever their order in the table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-KnotFit = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-"""Fit for a block of latents: (pred [n, L], true [n, L], n_knots) -> (x [L, K], y [L, K])."""
+KnotFit = Callable[[np.ndarray, np.ndarray, int, "SampleBlock"], tuple[np.ndarray, np.ndarray]]
+"""Fit for a block of latents: (pred [n, L], true [n, L], n_knots, the block's true sample) ->
+(x [L, K], y [L, K]). ``true`` holds the true activations of the same contexts as ``pred``
+(paired methods use it); the true sample is each latent's distribution of true activations
+(quantile normalisation uses it; see :class:`TrueSample`)."""
 
 LATENT_BLOCK = 512
 """Latents fitted at once: bounds the memory of the sorted copies to n_contexts x 512 values."""
@@ -67,6 +70,9 @@ class CalibrationMethod:
     """Knot fit for a block of latents (see :data:`KnotFit`)."""
     extrapolate: bool
     """Continue the end segments linearly outside the knots (else clamp to the end values)."""
+    step: bool = False
+    """A right-continuous step function: value ``y[j]`` for ``x[j] <= pred < x[j+1]`` (no
+    interpolation); ``x[0]`` is the lowest float32, so every prediction has a knot at or below it."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class CalibrationMaps:
     y: np.ndarray
     """float32 [L, K], non-decreasing along each row, equal where x ties."""
     extrapolate: bool
+    step: bool = False
+    """Step-function semantics (see :class:`CalibrationMethod`)."""
 
     @property
     def n_latents(self) -> int:
@@ -97,7 +105,8 @@ class CalibrationMaps:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fit_identity(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+def _fit_identity(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Identity map for every latent: knots (0, 0) and (1, 1), to be extrapolated."""
     n_latents = pred.shape[1]
     knots = np.tile(np.array([0.0, 1.0]), (n_latents, 1))
@@ -164,8 +173,10 @@ def quantile_grid(n_knots: int, n_contexts: int) -> np.ndarray:
     return np.concatenate([even, tail, [1.0]])
 
 
-def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quantile-normalisation knots for a block of latents (see the module docstring)."""
+def _fit_quantile_interp(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Interpolated quantile-normalisation knots on the calib contexts' paired true values (``quantile-interp``;
+    see the module docstring)."""
     n_latents = pred.shape[1]
     probs = quantile_grid(n_knots, pred.shape[0])
     grid = np.broadcast_to(probs[:, None], (n_knots, n_latents))
@@ -179,6 +190,101 @@ def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.
     # Guard against rounding: quantiles of sorted data at increasing probabilities never decrease.
     y = np.maximum.accumulate(y, axis=0)
     return x.T.astype(np.float64), y.T
+
+
+class SampleBlock:
+    """The true samples of a block of latents, sparse: column ``c`` holds ``m`` values of which
+    ``counts[c]`` are positive (``values[offsets[c]:offsets[c] + counts[c]]``, sorted ascending)
+    and the rest are 0. True post-TopK activations are never negative, so the zeros are the
+    smallest order statistics."""
+
+    def __init__(self, m: int, offsets: np.ndarray, counts: np.ndarray, values: np.ndarray) -> None:
+        if m < 1:
+            raise ValueError("a true sample needs at least one token")
+        if np.any(counts > m):
+            raise ValueError("a true sample has more active values than tokens")
+        if values.size and values.min() <= 0:
+            raise ValueError("a true sample's active values must be positive")
+        self.m, self.offsets, self.counts, self.values = int(m), offsets, counts, values
+
+    @classmethod
+    def from_dense(cls, true: np.ndarray) -> "SampleBlock":
+        """The columns of a dense [m, L] array as true samples (the calib-only design)."""
+        srt = _sort_columns(true)
+        pos = srt > 0
+        counts = pos.sum(axis=0)
+        values = srt.T[pos.T].astype(np.float32)  # column-major: each column's positive values, ascending
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return cls(true.shape[0], offsets, counts.astype(np.int64), values)
+
+    def order_stat(self, cols: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """The ``j``-th smallest value (0-based) of column ``cols`` (arrays broadcast together)."""
+        zeros = self.m - self.counts[cols]
+        k = j - zeros
+        idx = self.offsets[cols] + np.maximum(k, 0)
+        got = self.values[np.minimum(idx, max(self.values.size - 1, 0))] if self.values.size else np.zeros(idx.shape)
+        return np.where(k >= 0, got, 0.0)
+
+
+class TrueSample:
+    """Each latent's true activations over a large sample of tokens disjoint from eval (the
+    latent cache), kept sparse: its positive values, sorted, plus the sample's token count
+    ``m``. The paper maps predictions onto the empirical inverse CDF of ~10M true activations:
+    cheap, because they are the latent cache. Memory: 12 bytes per cached active value."""
+
+    def __init__(self, latents: np.ndarray, values: np.ndarray, m: int) -> None:
+        latents = np.asarray(latents, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float32)
+        keep = values > 0
+        latents, values = latents[keep], values[keep]
+        order = np.lexsort((values, latents))
+        self.latents, self.values, self.m = latents[order], values[order], int(m)
+
+    def block(self, latents: np.ndarray) -> SampleBlock:
+        """The true samples of the given latent ids (a sorted array)."""
+        latents = np.asarray(latents, dtype=np.int64)
+        lo = np.searchsorted(self.latents, latents, side="left")
+        hi = np.searchsorted(self.latents, latents, side="right")
+        counts = hi - lo
+        values = np.concatenate([self.values[a:b] for a, b in zip(lo, hi)]) if latents.size else np.zeros(0, np.float32)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return SampleBlock(self.m, offsets, counts, values)
+
+
+FLOOR = float(np.finfo(np.float32).min)
+"""The first knot of a step map: every prediction is at or above it."""
+
+
+def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's quantile normalisation, exact: a prediction ``p`` goes to ``Q_true(F_pred(p))``,
+    where ``F_pred`` is the empirical CDF of the latent's ``n`` calib predictions (the fraction
+    at or below ``p``) and ``Q_true`` the empirical inverse CDF of its true sample of ``m``
+    values, ``Q_true(u) = `` the ``ceil(u m)``-th smallest value (Hyndman & Fan type 1; the
+    smallest at ``u = 0``). A step function: its knots are the distinct calib predictions
+    where the value changes, after a floor knot for predictions below all of them. ``n_knots``
+    is ignored (the data decide). Computed in integers: the index is ``ceil(i m / n) - 1``.
+
+    Where we follow and differ from the paper: the paper maps ~10K predictions onto ~10M true
+    activations of the latent cache, which is what ``sample`` holds (``calibrate.true_sample``);
+    its released scripts only keep the normalised values, so the tie rule here (the CDF counts
+    ties, i.e. a prediction equal to others takes the highest of their quantiles) is ours."""
+    n, n_latents = pred.shape
+    srt = _sort_columns(pred)  # float64 copy of float32 values
+    idx = np.arange(1, n + 1, dtype=np.int64)[:, None]
+    last = np.ones(srt.shape, dtype=bool)
+    last[:-1] = srt[1:] != srt[:-1]  # the last of each run of ties: F_pred there counts the whole run
+    j = (idx * sample.m + n - 1) // n - 1
+    cols = np.broadcast_to(np.arange(n_latents)[None, :], srt.shape)
+    y = sample.order_stat(cols, j)
+    floor = sample.order_stat(np.arange(n_latents), np.zeros(n_latents, dtype=np.int64))
+    rows = []
+    for c in range(n_latents):
+        xs, ys = srt[last[:, c], c], y[last[:, c], c]
+        prev = np.concatenate([[floor[c]], ys[:-1]])
+        keep = ys > prev  # a knot only where the value steps up (y never decreases along x)
+        rows.append((np.concatenate([[FLOOR], xs[keep]]), np.concatenate([[floor[c]], ys[keep]])))
+    return _pad_rows(rows)
 
 
 HF_TYPES: dict[int, str] = {
@@ -199,7 +305,7 @@ def _fit_quantile_hf(hf_type: int) -> KnotFit:
     """Quantile-normalisation knots with Hyndman & Fan type ``hf_type`` quantiles."""
     method = HF_TYPES[hf_type]
 
-    def fit(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+    def fit(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock) -> tuple[np.ndarray, np.ndarray]:
         probs = quantile_grid(n_knots, pred.shape[0])
         x = np.quantile(pred.astype(np.float64), probs, axis=0, method=method)
         # Sample quantiles never decrease in p; the guard only absorbs rounding.
@@ -229,7 +335,8 @@ def _pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
     return xs, ys
 
 
-def _fit_isotonic(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+def _fit_isotonic(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Isotonic regression (scikit-learn) of true on predicted activation, one fit per latent.
 
     What ``IsotonicRegression(out_of_bounds="clip").fit`` does on float64 inputs, without its
@@ -262,7 +369,8 @@ AFFINE_SPACING = 1e-3
 """Relative spacing of the affine map's three knots (a float32 can tell them apart)."""
 
 
-def _fit_affine(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+def _fit_affine(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Affine knots ``(t - d, 0), (t, 0), (t + d, s d)`` (see the module docstring)."""
     n, n_latents = pred.shape
     cols = np.arange(n_latents)
@@ -289,7 +397,8 @@ def _fit_affine(pred: np.ndarray, true: np.ndarray, n_knots: int) -> tuple[np.nd
 
 METHODS: dict[str, CalibrationMethod] = {
     "none": CalibrationMethod(fit=_fit_identity, extrapolate=True),
-    "quantile": CalibrationMethod(fit=_fit_quantile, extrapolate=False),
+    "quantile": CalibrationMethod(fit=_fit_quantile, extrapolate=False, step=True),
+    "quantile-interp": CalibrationMethod(fit=_fit_quantile_interp, extrapolate=False),
     **{f"quantile-hf{k}": CalibrationMethod(fit=_fit_quantile_hf(k), extrapolate=False) for k in HF_TYPES},
     "isotonic": CalibrationMethod(fit=_fit_isotonic, extrapolate=False),
     "affine": CalibrationMethod(fit=_fit_affine, extrapolate=True),
@@ -334,6 +443,7 @@ def _make_maps(method: str, latents: np.ndarray, x: np.ndarray, y: np.ndarray) -
         x=np.ascontiguousarray(x[order], dtype=np.float32),
         y=np.ascontiguousarray(y[order], dtype=np.float32),
         extrapolate=_method(method).extrapolate,
+        step=_method(method).step,
     )
     validate_maps(maps)
     return maps
@@ -373,16 +483,24 @@ def fit_calibration(
     n_knots: int = 257,
     *,
     latents: np.ndarray | None = None,
+    sample: TrueSample | None = None,
 ) -> CalibrationMaps:
     """Fit one map per latent on the calib split.
 
     ``pred`` and ``true`` are [n_contexts, n_latents]: raw predictions and true post-TopK
-    activations of the same contexts. ``latents`` gives the latent id of each column (default:
-    column j is latent j). ``n_knots`` is the number of quantile probabilities (see
-    :func:`quantile_grid`); methods that need fewer knots ignore it.
+    activations of the same contexts. NaN in ``pred`` marks a failed prediction: that latent's
+    map is fit on its other contexts. ``latents`` gives the latent id of each column (default:
+    column j is latent j). ``sample`` is the large true sample that ``quantile`` maps onto
+    (default: the paired ``true`` columns, the calib-only design). ``n_knots`` is the number of
+    quantile probabilities of the interpolated quantile methods (see :func:`quantile_grid`);
+    other methods ignore it.
     """
     spec = _method(method)
-    pred = _check_matrix("pred", pred)
+    pred = np.asarray(pred)
+    if pred.ndim != 2:
+        raise ValueError(f"pred must be 2-D [n_contexts, n_latents], got shape {pred.shape}")
+    if np.isinf(pred).any():
+        raise ValueError("pred contains inf")
     true = _check_matrix("true", true)
     if pred.shape != true.shape:
         raise ValueError(f"pred {pred.shape} and true {true.shape} differ in shape")
@@ -391,18 +509,37 @@ def fit_calibration(
     if n_knots < 2:
         raise ValueError(f"n_knots must be >= 2, got {n_knots}")
     ids = _column_latents(latents, pred.shape[1])
-    xs, ys = [], []
-    for start in range(0, pred.shape[1], LATENT_BLOCK):
-        block = slice(start, start + LATENT_BLOCK)
-        x, y = spec.fit(pred[:, block], true[:, block], n_knots)
+    failed = np.isnan(pred)
+    if failed.all(axis=0).any():
+        raise ValueError(f"latents {ids[failed.all(axis=0)][:10].tolist()} have no calib prediction to fit on")
+
+    def samples(cols: np.ndarray, rows: np.ndarray | slice = slice(None)) -> SampleBlock:
+        if sample is not None:
+            return sample.block(ids[cols])
+        return SampleBlock.from_dense(true[rows][:, cols])
+
+    xs, ys, order = [], [], []
+    complete = np.flatnonzero(~failed.any(axis=0))
+    for start in range(0, complete.size, LATENT_BLOCK):
+        cols = complete[start:start + LATENT_BLOCK]
+        x, y = spec.fit(pred[:, cols], true[:, cols], n_knots, samples(cols))
         xs.append(x)
         ys.append(y)
+        order.append(cols)
+    for c in np.flatnonzero(failed.any(axis=0)):  # a latent with failed predictions: its valid contexts
+        rows = ~failed[:, c]
+        col = np.array([c])
+        x, y = spec.fit(pred[rows][:, col], true[rows][:, col], n_knots, samples(col, rows))
+        xs.append(x)
+        ys.append(y)
+        order.append(col)
     if not xs:
         return _make_maps(method, ids, np.zeros((0, 2)), np.zeros((0, 2)))
-    # Blocks may need different knot counts (isotonic): pad each row with its last knot.
+    # Blocks may need different knot counts (isotonic, quantile): pad each row with its last knot.
     width = max(x.shape[1] for x in xs)
     pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), mode="edge")  # noqa: E731
-    return _make_maps(method, ids, np.concatenate([pad(x) for x in xs]), np.concatenate([pad(y) for y in ys]))
+    cols = np.concatenate(order)
+    return _make_maps(method, ids[cols], np.concatenate([pad(x) for x in xs]), np.concatenate([pad(y) for y in ys]))
 
 
 def _distinct_knots(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -412,9 +549,11 @@ def _distinct_knots(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return x[keep], y[keep]
 
 
-def _apply_one(x: np.ndarray, y: np.ndarray, values: np.ndarray, extrapolate: bool) -> np.ndarray:
+def _apply_one(x: np.ndarray, y: np.ndarray, values: np.ndarray, extrapolate: bool, step: bool = False) -> np.ndarray:
     """One latent's map applied to ``values`` (float64)."""
     xk, yk = _distinct_knots(x.astype(np.float64), y.astype(np.float64))
+    if step:
+        return yk[np.maximum(np.searchsorted(xk, values, side="right") - 1, 0)]
     out = np.interp(values, xk, yk)
     if extrapolate and xk.size >= 2:
         below = values < xk[0]
@@ -432,9 +571,12 @@ def apply_calibration(
     """Calibrated predictions, float32 with the shape of ``pred_eval`` [n_contexts, n_cols].
 
     ``latents`` gives the latent id of each column (default: column j is latent j); each column
-    uses the map of its latent id, and a column whose latent has no map is an error.
+    uses the map of its latent id, and a column whose latent has no map is an error. A NaN
+    (failed) prediction stays NaN: it is never given a value here.
     """
-    pred_eval = _check_matrix("pred_eval", pred_eval)
+    pred_eval = np.asarray(pred_eval)
+    if pred_eval.ndim != 2 or np.isinf(pred_eval).any():
+        raise ValueError(f"pred_eval must be 2-D and without inf, got shape {pred_eval.shape}")
     ids = _column_latents(latents, pred_eval.shape[1])
     rows = np.minimum(np.searchsorted(maps.latents, ids), max(maps.n_latents - 1, 0))
     found = maps.latents[rows] == ids if maps.n_latents else np.zeros(ids.shape, dtype=bool)
@@ -444,8 +586,9 @@ def apply_calibration(
     out = np.empty(pred_eval.shape, dtype=np.float32)
     values = pred_eval.astype(np.float64)
     for col, row in enumerate(rows):
-        out[:, col] = _apply_one(maps.x[row], maps.y[row], values[:, col], maps.extrapolate)
-    if not np.all(np.isfinite(out)):
+        out[:, col] = _apply_one(maps.x[row], maps.y[row], values[:, col], maps.extrapolate, maps.step)
+    out[np.isnan(pred_eval)] = np.nan
+    if np.isinf(out).any() or np.isnan(out[~np.isnan(pred_eval)]).any():
         raise ValueError(f"calibration ({maps.method}) produced NaN or inf")
     return out
 
@@ -559,10 +702,10 @@ class ShardBlock:
     calib: np.ndarray
     eval: np.ndarray
 
-    def complete_latents(self) -> tuple[np.ndarray, np.ndarray]:
-        """(latents with every calib and eval prediction, latents with some missing)."""
-        ok = ~(np.isnan(self.calib).any(0) | np.isnan(self.eval).any(0))
-        return self.latents[ok], self.latents[~ok]
+    def failed_fraction(self) -> np.ndarray:
+        """Per latent, the fraction of its calib and eval contexts without a prediction."""
+        n = self.calib.shape[0] + self.eval.shape[0]
+        return (np.isnan(self.calib).sum(0) + np.isnan(self.eval).sum(0)) / max(n, 1)
 
     def columns(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(calib, eval) predictions of the given latents (a sorted subset of this shard's)."""
@@ -634,30 +777,37 @@ def shard_block_batches(lat_ids: np.ndarray, batches, calib_cids: np.ndarray, ev
 @dataclass
 class StreamResult:
     """What :func:`stream_calibration` fit: maps tables per method, calibrated latents, latents
-    left out for failed predictions, calib predictions fit, seconds per method (fit only)."""
+    left out (failed predictions above the allowed fraction, or no calib prediction at all),
+    latents kept with some failed contexts (fit without them; their eval contexts are left out
+    of the calibrated table and patched as 0 by evaluate), failed contexts kept, calib
+    predictions fit, seconds per method (fit only)."""
 
     maps: dict[str, list[pa.Table]]
     latents: list[np.ndarray]
     excluded: list[np.ndarray]
+    with_failures: list[np.ndarray] = field(default_factory=list)
+    n_failed_kept: int = 0
     n_fit: int = 0
-    fit_seconds: dict[str, float] | None = None
+    fit_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def stream_calibration(shards, methods: list[str], n_knots: int, calib_cids: np.ndarray, eval_cids: np.ndarray,
-                       true_calib: SparseColumns, write) -> StreamResult:
+                       true_calib: SparseColumns, write, *, sample: TrueSample | None = None,
+                       max_failed_fraction: float = 0.0) -> StreamResult:
     """Fit every method's maps shard by shard and write the calibrated eval predictions.
 
     ``shards`` yields, per simulation shard, a long-format prediction table (context_id, latent,
     pred) holding all predictions of its latents, or a :class:`ShardReader` (read a row group at
-    a time). A latent with a missing prediction is left
-    out (``excluded``). ``write`` receives one table per (shard, method): context_id, latent,
-    pred (float32), method. Memory: one shard's dense [calib + eval contexts x shard latents].
-    Equal, map for map, to one :func:`fit_calibration` over all latents at once."""
+    a time). A missing prediction is a failed one: a latent whose failed fraction (over its calib
+    and eval contexts) exceeds ``max_failed_fraction`` is left out (``excluded``); below it, its
+    maps are fit without the failed calib contexts and its failed eval contexts get no row.
+    ``sample`` is the true sample the quantile methods map onto (None: the calib contexts' own true
+    values). ``write`` receives one table per (shard, method): context_id, latent, pred (float32),
+    method. Memory: one shard's dense [calib + eval contexts x shard latents]. Equal, map for map,
+    to one :func:`fit_calibration` over all latents at once."""
     import time
 
-    from .simulate import predictions_table
-
-    res = StreamResult({m: [] for m in methods}, [], [], 0, {m: 0.0 for m in methods})
+    res = StreamResult({m: [] for m in methods}, [], [], fit_seconds={m: 0.0 for m in methods})
     for t in shards:
         if isinstance(t, ShardReader):
             block = shard_block_batches(t.latents(), t.batches(), calib_cids, eval_cids)
@@ -665,21 +815,37 @@ def stream_calibration(shards, methods: list[str], n_knots: int, calib_cids: np.
             block = shard_block(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
                                 t.column("pred").to_numpy(), calib_cids, eval_cids)
         del t
-        latents, excluded = block.complete_latents()
+        frac = block.failed_fraction()
+        no_calib = np.isnan(block.calib).all(axis=0)
+        ok = (frac <= max_failed_fraction) & ~no_calib
+        latents = block.latents[ok]
         res.latents.append(latents)
-        res.excluded.append(excluded)
+        res.excluded.append(block.latents[~ok])
+        res.with_failures.append(block.latents[ok & (frac > 0)])
         if not len(latents):
             continue
         pred_c, pred_e = block.columns(latents)
         del block
+        res.n_failed_kept += int(np.isnan(pred_c).sum() + np.isnan(pred_e).sum())
         true_c = true_calib.dense(latents)
-        res.n_fit += pred_c.size
+        res.n_fit += int((~np.isnan(pred_c)).sum())
         for method in methods:
             t0 = time.perf_counter()
-            maps = fit_calibration(method, pred_c, true_c, n_knots, latents=latents)
+            maps = fit_calibration(method, pred_c, true_c, n_knots, latents=latents, sample=sample)
             res.fit_seconds[method] += time.perf_counter() - t0
             res.maps[method].append(maps_to_table(maps))
             out = apply_calibration(maps, pred_e, latents=latents)
-            table = predictions_table(eval_cids, latents, out)
-            write(table.append_column("method", pa.repeat(pa.scalar(method, pa.string()), len(table))))
+            write(long_table(eval_cids, latents, out).append_column(
+                "method", pa.repeat(pa.scalar(method, pa.string()), int((~np.isnan(out)).sum()))))
     return res
+
+
+def long_table(context_ids: np.ndarray, latents: np.ndarray, values: np.ndarray) -> pa.Table:
+    """Dense [n_contexts, n_latents] values as long rows (context_id, latent, pred float32), grouped by
+    latent; NaN entries (failed predictions) get no row."""
+    keep = ~np.isnan(values.T)
+    return pa.table({
+        "context_id": pa.array(np.broadcast_to(context_ids.astype(np.int64)[None, :], keep.shape)[keep]),
+        "latent": pa.array(np.broadcast_to(latents.astype(np.int32)[:, None], keep.shape)[keep]),
+        "pred": pa.array(values.T[keep].astype(np.float32)),
+    })

@@ -135,11 +135,19 @@ class TranscoderConfig(Section):
         return self
 
 
-class ActivationsConfig(Section):
+class ActivationsConfig(_Extended):
+    _added = ("sample_tokens",)
     batch_size: int = Field(32, ge=1)
     """Sequences per forward pass while caching latents."""
     dtype: Literal["float32", "float16"] = "float32"
-    """Storage type of cached activation values."""
+    """Storage type of cached activation values. A float16 cache that would overflow (a value above
+    65504) is refused with a message before anything is written: use float32."""
+    sample_tokens: int = Field(0, ge=0)
+    """Tokens of the train split (its last sequences) also cached, as split `sample`, to enlarge the
+    true sample that quantile normalisation maps onto (calibrate.true_sample: cache): the paper maps
+    onto ~10M true activations of its latent cache. 0 caches no train tokens (the true sample is
+    then the explain and calib splits); capped by the train split's size (the manifest says how
+    many were cached)."""
 
 
 class LLMConfig(Section):
@@ -270,7 +278,7 @@ class ScoreConfig(_Extended):
 
 
 class SimulateConfig(_Extended):
-    _added = ("llm", "renormalize", "eval_positions", "prompt_order")
+    _added = ("llm", "renormalize", "eval_positions", "prompt_order", "max_failed_fraction")
     method: Literal["embedding", "llm"] = "embedding"
     """Simulator. `embedding`: similarity of explanation and the context window ending at the target token.
     `llm`: the paper's prompt (explanation, window, last token marked, a 0-9 answer); the prediction is
@@ -291,11 +299,17 @@ class SimulateConfig(_Extended):
     """llm: renormalize the digit probabilities to sum to 1 before the expected value (ours);
     False is the paper's sum of digit x probability over the top logprobs as they are."""
     eval_positions: Literal["all", "last"] = "all"
-    """Eval contexts simulated. `all`: every position of every eval sentence (evaluation patches every
-    position and reports CE of all positions and of the last). `last`: only the last scored position of
-    each sentence (the paper: one target per sentence, so 1,000 eval sentences cost 1,000 contexts, not
-    50,000); evaluation then patches that position alone (the others keep the clean MLP) and reports
-    CE at the last position only (`evaluate.positions` must be `last`)."""
+    """Calib and eval contexts simulated. `all`: every position of every calib and eval sentence
+    (evaluation patches every position and reports CE of all positions and of the last). `last`: only
+    the last scored position of each calib and eval sentence (the paper: one target per sentence, so
+    1,000 eval sentences cost 1,000 contexts, not 50,000, and calibration maps are fit on the same
+    position set that is evaluated); evaluation then patches that position alone (the others keep the
+    clean MLP) and reports CE at the last position only (`evaluate.positions` must be `last`)."""
+    max_failed_fraction: float = Field(0.05, ge=0, le=1)
+    """llm: a latent whose failed predictions (unparseable answers) exceed this fraction of its calib and
+    eval contexts is left out of calibration and patching (counted); below it, its maps are fit without
+    the failed contexts, and its failed eval contexts are patched as 0 (counted). Read by calibrate:
+    changing it never reruns the simulator (it is part of the calibrate stage's key, not simulate's)."""
     prompt_order: Literal["explanation_first", "context_first"] = "explanation_first"
     """llm: order of the simulator prompt. `explanation_first` (the paper's): instructions + explanation
     as the shared prefix (computed once per latent), the context window + question as the per-prompt
@@ -311,7 +325,7 @@ class SimulateConfig(_Extended):
 
 
 CalibrationMethodName = Literal[
-    "none", "quantile",
+    "none", "quantile", "quantile-interp",
     "quantile-hf1", "quantile-hf2", "quantile-hf3", "quantile-hf4", "quantile-hf5",
     "quantile-hf6", "quantile-hf7", "quantile-hf8", "quantile-hf9",
     "isotonic", "affine",
@@ -322,12 +336,20 @@ CalibrationMethodName = Literal[
 class CalibrateConfig(Section):
     methods: list[CalibrationMethodName] = ["none", "quantile", "quantile-hf1", "quantile-hf8", "isotonic", "affine"]
     """Calibration methods fit on the calib split and applied to eval. `none` keeps the raw linear map;
-    `quantile` is the paper's quantile normalisation (type-7 quantiles); `quantile-hf1`..`quantile-hf9`
-    the same with each Hyndman & Fan sample-quantile type; `isotonic` is scikit-learn's isotonic
-    regression of true on predicted; `affine` is a fitted scale and threshold. Every method costs one
-    set of CE runs in evaluate (fractions x selections x seeds), so the default is a sample."""
+    `quantile` is the paper's quantile normalisation, exact: a prediction goes through the empirical
+    CDF of the latent's calib predictions onto the empirical inverse CDF of its true sample
+    (`true_sample`), a step function; `quantile-interp` (an ablation) interpolates type-7 quantiles of
+    the calib contexts' paired true values on `n_knots` knots (nlrewrite before the exact map);
+    `quantile-hf1`..`quantile-hf9` the same interpolated map with each Hyndman & Fan sample-quantile
+    type; `isotonic` is scikit-learn's isotonic regression of true on predicted; `affine` is a fitted
+    scale and threshold. Every method costs one set of CE runs in evaluate (fractions x selections x
+    seeds), so the default is a sample."""
     n_knots: int = Field(257, ge=2)
-    """Quantile probabilities per latent for the quantile methods (denser towards 1)."""
+    """Quantile probabilities per latent for the interpolated quantile methods (denser towards 1)."""
+    true_sample: Literal["cache", "calib"] = "cache"
+    """The true activations `quantile` maps onto. `cache` (the paper's design): every cached token that is
+    not in the eval split (the explain and calib splits, plus activations.sample_tokens train tokens),
+    sparse. `calib`: only the calib contexts' own true values (paired with the predictions; an ablation)."""
 
     @field_validator("methods")
     @classmethod
@@ -367,8 +389,19 @@ class EvaluateConfig(Section):
     oracle_seed: int = 0
     """Seed of the oracle's injected errors."""
     sample_sizes: list[UnitFraction] = [0.1, 0.333, 1.0]
-    """Sample-size ablation (the paper's Figure A2): fractions of the calib split's sequences that
-    calibration maps are fit on (nested subsets); an empty list skips the ablation."""
+    """Sample-size ablation (the paper's Figure A2, the paper's way): fractions of the calib split's
+    sequences whose predictions the maps are fit on (nested subsets), the true sample fixed; an empty
+    list skips it."""
+    true_sample_sizes: list[UnitFraction] = [0.01, 0.1, 1.0]
+    """Second sample-size ablation: fractions of the true sample's sequences (nested subsets) that
+    `quantile` maps onto, the calib predictions fixed (with calibrate.true_sample: cache); an empty
+    list skips it."""
+    patch_base: Literal["topk", "pre_topk"] = "topk"
+    """What TopK is re-applied to when simulated values are patched in. `topk` (the paper's
+    get_predicted_features_top32): the true post-TopK latents, so a latent that is not simulated
+    keeps its true top-k value or 0. `pre_topk`: every latent's pre-TopK encoder value, an ablation
+    that leaks true information (a non-simulated latent outside the true top-k can fill a slot that a
+    low simulated value leaves); never the headline."""
     sample_size_fractions: list[UnitFraction] = [0.1, 1.0]
     """Fractions of latents (top selection) simulated in the sample-size ablation."""
     batch_size: int = Field(32, ge=1)
@@ -488,15 +521,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "oracle_fp_rates": [0.0, 1e-3, 1e-2, 1e-1], "oracle_fn_rates": [0.0, 0.5],
                      "sample_sizes": [0.25, 1.0], "sample_size_fractions": [1.0]},
     },
-    # The tiny subject at the paper's shapes (issue 6): a 32,768-latent, k=32 transcoder; 10,000 calib
-    # contexts (200 x 50); 1,000 eval sentences, only their last scored position simulated and patched
-    # (simulate.eval_positions), CE there; the embedding simulator; quantile normalisation (and raw, its
-    # baseline); the full evaluation sweep; explanations from each latent's top 2,000 activating rows
-    # (delphi-style, selected in DuckDB). CPU only, no network: about 21 minutes on 2 cores.
-    # Every stage's time and peak RSS, also at 1/16 and 1/4 of the latents: benchmarks/paper_shape.py.
+    # The tiny subject at the paper's shapes (issue 6): a 32,768-latent, k=32 transcoder; 1,000 eval
+    # sentences and 5,000 calib sentences, only their last scored position simulated (calib maps are fit
+    # on the position set that is evaluated: simulate.eval_positions 'last'), patched and measured there;
+    # quantile normalisation onto the true activations of every cached non-eval token (explain + calib
+    # + the train split's tokens: python-docs holds ~546K tokens in all, so the true sample is ~0.4M
+    # tokens, not the paper's 10M, and calib is 5,000 sentences, not the paper's 10,000: 10,000 would
+    # leave the transcoder almost no training text); the embedding simulator; raw and quantile values;
+    # the full evaluation sweep; explanations from each latent's top 2,000 activating rows (delphi-style,
+    # selected in DuckDB). CPU only, no network. Stage times and peak RSS: benchmarks/paper_shape.py.
     "paper-shape": {
-        "corpus": {"seq_len": 50, "n_calib": 200, "n_eval": 1000, "n_explain": 2000},
+        "corpus": {"seq_len": 50, "n_calib": 5000, "n_eval": 1000, "n_explain": 1500},
         "transcoder": {"num_latents": 32768, "k": 32},
+        "activations": {"sample_tokens": 1_000_000},
         "simulate": {"method": "embedding", "window": 32, "shard_latents": 512, "context_block": 8192,
                      "eval_positions": "last"},
         "explain": {"max_candidates": 2000},
@@ -505,20 +542,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "execution": {"device": "cpu"},
     },
     # The paper's setup (arXiv 2501.18838). Needs hub access and GPU workers; tested offline on local
-    # copies of tiny models (tests/test_pythia_preset.py). Calib contexts = n_calib * seq_len =
-    # 200 * 50 = 10,000; eval: 1,000 sentences, CE at the last position of each (evaluate.positions).
+    # copies of tiny models (tests/test_pythia_preset.py). As the paper: 10,000 calib sentences and 1,000
+    # eval sentences, one context each (the last scored position; evaluate.positions: last); quantile
+    # normalisation onto the true activations of >= 1M cached non-eval tokens.
     "pythia-160m": {
         "corpus": {"tokenizer": "EleutherAI/pythia-160m", "max_chars": 20_000_000, "seq_len": 50,
-                   "n_calib": 200, "n_eval": 1000, "n_explain": 4000},
+                   "n_calib": 10_000, "n_eval": 1000, "n_explain": 4000},
         "subject": {"source": "hub", "hub_id": "EleutherAI/pythia-160m", "num_layers": 12, "hidden_size": 768,
                     "num_heads": 12, "intermediate_size": 3072},
         "transcoder": {"layer": 6, "num_latents": 32768, "k": 32, "max_train_tokens": 4_000_000},
-        "activations": {"batch_size": 64, "dtype": "float16"},
+        "activations": {"batch_size": 64, "dtype": "float16", "sample_tokens": 1_000_000},
         "explain": {"method": "llm", "n_examples": 40, "n_bins": 10, "window": 32,
                     "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "chat_format": "llama3"}},
         "score": {"method": "detection", "n_pos": 100, "n_neg": 100, "examples_per_prompt": 5, "n_bins": 10,
                   "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "chat_format": "llama3"}},
+        # The paper's unrenormalized expected value (sum of digit x probability over the top logprobs).
         "simulate": {"method": "llm", "window": 32, "shard_latents": 256, "eval_positions": "last",
+                     "renormalize": False,
                      "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-8B-Instruct", "chat_format": "llama3"}},
         "evaluate": {"positions": "last"},
         "execution": {"device": "cuda"},

@@ -17,14 +17,50 @@ MlpFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---- the patched transcoder ---------------------------------------------------------------------
+PATCH_BASES = ("topk", "pre_topk")
+"""What the vector that TopK is re-applied to starts from (evaluate.patch_base):
+
+- ``topk`` (the paper's, the default): the transcoder's true *post*-TopK latents; a latent that is
+  not simulated keeps its true top-k value, or 0 when it was not in the true top-k.
+- ``pre_topk`` (an ablation, never the headline): every latent's pre-TopK encoder value, so a latent
+  outside the true top-k that is not simulated can be promoted into the top k with its true
+  encoder value when simulated values are low: true information leaks into the simulated
+  condition."""
+
+
+def check_supported(sae: torch.nn.Module) -> None:
+    """Refuse a sparse coder our patching cannot reproduce exactly: only a TopK *transcoder* (sparsify's
+    ``transcode: true``, ``activation: topk``; with or without a skip connection) replaces an MLP.
+    An SAE (``transcode: false``) reconstructs its own input, not the MLP's output; ``groupmax``
+    selects one latent per group, which re-applying TopK would not reproduce."""
+    cfg = sae.cfg
+    if getattr(cfg, "activation", "topk") != "topk":
+        raise ValueError(f"the checkpoint uses activation {cfg.activation!r}; nlrewrite patches TopK transcoders only "
+                         "(sparsify activation: topk)")
+    if not getattr(cfg, "transcode", False):
+        raise ValueError("the checkpoint is an SAE (transcode: false): it reconstructs its input, so it cannot replace "
+                         "an MLP; use a transcoder checkpoint (sparsify transcode: true)")
+
+
 def pre_activations(sae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The transcoder's pre-TopK latent values relu(W_enc x + b_enc) for x [n, d] -> [n, latents]."""
-    return F.relu(F.linear(x.to(sae.dtype), sae.encoder.weight, sae.encoder.bias))
+    """Every latent's pre-TopK value for x [n, d] -> [n, latents], exactly as sparsify's ``encode``:
+    ``relu(W_enc (x - b_dec) + b_enc)`` for an SAE, ``relu(W_enc x + b_enc)`` for a transcoder."""
+    x = x.to(sae.dtype)
+    if not sae.cfg.transcode:
+        x = x - sae.b_dec
+    return F.relu(F.linear(x, sae.encoder.weight, sae.encoder.bias))
 
 
-def decode_topk(sae: torch.nn.Module, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """Apply TopK to pre-activations [n, latents] and decode: W_dec(topk) + b_dec + skip."""
+def true_latents(sae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The transcoder's true post-TopK latent vector [n, latents]: its top-k pre-activations, 0 elsewhere."""
+    pre = pre_activations(sae, x)
     acts, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(1, idx, acts)
+
+
+def decode_topk(sae: torch.nn.Module, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """Apply TopK to a latent vector [n, latents] and decode: W_dec(topk) + b_dec + skip (raw x)."""
+    acts, idx = latents.topk(sae.cfg.k, dim=-1, sorted=False)
     out = sae.decode(acts, idx)
     if sae.W_skip is not None:
         out = out + x.to(sae.dtype) @ sae.W_skip.mT
@@ -32,13 +68,27 @@ def decode_topk(sae: torch.nn.Module, x: torch.Tensor, pre: torch.Tensor) -> tor
 
 
 def patched_output(sae: torch.nn.Module, x: torch.Tensor, latents: torch.Tensor | None = None,
-                   values: torch.Tensor | None = None) -> torch.Tensor:
-    """Transcoder output with the pre-TopK values of `latents` replaced by `values` [n, len(latents)],
-    TopK re-applied (exactly k latents), then decoded. No replacement gives the transcoder itself."""
-    pre = pre_activations(sae, x)
+                   values: torch.Tensor | None = None, base: str = "topk") -> torch.Tensor:
+    """Transcoder output with the latents `latents` set to `values` [n, len(latents)], TopK re-applied
+    (exactly k latents), then decoded with b_dec and the skip path. No replacement gives the
+    transcoder itself.
+
+    With ``base="topk"`` (the default) the vector starts from the true post-TopK latents, as the
+    paper's ``get_predicted_features_top32`` (nl_simulation/ce_reconstructions.py) does: so every
+    latent simulated as 0 gives exactly zero-ablation, and a latent outside the true top-k that is
+    not simulated contributes nothing. Where we differ from that code: it turns a missing (NaN)
+    prediction into 0 silently; here NaN is refused (check_patch_values) and callers patch failed
+    predictions as 0 explicitly and count them. ``base="pre_topk"`` is the leaky ablation (see
+    PATCH_BASES)."""
+    if base == "topk":
+        vec = true_latents(sae, x)
+    elif base == "pre_topk":
+        vec = pre_activations(sae, x)
+    else:
+        raise ValueError(f"unknown patch base {base!r}; known: {PATCH_BASES}")
     if latents is not None and len(latents):
-        pre[:, latents] = values.to(pre.dtype)
-    return decode_topk(sae, x, pre)
+        vec[:, latents] = values.to(vec.dtype)
+    return decode_topk(sae, x, vec)
 
 
 def flat(fn: Callable[[torch.Tensor], torch.Tensor]) -> MlpFn:
@@ -50,17 +100,18 @@ def flat(fn: Callable[[torch.Tensor], torch.Tensor]) -> MlpFn:
 
 
 def patch_rows(sae: torch.nn.Module, values: np.ndarray, latents: np.ndarray, per_row: int,
-               what: str) -> Callable[[slice], MlpFn]:
+               what: str, base: str = "topk") -> Callable[[slice], MlpFn]:
     """A `ce_with` make_fn patching `latents` with dense values [n_contexts, len(latents)] (rows in
-    context order, `per_row` contexts per sequence: seq_len, or 1 when one position is patched).
-    Non-finite values are refused first (check_patch_values; `what` names them)."""
+    context order, `per_row` contexts per sequence: seq_len, or 1 when one position is patched),
+    from the patch `base` (see patched_output). Non-finite values are refused first
+    (check_patch_values; `what` names them)."""
     check_patch_values(values, what)
     device = sae.encoder.weight.device
     sel = torch.as_tensor(latents, device=device)
 
     def make(rows: slice) -> MlpFn:
         vals = torch.as_tensor(values[rows.start * per_row:rows.stop * per_row], device=device)
-        return flat(lambda x: patched_output(sae, x, sel, vals))
+        return flat(lambda x: patched_output(sae, x, sel, vals, base))
     return make
 
 
@@ -162,9 +213,13 @@ def select_latents(live: np.ndarray, scores: np.ndarray, fraction: float, select
 
 
 # ---- per-latent metrics -------------------------------------------------------------------------
-def activity_metrics(pred: np.ndarray, true: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+def activity_metrics(pred: np.ndarray, true: np.ndarray, threshold: float | np.ndarray) -> dict[str, np.ndarray]:
     """Specificity and sensitivity of predicted activity (pred > threshold) against true activity
-    (true > 0), per latent, for dense [n_ctx, n_lat] arrays. NaN where undefined."""
+    (true > 0), per latent, for dense [n_ctx, n_lat] arrays. NaN where undefined. A NaN prediction
+    is refused: it is neither active nor inactive (see per_column for failed predictions)."""
+    if np.isnan(pred).any():
+        raise ValueError(f"activity_metrics: {int(np.isnan(pred).sum())} NaN predictions; leave failed predictions "
+                         "out (per_column) instead of counting them as inactive")
     p = pred > threshold
     t = true > 0
     tp = (p & t).sum(0)
@@ -176,6 +231,31 @@ def activity_metrics(pred: np.ndarray, true: np.ndarray, threshold: float) -> di
         sens = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
         prec = np.where(tp + fp > 0, tp / (tp + fp), np.nan)
     return {"specificity": spec, "sensitivity": sens, "precision": prec, "n_true_active": t.sum(0)}
+
+
+def per_column(metric: Callable[..., dict[str, np.ndarray]], pred: np.ndarray, true: np.ndarray,
+               *args: Any) -> dict[str, np.ndarray]:
+    """``metric(pred, true, *args)`` for dense [n_ctx, n_lat] arrays in which NaN marks a failed
+    prediction: complete columns are measured together, a column with failures on its valid
+    contexts alone (a per-latent threshold array in ``args`` follows its column)."""
+    bad = np.isnan(pred).any(axis=0)
+    if not bad.any():
+        return metric(pred, true, *args)
+
+    def cols(a: Any, c: Any) -> Any:
+        return a[c] if isinstance(a, np.ndarray) and a.ndim == 1 and a.shape[0] == pred.shape[1] else a
+
+    ok = np.flatnonzero(~bad)
+    first = metric(pred[:, ok], true[:, ok], *(cols(a, ok) for a in args))
+    out = {k: np.full(pred.shape[1], np.nan, dtype=np.float64) for k in first}
+    for k, v in first.items():
+        out[k][ok] = v
+    for j in np.flatnonzero(bad):
+        rows = ~np.isnan(pred[:, j])
+        one = metric(pred[rows, j:j + 1], true[rows, j:j + 1], *(cols(a, [j]) for a in args))
+        for k, v in one.items():
+            out[k][j] = v[0]
+    return out
 
 
 def rank_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
@@ -282,15 +362,20 @@ CE_SCHEMA = pa.schema([
     ("calibration", pa.string()), ("seed", pa.int32()), ("n_latents", pa.int32()), ("positions", pa.string()),
     ("ce_mean", pa.float64()), ("ce_lo", pa.float64()), ("ce_hi", pa.float64()), ("n", pa.int64()),
     ("delta_zero_mean", pa.float64()), ("delta_zero_lo", pa.float64()), ("delta_zero_hi", pa.float64()),
+    ("n_true_kept", pa.int64()), ("patch_base", pa.string()),
 ])
+"""The `ce` table. `n_true_kept`: latents active on some patched eval context that keep their true
+value in this condition (the transcoder: all of them; a simulated condition: those not simulated;
+`simulated_strict`: 0; null where the transcoder is not used). `patch_base`: evaluate.patch_base."""
 
 
 def ce_row(condition: str, seq_ce: np.ndarray, zero_seq_ce: np.ndarray, n_boot: int, *, selection: str = "all",
            fraction: float | None = None, calibration: str = "", seed: int = -1, n_latents: int = 0,
-           positions: str = "all") -> dict[str, Any]:
+           positions: str = "all", n_true_kept: int | None = None, patch_base: str = "topk") -> dict[str, Any]:
     """One row of the `ce` table, with a paired difference against zero-ablation."""
     mean, lo, hi = bootstrap_mean(seq_ce, n_boot)
     d_mean, d_lo, d_hi = bootstrap_mean(seq_ce - zero_seq_ce, n_boot)
     return {"condition": condition, "selection": selection, "fraction": fraction, "calibration": calibration,
             "seed": seed, "n_latents": n_latents, "positions": positions, "ce_mean": mean, "ce_lo": lo, "ce_hi": hi, "n": len(seq_ce),
-            "delta_zero_mean": d_mean, "delta_zero_lo": d_lo, "delta_zero_hi": d_hi}
+            "delta_zero_mean": d_mean, "delta_zero_lo": d_lo, "delta_zero_hi": d_hi, "n_true_kept": n_true_kept,
+            "patch_base": patch_base}

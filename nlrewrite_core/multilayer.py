@@ -144,8 +144,10 @@ def run_multilayer(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
                 for lay in layers:
                     live, scores, preds = sims[lay]
                     sel = eval_lib.select_latents(live, scores[live], frac, "top", -1)
-                    makers.append((lay, eval_lib.patch_rows(saes[lay], preds[method][:, sel], sel, seq_len,
-                                                            f"layer {lay} {method} predictions")))
+                    # The evaluate stage's patch path: a failed prediction is patched as 0, from evaluate.patch_base.
+                    makers.append((lay, eval_lib.patch_rows(saes[lay], np.nan_to_num(preds[method][:, sel], nan=0.0),
+                                                            sel, seq_len, f"layer {lay} {method} predictions",
+                                                            ev.patch_base)))
                     n_lat += len(sel)
                 conds.append(("simulated", run(makers), {"selection": "top", "fraction": frac,
                                                          "calibration": method, "n_latents": n_lat}))

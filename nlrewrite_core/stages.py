@@ -40,7 +40,7 @@ log = logging.getLogger("nlrewrite")
 
 VERSIONS = {
     "corpus": "1", "subject": "1", "transcoder": "1", "activations": "1", "explain": "1",
-    "embed": "1", "score": "1", "simulate": "2", "calibrate": "3", "evaluate": "2", "report": "2",
+    "embed": "2", "score": "1", "simulate": "3", "calibrate": "4", "evaluate": "3", "report": "3",
     "multilayer": "1",
 }
 CACHED_SPLITS = ("explain", "calib", "eval")
@@ -62,8 +62,11 @@ def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[st
                    **({"eval_positions": "last"} if cfg.simulate.eval_positions == "last" else {})}, ["corpus"]),
         "score": ({"score": d["score"], "token_weight": d["simulate"]["token_weight"]},
                   ["activations", "explain", *emb]),
-        "simulate": ({"simulate": d["simulate"], "embedding": d["embedding"]}, ["activations", "explain", *emb]),
-        "calibrate": (d["calibrate"], ["activations", "simulate"]),
+        # max_failed_fraction is read by calibrate alone: changing it never reruns the simulator.
+        "simulate": ({"simulate": {k: v for k, v in d["simulate"].items() if k != "max_failed_fraction"},
+                      "embedding": d["embedding"]}, ["activations", "explain", *emb]),
+        "calibrate": ({**d["calibrate"], "max_failed_fraction": cfg.simulate.max_failed_fraction},
+                      ["activations", "simulate"]),
         "evaluate": (d["evaluate"], ["corpus", "subject", "transcoder", "activations", "score", "calibrate"]),
         "report": ({}, ["transcoder", "subject", "activations", "score", "calibrate", "evaluate"]),
     }
@@ -72,7 +75,7 @@ def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[st
     if cfg.multilayer.layers:  # only when configured: a single-layer run keeps exactly its stages and keys
         ml = cfg.multilayer
         section = {"multilayer": d["multilayer"], "transcoder": d["transcoder"],
-                   "evaluate": {k: d["evaluate"][k] for k in ("batch_size", "n_bootstrap", "positions")}}
+                   "evaluate": {k: d["evaluate"][k] for k in ("batch_size", "n_bootstrap", "positions", "patch_base")}}
         if ml.simulate:  # every extra layer's pipeline runs with the same settings as the main layer's
             section.update({s: d[s] for s in ("activations", "explain", "embedding", "score", "simulate", "calibrate")})
         out["multilayer"] = (section, ["corpus", "subject", "transcoder"]
@@ -175,9 +178,10 @@ def context_ids(seq_ids: np.ndarray, seq_len: int) -> np.ndarray:
 
 def sim_context_ids(cfg: RewriteConfig, split: str, seq_ids: np.ndarray) -> np.ndarray:
     """The contexts of a split that are simulated, calibrated and evaluated: every position, or for
-    the eval split with simulate.eval_positions 'last' the last scored position of each sentence."""
+    the calib and eval splits with simulate.eval_positions 'last' the last scored position of each
+    sentence (calibration maps are fit on the position set that is evaluated)."""
     seq_len = cfg.corpus.seq_len
-    if split == "eval" and cfg.simulate.eval_positions == "last":
+    if split in ("calib", "eval") and cfg.simulate.eval_positions == "last":
         return np.asarray(seq_ids, dtype=np.int64) * seq_len + eval_lib.scored_last_position(seq_len)
     return context_ids(seq_ids, seq_len)
 
@@ -279,6 +283,7 @@ def run_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         raise ValueError(f"transcoder.layer ({layer}) is out of range: the subject has {n_layers} layers")
     if cfg.transcoder.checkpoint:
         sae = tc_lib.load_transcoder(cfg.transcoder.checkpoint).to(device)
+        eval_lib.check_supported(sae)  # a TopK transcoder, or a clear refusal before any work
         metrics: dict[str, Any] = {"checkpoint": cfg.transcoder.checkpoint}
     else:
         _, train = load_tokens(store, keys, ("train",))
@@ -320,12 +325,21 @@ def run_activations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> A
     parts: list[pa.Table] = []  # only (split, latent, act) for the statistics: 3 narrow columns
     rows, t0 = 0, time.perf_counter()
     tmp_path = Path(tempfile.mkdtemp()) / "activations.parquet"
+    f16_max = float(np.finfo(np.float16).max)
     with pq.ParquetWriter(tmp_path, schema, compression="zstd") as writer:
-        for split in CACHED_SPLITS:
-            seq_ids, tokens = load_tokens(store, keys, (split,))
+        for split in (*CACHED_SPLITS, *(("sample",) if cfg.activations.sample_tokens else ())):
+            seq_ids, tokens = load_tokens(store, keys, (split if split != "sample" else "train",))
+            if split == "sample":  # the train split's last sequences: the true sample's extra tokens
+                n_seq = min(len(tokens), cfg.activations.sample_tokens // max(tokens.shape[1], 1))
+                seq_ids, tokens = seq_ids[len(seq_ids) - n_seq:], tokens[len(tokens) - n_seq:]
             n_tokens[split] = tokens.size
             for batch in acts_lib.iter_latents(model, sae, layer, tokens, seq_ids, cfg.activations.batch_size, device):
                 b = pa.Table.from_batches([batch]).append_column("split", pa.array([split] * batch.num_rows))
+                if cfg.activations.dtype == "float16" and batch.num_rows:
+                    top = float(pc.max(b.column("act")).as_py())
+                    if not top <= f16_max:  # float16 would turn it into inf
+                        raise ValueError(f"activations.dtype is float16 but a latent activation reaches {top:.6g} "
+                                         f"(float16 holds at most {f16_max:g}): set activations.dtype: float32")
                 writer.write_table(b.cast(schema))
                 parts.append(b.select(["split", "latent", "act"]))
                 rows += batch.num_rows
@@ -645,47 +659,92 @@ def _shard_readers(store: Store, keys: dict[str, str]):
     return (calib_lib.ShardReader(pq.ParquetFile(store.fs.open_input_file(f))) for f in prediction_files(store, keys))
 
 
+def true_sample(store: Store, keys: dict[str, str], seq_len: int, seq_ids: np.ndarray | None = None
+                ) -> tuple[calib_lib.TrueSample, int]:
+    """The true sample quantile normalisation maps onto (calibrate.true_sample 'cache'): every cached
+    token outside the eval split (explain, calib and the `sample` split), or only the sequences
+    `seq_ids` of them; sparse. Returns it and its token count."""
+    n_tokens = store.read_manifest("activations", keys["activations"])["metrics"]["n_tokens"]
+    splits = [s for s in n_tokens if s != "eval"]
+    flt = pc.field("split").isin(splits)
+    if seq_ids is not None:
+        flt = flt & pc.field("seq_id").isin(pa.array(np.asarray(seq_ids, dtype=np.int64)))
+    t = _table(store, "activations", keys["activations"], "activations", columns=["latent", "act"], filters=flt)
+    m = int(sum(n_tokens[s] for s in splits)) if seq_ids is None else int(len(np.unique(seq_ids)) * seq_len)
+    return calib_lib.TrueSample(t.column("latent").to_numpy(), t.column("act").to_numpy(), m), m
+
+
+def true_sample_sequences(store: Store, keys: dict[str, str]) -> np.ndarray:
+    """The sequence ids of the true sample (every cached split but eval), sorted."""
+    n_tokens = store.read_manifest("activations", keys["activations"])["metrics"]["n_tokens"]
+    t = _table(store, "activations", keys["activations"], "activations", columns=["seq_id"],
+               filters=pc.field("split").isin([s for s in n_tokens if s != "eval"]))
+    return np.unique(t.column("seq_id").to_numpy())
+
+
+def calibrate_shards(store: Store, cfg: RewriteConfig, keys: dict[str, str], calib_cids: np.ndarray,
+                     eval_cids: np.ndarray, methods: list[str], write,
+                     sample: calib_lib.TrueSample | None) -> calib_lib.StreamResult:
+    """calib_lib.stream_calibration over the simulation shards with the run's settings (the calibrate
+    stage and the sample-size ablations share it)."""
+    return calib_lib.stream_calibration(
+        _shard_readers(store, keys), methods, cfg.calibrate.n_knots, calib_cids, eval_cids,
+        true_sparse(store, keys, "calib", cfg.corpus.seq_len, calib_cids), write, sample=sample,
+        max_failed_fraction=cfg.simulate.max_failed_fraction)
+
+
 def run_calibrate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
     """Per-latent maps fit on the calib split, streaming over the simulation shards: a shard's
     latents are calibrated from that shard's predictions and those latents' (sparse) true
     activations alone, so only one shard's dense [contexts x shard latents] block is ever in
-    memory. The calibrated eval predictions are written a shard at a time."""
+    memory. The calibrated eval predictions are written a shard at a time; a failed eval
+    prediction gets no row."""
     if ref := _done(store, "calibrate", keys):
         return ref
     w = _writer(store, "calibrate", cfg, keys)
     calib_cids = sim_context_ids(cfg, "calib", load_tokens(store, keys, ("calib",))[0])
     eval_cids = sim_context_ids(cfg, "eval", load_tokens(store, keys, ("eval",))[0])
-    true_calib = true_sparse(store, keys, "calib", cfg.corpus.seq_len, calib_cids)
+    sample, m = true_sample(store, keys, cfg.corpus.seq_len) if cfg.calibrate.true_sample == "cache" else (None, len(calib_cids))
     writer = sim_lib.BlockWriter(store.fs, f"{w.dir}/calibrated.parquet", schema=CALIBRATED_SCHEMA,
                                  local=not store.is_s3)
     t_start = time.perf_counter()
     try:
-        res = calib_lib.stream_calibration(_shard_readers(store, keys), list(cfg.calibrate.methods),
-                                           cfg.calibrate.n_knots, calib_cids, eval_cids, true_calib, writer.write)
+        res = calibrate_shards(store, cfg, keys, calib_cids, eval_cids, list(cfg.calibrate.methods), writer.write,
+                               sample)
     except BaseException:
         writer.abort()
         raise
+    del sample
     rows, sha, _ = writer.close()
     w.files.append({"name": "calibrated", "file": "calibrated.parquet", "rows": rows, "sha256": sha})
-    latents = np.concatenate(res.latents) if res.latents else np.zeros(0, np.int64)
-    excluded = np.concatenate(res.excluded) if res.excluded else np.zeros(0, np.int64)
-    maps_tables, fit_seconds, n_fit = res.maps, res.fit_seconds, res.n_fit
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    latents, excluded, with_failures = cat(res.latents), cat(res.excluded), cat(res.with_failures)
     if len(excluded):
-        # A latent with any failed prediction cannot be simulated faithfully: it is left out of
-        # calibration (so never patched) and counted, rather than given an invented value.
-        log.warning("calibrate: %d latents have failed predictions and are not simulated: %s", len(excluded),
-                    excluded[:20].tolist())
-    fit_seconds = {m: round(v, 3) for m, v in fit_seconds.items()}
+        # Too many failed predictions to simulate the latent faithfully: left out of calibration (so
+        # never patched: it keeps its true value in the paper's accounting, 0 in the strict one) and counted.
+        log.warning("calibrate: %d latents have more than %g failed predictions and are not simulated: %s",
+                    len(excluded), cfg.simulate.max_failed_fraction, excluded[:20].tolist())
+    n_active = _table(store, "activations", keys["activations"], "latent_stats", columns=["latent", "n_active"],
+                      filters=pc.field("split") == "calib")
+    active_calib = n_active.column("latent").to_numpy()[n_active.column("n_active").to_numpy() > 0]
+    no_calib_activity = np.setdiff1d(latents, active_calib)
+    fit_seconds = {m_: round(v, 3) for m_, v in res.fit_seconds.items()}
     total = time.perf_counter() - t_start
-    log.info("calibrate: %d methods on %d latents (%d calib predictions) in %.1fs, fit seconds %s",
-             len(fit_seconds), len(latents), n_fit, total, fit_seconds)
+    n_fit = res.n_fit
+    log.info("calibrate: %d methods on %d latents (%d calib predictions, true sample of %d tokens) in %.1fs, "
+             "fit seconds %s", len(fit_seconds), len(latents), n_fit, m, total, fit_seconds)
     empty = pa.Table.from_pylist([], schema=calib_lib.TABLE_SCHEMA)
-    w.table("calibration", pa.concat_tables([t for m in cfg.calibrate.methods for t in maps_tables[m]] or [empty]))
+    w.table("calibration", pa.concat_tables([t for m_ in cfg.calibrate.methods for t in res.maps[m_]] or [empty]))
     return w.finish(metrics={"methods": list(cfg.calibrate.methods), "n_latents": int(len(latents)),
                              "n_latents_excluded_failed": int(len(excluded)), "excluded_latents": excluded.tolist(),
+                             "n_latents_with_failed_contexts": int(len(with_failures)),
+                             "n_failed_contexts_kept": int(res.n_failed_kept),
+                             "n_latents_no_calib_activity": int(len(no_calib_activity)),
+                             "max_failed_fraction": cfg.simulate.max_failed_fraction,
+                             "true_sample": cfg.calibrate.true_sample, "n_true_sample_tokens": int(m),
                              "n_calib_contexts": int(len(calib_cids)), "fit_seconds": fit_seconds,
                              "n_calib_predictions": int(n_fit),
-                             "fit_predictions_per_s": {m: n_fit / max(v, 1e-9) for m, v in fit_seconds.items()},
+                             "fit_predictions_per_s": {m_: n_fit / max(v, 1e-9) for m_, v in fit_seconds.items()},
                              "predictions_per_s": n_fit / max(total, 1e-9)})
 
 
@@ -735,6 +794,9 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
     scores[sc.column("latent").to_numpy()] = sv
     live = np.unique(_table(store, "calibrate", keys["calibrate"], "calibration", columns=["latent"])
                      .column("latent").to_numpy())
+    # Latents active on some patched eval context: the ones whose true value can matter. A condition
+    # that leaves any of them unsimulated keeps true information: its `n_true_kept` says how much.
+    active_eval = np.flatnonzero((true > 0).any(axis=0))
     bs = ev.batch_size
     primary = ev.positions
     positions = [primary] + [p for p in eval_lib.POSITIONS if p != primary and position is None]
@@ -744,27 +806,35 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
         return {p: eval_lib.per_sequence(ce, p) for p in positions}
 
     def patch_with(values: np.ndarray, sel: np.ndarray, what: str):
-        """An MLP replacement patching dense values [n_ctx, len(sel)] (rows in context order)."""
-        return eval_lib.patch_rows(sae, values, sel, per_row, what)
+        """An MLP replacement patching dense values [n_ctx, len(sel)] (rows in context order) from
+        evaluate.patch_base. A failed prediction (NaN) is patched as 0: it must be counted first."""
+        return eval_lib.patch_rows(sae, np.nan_to_num(values, nan=0.0), sel, per_row, what, ev.patch_base)
 
     def rows_for(condition: str, ce: dict[str, np.ndarray], **kw: Any) -> list[dict[str, Any]]:
-        return [eval_lib.ce_row(condition, ce[p], zero[p], ev.n_bootstrap, positions=p, **kw) for p in positions]
+        return [eval_lib.ce_row(condition, ce[p], zero[p], ev.n_bootstrap, positions=p, patch_base=ev.patch_base,
+                                **kw) for p in positions]
+
+    def kept(sel: np.ndarray) -> int:
+        return int(np.setdiff1d(active_eval, sel, assume_unique=True).size)
 
     t0 = time.perf_counter()
     n_runs = 0
     zero = run(lambda r: tc_lib.skip_fn(sae))
     mean_acts = torch.as_tensor(_calib_latent_means(store, keys, num_latents), device=device)
     base = {
-        "clean": run(None),
-        "transcoder": run(lambda r: eval_lib.flat(lambda x: eval_lib.patched_output(sae, x))),
-        "zero_ablation": zero,
-        "mlp_ablation": run(lambda r: subject_lib.zero_mlp),
-        "mean_ablation": run(lambda r: eval_lib.flat(lambda x: eval_lib.mean_ablation_output(sae, x, mean_acts))),
+        "clean": (run(None), None),
+        "transcoder": (run(lambda r: eval_lib.flat(lambda x: eval_lib.patched_output(sae, x))), len(active_eval)),
+        "zero_ablation": (zero, 0),
+        "mlp_ablation": (run(lambda r: subject_lib.zero_mlp), None),
+        "mean_ablation": (run(lambda r: eval_lib.flat(lambda x: eval_lib.mean_ablation_output(sae, x, mean_acts))), 0),
     }
     n_runs += len(base)
-    rows = [r for name, v in base.items() for r in rows_for(name, v)]
+    rows = [r for name, (v, n_kept) in base.items() for r in rows_for(name, v, n_true_kept=n_kept)]
     done: dict[tuple[str, bytes], dict[str, np.ndarray]] = {}  # the same latents twice (e.g. fraction 1): one run
+    n_failed_patched: dict[str, int] = {}
+    all_latents = np.arange(num_latents)
     for method in ev_methods(cfg):
+        n_failed_patched[method] = int(np.isnan(preds[method][:, live]).sum())
         for selection in ev.selections:
             for seed in (ev.random_seeds if selection == "random" else [-1]):
                 for frac in ev.fractions:
@@ -773,9 +843,18 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
                     if key not in done:
                         done[key] = run(patch_with(preds[method][:, sel], sel, f"{method} predictions"))
                         n_runs += 1
-                    ce = done[key]
-                    rows += rows_for("simulated", ce, selection=selection, fraction=frac, calibration=method,
-                                     seed=seed, n_latents=len(sel))
+                    rows += rows_for("simulated", done[key], selection=selection, fraction=frac, calibration=method,
+                                     seed=seed, n_latents=len(sel), n_true_kept=kept(sel))
+        # Strict accounting of "all latents simulated": every latent is replaced; a latent without a
+        # calibrated prediction (unexplained, dead on the explain split, too many failed answers)
+        # predicts 0, so no true value is left (the paper's fraction 1.0 patches only its explained
+        # latents; the `simulated` row at fraction 1.0 is that accounting).
+        strict = np.where(np.isnan(preds[method]), 0.0, preds[method]).astype(np.float32)
+        ce = run(patch_with(strict, all_latents, f"{method} predictions (strict)"))
+        n_runs += 1
+        rows += rows_for("simulated_strict", ce, selection="all", fraction=1.0, calibration=method,
+                         n_latents=num_latents, n_true_kept=0)
+        del strict
     t_sweep = time.perf_counter() - t0
     log.info("evaluate: %d CE runs (sweep) in %.1fs", n_runs, t_sweep)
     ce_table = pa.Table.from_pylist(rows, schema=eval_lib.CE_SCHEMA)
@@ -791,8 +870,9 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
         else:
             thr = np.full(len(live), ev.active_threshold)
             rule = f"pred > {ev.active_threshold:g}"
-        m = eval_lib.activity_metrics(p, tr, thr)
-        rk = eval_lib.rank_metrics(p, tr)
+        # A failed prediction (NaN) is left out of its latent's metrics, never counted as inactive.
+        m = eval_lib.per_column(eval_lib.activity_metrics, p, tr, thr)
+        rk = eval_lib.per_column(eval_lib.rank_metrics, p, tr)
         for j, lat in enumerate(live):
             metric_rows.append({"latent": int(lat), "calibration": method, "detection_score": scores[lat],
                                 "specificity": m["specificity"][j], "sensitivity": m["sensitivity"][j],
@@ -852,6 +932,9 @@ def run_evaluate(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
     w.table("oracle", pa.Table.from_pylist(oracle_rows, schema=ORACLE_SCHEMA))
     w.table("sample_size", pa.Table.from_pylist(size_rows, schema=SAMPLE_SIZE_SCHEMA))
     return w.finish(metrics={"n_conditions": len(rows), "positions": primary, "all_positions": positions,
+                             "patch_base": ev.patch_base, "n_live_latents": int(len(live)),
+                             "n_active_eval_latents": int(len(active_eval)),
+                             "n_failed_patched_as_zero": n_failed_patched,
                              "n_sequences": len(seq_ids), "n_ce_runs": n_runs,
                              "oracle_crossing_specificity": crossings,
                              "seconds": {"sweep": round(t_sweep, 1), "oracle": round(t_oracle, 1),
@@ -871,18 +954,22 @@ ORACLE_SCHEMA = pa.schema([
     ("n_tn", pa.int64()),
 ])
 SAMPLE_SIZE_SCHEMA = pa.schema([
-    ("calibration", pa.string()), ("calib_fraction", pa.float64()), ("n_calib_sequences", pa.int32()),
-    ("n_calib_contexts", pa.int64()), ("fraction", pa.float64()), ("n_latents", pa.int32()),
+    ("varied", pa.string()), ("calibration", pa.string()), ("calib_fraction", pa.float64()),
+    ("n_calib_sequences", pa.int32()), ("n_calib_contexts", pa.int64()), ("true_fraction", pa.float64()),
+    ("n_true_tokens", pa.int64()), ("fraction", pa.float64()), ("n_latents", pa.int32()),
     ("positions", pa.string()), ("ce_mean", pa.float64()), ("ce_lo", pa.float64()), ("ce_hi", pa.float64()),
     ("n", pa.int64()), ("delta_zero_mean", pa.float64()), ("delta_zero_lo", pa.float64()),
     ("delta_zero_hi", pa.float64()), ("specificity", pa.float64()), ("sensitivity", pa.float64()),
-    ("threshold", pa.float64()),
+    ("threshold", pa.float64()), ("n_failed", pa.int64()),
 ])
+"""The sample-size ablations (Figure A2): `varied` is `calib_predictions` (the number of calib
+predictions each map is fit on, the true sample fixed: the paper's 1K vs 10K) or `true_sample` (the
+size of the true sample that `quantile` maps onto, the calib predictions fixed)."""
 
 
 def calib_subsets(n_sequences: int, sizes: list[float], seed: int = 0) -> list[tuple[float, np.ndarray]]:
-    """Nested subsets of the calib sequences (row indices, sorted) for each size fraction: one
-    permutation, its first max(1, round(size * n)) entries."""
+    """Nested subsets of n sequences (row indices, sorted) for each size fraction: one permutation,
+    its first max(1, round(size * n)) entries."""
     perm = np.random.default_rng(seed).permutation(n_sequences)
     return [(s, np.sort(perm[:max(1, min(n_sequences, round(s * n_sequences)))])) for s in sizes]
 
@@ -890,41 +977,62 @@ def calib_subsets(n_sequences: int, sizes: list[float], seed: int = 0) -> list[t
 def _sample_size_ablation(store: Store, cfg: RewriteConfig, keys: dict[str, str], live: np.ndarray,
                           scores: np.ndarray, true_eval: np.ndarray, eval_cids: np.ndarray, run, patch_with,
                           rows_for, num_latents: int) -> list[dict[str, Any]]:
-    """CE (top selection) and mean specificity/sensitivity with calibration maps fit on subsets of
-    the calib split, for every calibration method except `none` (which fits nothing). Each subset
-    streams over the simulation shards exactly as the calibrate stage does (one shard in memory)."""
+    """CE (top selection) and mean specificity/sensitivity with calibration maps fit on subsets, the
+    paper's way (Figure A2): (1) subsets of the calib sequences' predictions with the true sample
+    fixed, for every method except `none` (which fits nothing); (2) subsets of the true sample's
+    sequences with every calib prediction, for `quantile` (the one method that maps onto the true
+    sample; calibrate.true_sample 'cache' only). Each fit streams over the simulation shards as the
+    calibrate stage does (one shard in memory)."""
     ev, seq_len = cfg.evaluate, cfg.corpus.seq_len
     methods = [m for m in ev_methods(cfg) if m != "none"]
-    if not ev.sample_sizes or not methods:
+    if not methods:
         return []
     calib_seq = load_tokens(store, keys, ("calib",))[0]
+    all_calib = sim_context_ids(cfg, "calib", calib_seq)
+    cached = cfg.calibrate.true_sample == "cache"
+    sample, m_all = true_sample(store, keys, seq_len) if cached else (None, len(all_calib))
     eidx = context_index(eval_cids)
-    out = []
-    for size, seq_rows in calib_subsets(len(calib_seq), ev.sample_sizes):
+    plans: list[tuple[str, list[str], float, np.ndarray, float, Any, int]] = []
+    for size, seq_rows in (calib_subsets(len(calib_seq), ev.sample_sizes) if ev.sample_sizes else []):
         calib_cids = sim_context_ids(cfg, "calib", calib_seq[seq_rows])
-        preds = {m: np.zeros((len(eval_cids), num_latents), dtype=np.float32) for m in methods}
+        plans.append(("calib_predictions", methods, size, calib_cids, 1.0, sample,
+                      m_all if cached else len(calib_cids)))
+    if cached and "quantile" in methods and ev.true_sample_sizes:
+        seqs = true_sample_sequences(store, keys)
+        for size, rows in calib_subsets(len(seqs), ev.true_sample_sizes, seed=1):
+            sub, m = true_sample(store, keys, seq_len, seqs[rows]) if size < 1 else (sample, m_all)
+            plans.append(("true_sample", ["quantile"], 1.0, all_calib, size, sub, m))
+    out = []
+    for varied, meths, size, calib_cids, true_size, smp, m in plans:
+        preds = {m_: np.full((len(eval_cids), num_latents), np.nan, dtype=np.float32) for m_ in meths}
 
         def collect(t: pa.Table) -> None:
-            m = t.column("method")[0].as_py()
-            preds[m][eidx[t.column("context_id").to_numpy()], t.column("latent").to_numpy()] = \
+            m_ = t.column("method")[0].as_py()
+            preds[m_][eidx[t.column("context_id").to_numpy()], t.column("latent").to_numpy()] = \
                 t.column("pred").to_numpy()
 
-        calib_lib.stream_calibration(_shard_readers(store, keys), methods, cfg.calibrate.n_knots, calib_cids,
-                                     eval_cids, true_sparse(store, keys, "calib", seq_len, calib_cids), collect)
-        for method in methods:
+        res = calibrate_shards(store, cfg, keys, calib_cids, eval_cids, meths, collect, smp)
+        fitted = np.concatenate(res.latents) if res.latents else np.zeros(0, np.int64)
+        use = np.intersect1d(live, fitted)  # a subset can leave a latent without a calib prediction
+        for method in meths:
             pred = preds[method]
-            m = eval_lib.activity_metrics(pred[:, live], true_eval[:, live], ev.active_threshold)
-            spec, sens = float(np.nanmean(m["specificity"])), float(np.nanmean(m["sensitivity"]))
+            mt = eval_lib.per_column(eval_lib.activity_metrics, pred[:, use], true_eval[:, use], ev.active_threshold)
+            spec, sens = float(np.nanmean(mt["specificity"])), float(np.nanmean(mt["sensitivity"]))
             for frac in ev.sample_size_fractions:
-                sel = eval_lib.select_latents(live, scores[live], frac, "top", -1)
-                ce = run(patch_with(pred[:, sel], sel, f"{method} predictions (calib subset {size:g})"))
+                sel = eval_lib.select_latents(use, scores[use], frac, "top", -1)
+                n_failed = int(np.isnan(pred[:, sel]).sum())
+                ce = run(patch_with(pred[:, sel], sel, f"{method} predictions ({varied} subset)"))
                 for r in rows_for("simulated", ce, selection="top", fraction=frac, calibration=method,
                                   n_latents=len(sel)):
-                    out.append({"calibration": method, "calib_fraction": size, "n_calib_sequences": len(seq_rows),
-                                "n_calib_contexts": len(calib_cids), "fraction": frac, "n_latents": len(sel),
+                    out.append({"varied": varied, "calibration": method, "calib_fraction": size,
+                                "n_calib_sequences": len(calib_cids) if cfg.simulate.eval_positions == "last"
+                                else len(calib_cids) // seq_len,
+                                "n_calib_contexts": len(calib_cids), "true_fraction": true_size, "n_true_tokens": m,
+                                "fraction": frac, "n_latents": len(sel),
                                 **{k: r[k] for k in ("positions", "ce_mean", "ce_lo", "ce_hi", "n", "delta_zero_mean",
                                                      "delta_zero_lo", "delta_zero_hi")},
-                                "specificity": spec, "sensitivity": sens, "threshold": ev.active_threshold})
+                                "specificity": spec, "sensitivity": sens, "threshold": ev.active_threshold,
+                                "n_failed": n_failed})
     return out
 
 

@@ -24,27 +24,32 @@ def model_and_sae():
     return model, sae
 
 
+def _true_post_topk(sae, x):
+    acts, idx, _ = sae.encode(x)
+    return torch.zeros(x.shape[0], sae.num_latents).scatter_(1, idx, acts)
+
+
 def test_patching_with_true_latents_reproduces_transcoder(model_and_sae):
     _, sae = model_and_sae
     x = torch.randn(50, 32)
     with torch.no_grad():
-        pre = ev.pre_activations(sae, x)
+        true = _true_post_topk(sae, x)
         latents = torch.tensor([3, 0, 95, 41])  # any order
-        patched = ev.patched_output(sae, x, latents, pre[:, latents])
+        patched = ev.patched_output(sae, x, latents, true[:, latents])
         assert torch.equal(patched, ev.patched_output(sae, x))
+        every = torch.arange(sae.num_latents)
+        torch.testing.assert_close(ev.patched_output(sae, x, every, true), ev.patched_output(sae, x), rtol=0, atol=1e-6)
         torch.testing.assert_close(patched, transcoder.transcoder_output(sae, x), rtol=0, atol=1e-6)
 
 
 def test_patching_true_latents_gives_transcoder_ce_exactly(model_and_sae):
     model, sae = model_and_sae
     tokens = np.random.default_rng(0).integers(0, 64, size=(6, 16))
-    x_of = {}
 
     def patched_with_true(rows):
         def fn(x):
             flat = x.reshape(-1, x.shape[-1])
-            sel = torch.arange(sae.num_latents)
-            return ev.patched_output(sae, flat, sel, ev.pre_activations(sae, flat)).reshape(x.shape)
+            return ev.patched_output(sae, flat, torch.arange(sae.num_latents), _true_post_topk(sae, flat)).reshape(x.shape)
         return fn
 
     tc = ev.ce_with(model, 1, tokens, 4, lambda r: transcoder.transcoder_fn(sae))
@@ -54,31 +59,103 @@ def test_patching_true_latents_gives_transcoder_ce_exactly(model_and_sae):
     assert not np.allclose(clean, tc)
 
 
-def test_zero_ablation_is_bdec_plus_skip(model_and_sae):
+def test_every_latent_simulated_as_zero_is_exactly_zero_ablation(model_and_sae):
     _, sae = model_and_sae
     x = torch.randn(7, 32)
     with torch.no_grad():
         zero_vals = torch.zeros(7, sae.num_latents)
         out = ev.patched_output(sae, x, torch.arange(sae.num_latents), zero_vals)
-        expected = sae.b_dec + x @ sae.W_skip.T
-        torch.testing.assert_close(out, expected)
-        torch.testing.assert_close(transcoder.skip_output(sae, x), expected)
+        assert torch.equal(out, transcoder.skip_output(sae, x))
+        torch.testing.assert_close(out, sae.b_dec + x @ sae.W_skip.T)
+
+
+def test_truly_active_latents_simulated_as_zero_leak_nothing():
+    """The issue's reproduction: a 256-latent k=8 transcoder, every truly active latent simulated as 0.
+    From the true post-TopK vector (the paper's base) that is exactly zero-ablation; from the
+    pre-TopK values (the leaky ablation) other latents refill the slots with their true values."""
+    torch.manual_seed(1)
+    sae = transcoder.new_transcoder(32, TranscoderConfig(num_latents=256, k=8))
+    with torch.no_grad():
+        for p in (sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec, sae.W_skip):
+            p.normal_(0, 0.1)
+        x = torch.randn(64, 32)
+        zero = transcoder.skip_output(sae, x)
+        for i in range(x.shape[0]):
+            xi = x[i:i + 1]
+            active = torch.nonzero(_true_post_topk(sae, xi)[0]).flatten()
+            vals = torch.zeros(1, len(active))
+            assert torch.equal(ev.patched_output(sae, xi, active, vals, base="topk"), transcoder.skip_output(sae, xi))
+        # pre_topk: not zero-ablation, and most of the k slots are refilled by true encoder values
+        pre = ev.pre_activations(sae, x)
+        active_all = torch.nonzero(_true_post_topk(sae, x).sum(0)).flatten()
+        vec = pre.clone()
+        vec[:, active_all] = 0
+        assert (vec.topk(8, dim=-1).values > 0).float().sum(-1).mean() > 4
+        leaky = ev.patched_output(sae, x, active_all, torch.zeros(64, len(active_all)), base="pre_topk")
+        assert not torch.allclose(leaky, zero)
+        assert torch.equal(ev.patched_output(sae, x, active_all, torch.zeros(64, len(active_all))), zero)
+
+
+def test_unselected_latent_outside_true_topk_contributes_nothing(model_and_sae):
+    """Each row's (k+1)-th latent by encoder value (positive, just outside the true top-k) is left
+    unselected while every other latent is simulated as 0: it must contribute nothing (zero-ablation);
+    the leaky pre_topk base would put it into the top k."""
+    _, sae = model_and_sae
+    with torch.no_grad():
+        x = torch.randn(30, 32)
+        pre = ev.pre_activations(sae, x)
+        order = pre.argsort(dim=-1, descending=True)
+        for i in range(x.shape[0]):
+            outside = int(order[i, sae.cfg.k])
+            assert pre[i, outside] > 0
+            sel = torch.tensor([j for j in range(sae.num_latents) if j != outside])
+            low = torch.zeros(1, len(sel))
+            xi = x[i:i + 1]
+            assert torch.equal(ev.patched_output(sae, xi, sel, low), transcoder.skip_output(sae, xi))
+            leaky = ev.patched_output(sae, xi, sel, low, base="pre_topk")
+            torch.testing.assert_close(leaky, transcoder.skip_output(sae, xi) + pre[i, outside] * sae.W_dec[outside])
 
 
 def test_re_topk_keeps_exactly_k(model_and_sae):
     _, sae = model_and_sae
     x = torch.randn(20, 32)
     with torch.no_grad():
-        pre = ev.pre_activations(sae, x)
+        vec = _true_post_topk(sae, x)
         # simulated values large for 30 latents: TopK must still keep exactly k
         sel = torch.arange(30)
-        pre[:, sel] = torch.rand(20, 30) * 10 + 5
-        acts, idx = pre.topk(sae.cfg.k, dim=-1)
+        vec[:, sel] = torch.rand(20, 30) * 10 + 5
+        acts, idx = vec.topk(sae.cfg.k, dim=-1)
         assert idx.shape == (20, sae.cfg.k)
         assert (idx < 30).all()  # the big simulated values win
-        out = ev.patched_output(sae, x, sel, pre[:, sel])
-        dense = torch.zeros_like(pre).scatter(1, idx, acts)
+        out = ev.patched_output(sae, x, sel, vec[:, sel])
+        dense = torch.zeros_like(vec).scatter(1, idx, acts)
         torch.testing.assert_close(out, dense @ sae.W_dec + sae.b_dec + x @ sae.W_skip.T, rtol=1e-5, atol=1e-5)
+
+
+def test_loaded_checkpoints_patch_like_their_own_forward(tmp_path):
+    """A checkpoint saved and loaded from disk: patching every latent with its true value reproduces
+    the module's own forward (with and without a skip connection); an SAE or a groupmax coder is refused."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(2)
+    for skip in (True, False):
+        sae = SparseCoder(32, SparseCoderConfig(num_latents=64, k=4, transcode=True, skip_connection=skip,
+                                                normalize_decoder=False), device="cpu", dtype=torch.float32)
+        with torch.no_grad():
+            for p in (sae.encoder.bias, sae.W_dec, sae.b_dec) + ((sae.W_skip,) if skip else ()):
+                p.normal_(0, 0.1)
+        transcoder.save_transcoder(sae, tmp_path / f"tc{skip}")
+        loaded = transcoder.load_transcoder(tmp_path / f"tc{skip}")
+        ev.check_supported(loaded)
+        x = torch.randn(25, 32)
+        with torch.no_grad():
+            own = loaded(x).sae_out
+            ours = ev.patched_output(loaded, x, torch.arange(64), _true_post_topk(loaded, x))
+            torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-5)
+    for kw, match in (({"transcode": False}, "SAE"), ({"transcode": True, "activation": "groupmax"}, "groupmax")):
+        coder = SparseCoder(32, SparseCoderConfig(num_latents=64, k=4, **kw), device="cpu", dtype=torch.float32)
+        with pytest.raises(ValueError, match=match):
+            ev.check_supported(coder)
 
 
 def test_select_top_returns_latent_ids_by_score():
@@ -97,6 +174,16 @@ def test_select_random_is_seeded_and_chooses_ids():
     assert len(a) == 10 and set(a) <= set(live.tolist())
     assert a.tolist() == ev.select_latents(live, np.zeros(100), 0.1, "random", 1).tolist()
     assert a.tolist() != ev.select_latents(live, np.zeros(100), 0.1, "random", 2).tolist()
+
+
+def test_activity_metrics_refuse_nan_and_leave_failed_out():
+    true = np.array([[0.0, 1.0], [0.0, 0.0]], dtype=np.float32)
+    pred = np.array([[np.nan, 1.0], [0.0, 0.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        ev.activity_metrics(pred, true, 0.5)
+    m = ev.per_column(ev.activity_metrics, pred, true, np.array([0.5, 0.5]))
+    assert m["specificity"][0] == 1.0 and m["n_true_active"][0] == 0  # measured on the valid context alone
+    assert m["specificity"][1] == 1.0 and m["sensitivity"][1] == 1.0
 
 
 def test_activity_metrics():
@@ -266,12 +353,34 @@ def test_micro_run_evaluate_tables(micro_run):
     assert (oracle["specificity"].between(0, 1)).all() and oracle["ce_mean"].notna().all()
     sizes = frame("select * from sample_size")
     assert set(sizes["calibration"]) == set(cfg.calibrate.methods) - {"none"}
-    full = sizes[sizes["calib_fraction"] == 1.0]
+    assert set(sizes.loc[sizes["varied"] == "true_sample", "calibration"]) == {"quantile"}
+    # The paper's Figure A2: calib predictions varied with the true sample fixed, and the other way round.
+    calib_varied = sizes[sizes["varied"] == "calib_predictions"]
+    assert (calib_varied["n_true_tokens"] == calib_varied["n_true_tokens"].iloc[0]).all()
+    true_varied = sizes[sizes["varied"] == "true_sample"]
+    assert (true_varied["n_calib_contexts"] == true_varied["n_calib_contexts"].iloc[0]).all()
+    assert true_varied["n_true_tokens"].nunique() == len(cfg.evaluate.true_sample_sizes)
+    full = sizes[(sizes["calib_fraction"] == 1.0) & (sizes["true_fraction"] == 1.0)]
+    assert set(full["varied"]) == {"calib_predictions", "true_sample"}
     for _, r in full.iterrows():
         main = ce[(ce["condition"] == "simulated") & (ce["selection"] == "top") & (ce["calibration"] == r["calibration"])
                   & (ce["positions"] == r["positions"]) & np.isclose(ce["fraction"].astype(float), r["fraction"])]
         assert main["ce_mean"].iloc[0] == pytest.approx(r["ce_mean"], abs=1e-9)
-    assert sizes.groupby("calibration")["n_calib_contexts"].nunique().min() == len(cfg.evaluate.sample_sizes)
+    assert calib_varied.groupby("calibration")["n_calib_contexts"].nunique().min() == len(cfg.evaluate.sample_sizes)
+    # n_true_kept: every active latent for the transcoder, none when every latent is simulated (strict),
+    # and the paper's fraction 1.0 keeps exactly the active latents that have no calibrated prediction.
+    assert (ce.loc[ce["condition"] == "simulated_strict", "n_true_kept"] == 0).all()
+    assert set(ce.loc[ce["condition"] == "simulated_strict", "calibration"]) == set(cfg.calibrate.methods)
+    assert (ce.loc[ce["condition"] == "zero_ablation", "n_true_kept"] == 0).all()
+    assert ce.loc[ce["condition"] == "clean", "n_true_kept"].isna().all()
+    n_active = int(ce.loc[ce["condition"] == "transcoder", "n_true_kept"].iloc[0])
+    live = frame("select distinct latent from calibration")["latent"].to_numpy()
+    all_sim = ce[(ce["condition"] == "simulated") & (ce["fraction"] == 1.0)]
+    assert (all_sim["n_latents"] == len(live)).all()
+    active = frame("select distinct latent from activations where split = 'eval' and act > 0")["latent"].to_numpy()
+    assert n_active == len(active)
+    assert (all_sim["n_true_kept"] == len(np.setdiff1d(active, live))).all()
+    assert (ce["patch_base"] == "topk").all()
     lm = frame("select * from latent_metrics")
     raw = lm[lm["calibration"] == "none"]
     stats = frame("select latent, max_act from latent_stats where split = 'explain'").set_index("latent")["max_act"]
