@@ -55,9 +55,9 @@ def test_quantile_is_monotone_in_prediction() -> None:
 
 
 @pytest.mark.parametrize("active", [0.03, 0.002])
-def test_quantile_reproduces_target_distribution_on_fit_data(active: float) -> None:
+def test_interpolated_quantile_reproduces_target_distribution_on_fit_data(active: float) -> None:
     pred, true = sparse_data(n=5000, active=active)
-    out = apply_calibration(fit_calibration("quantile", pred, true, n_knots=257), pred)
+    out = apply_calibration(fit_calibration("quantile-interp", pred, true, n_knots=257), pred)
     for j in range(pred.shape[1]):
         zero_true = np.mean(true[:, j] == 0)
         assert zero_true == pytest.approx(1 - active, abs=0.002)
@@ -85,9 +85,9 @@ def test_quantile_grid() -> None:
     assert grid[-2] == pytest.approx(1 - 1 / 9_999)
 
 
-def test_end_points_clamp_to_target_range() -> None:
+def test_interpolated_quantile_end_points_clamp_to_target_range() -> None:
     pred, true = sparse_data()
-    maps = fit_calibration("quantile", pred, true)
+    maps = fit_calibration("quantile-interp", pred, true)
     below = np.full((1, pred.shape[1]), -100.0, dtype=np.float32)
     above = np.full((1, pred.shape[1]), 100.0, dtype=np.float32)
     np.testing.assert_allclose(apply_calibration(maps, below)[0], true.min(axis=0), rtol=1e-6)
@@ -103,7 +103,7 @@ def test_end_points_clamp_to_target_range() -> None:
     np.testing.assert_allclose(maps.y[:, -1], true.max(axis=0))
 
 
-def test_ties_in_predictions_map_to_one_value() -> None:
+def test_interpolated_quantile_ties_map_to_one_value() -> None:
     rng = np.random.default_rng(1)
     n = 1000
     # 60% of predictions tied at 0.0, 20% tied at 3.0, the rest spread.
@@ -111,7 +111,7 @@ def test_ties_in_predictions_map_to_one_value() -> None:
     true = np.sort(rng.exponential(size=n)) * (rng.uniform(size=n) < 0.5)
     pred = pred[:, None].astype(np.float32)
     true = true[:, None].astype(np.float32)
-    maps = fit_calibration("quantile", pred, true)
+    maps = fit_calibration("quantile-interp", pred, true)
     out = apply_calibration(maps, pred)
     assert np.all(np.isfinite(out))
     assert np.unique(out[:600]).size == 1
@@ -121,11 +121,11 @@ def test_ties_in_predictions_map_to_one_value() -> None:
     assert out[0, 0] == pytest.approx(np.quantile(true[:, 0], 0.3), abs=1e-2)
 
 
-def test_constant_prediction_maps_to_true_median() -> None:
+def test_interpolated_quantile_constant_prediction_maps_to_true_median() -> None:
     rng = np.random.default_rng(2)
     pred = np.full((501, 2), 4.2, dtype=np.float32)
     true = rng.exponential(size=(501, 2)).astype(np.float32)
-    maps = fit_calibration("quantile", pred, true)
+    maps = fit_calibration("quantile-interp", pred, true)
     out = apply_calibration(maps, np.array([[0.0, 4.2], [4.2, 9.0], [4.3, 1.0]], dtype=np.float32))
     for j in range(2):
         np.testing.assert_allclose(out[:, j], np.median(true[:, j]), rtol=1e-6)
@@ -158,28 +158,41 @@ def test_no_nan_inf_or_sentinel() -> None:
             np.testing.assert_allclose(out[:, 3], 7.0)
 
 
-def test_rejects_non_finite_inputs() -> None:
+def test_rejects_inf_and_fits_around_failed_predictions() -> None:
     pred, true = sparse_data(n=50, n_latents=2)
     bad = pred.copy()
-    bad[3, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    bad[3, 1] = np.inf
+    with pytest.raises(ValueError, match="inf"):
         fit_calibration("quantile", bad, true)
     maps = fit_calibration("quantile", pred, true)
-    bad[3, 1] = np.inf
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="inf"):
         apply_calibration(maps, bad)
     with pytest.raises(ValueError, match="shape"):
         fit_calibration("quantile", pred, true[:, :1])
+    # A NaN is a failed prediction: that latent's map is fit on its other contexts, and a NaN stays NaN.
+    failed = pred.copy()
+    failed[[3, 7], 1] = np.nan
+    keep = ~np.isnan(failed[:, 1])
+    for method in METHODS:
+        maps = fit_calibration(method, failed, true)
+        alone = fit_calibration(method, pred[keep][:, 1:], true[keep][:, 1:])
+        probe = _grid(2)
+        np.testing.assert_array_equal(apply_calibration(maps, probe)[:, 1], apply_calibration(alone, probe[:, :1])[:, 0])
+        out = apply_calibration(maps, failed)
+        assert np.isnan(out[[3, 7], 1]).all() and np.isfinite(out[keep]).all()
+    failed[:, 0] = np.nan
+    with pytest.raises(ValueError, match="no calib prediction"):
+        fit_calibration("quantile", failed, true)
 
 
 def test_fit_spans_latent_blocks() -> None:
     from nlrewrite_core import calibrate
 
     pred, true = sparse_data(n=200, n_latents=calibrate.LATENT_BLOCK + 7, seed=4)
-    maps = fit_calibration("quantile", pred, true, n_knots=33)
+    maps = fit_calibration("quantile-interp", pred, true, n_knots=33)
     assert maps.n_latents == pred.shape[1]
     assert maps.x.shape == (pred.shape[1], 33)
-    single = fit_calibration("quantile", pred[:, -1:], true[:, -1:], n_knots=33)
+    single = fit_calibration("quantile-interp", pred[:, -1:], true[:, -1:], n_knots=33)
     np.testing.assert_array_equal(maps.y[-1], single.y[0])
     # Methods whose knot count varies by latent (isotonic) pad blocks to one width.
     iso = fit_calibration("isotonic", pred, true)
@@ -286,7 +299,7 @@ def test_registry_lists_every_method_and_config_accepts_them() -> None:
 
     from nlrewrite_core.config import CalibrateConfig, CalibrationMethodName, load_config
 
-    expected = {"none", "quantile", "isotonic", "affine"} | {f"quantile-hf{k}" for k in range(1, 10)}
+    expected = {"none", "quantile", "quantile-interp", "isotonic", "affine"} | {f"quantile-hf{k}" for k in range(1, 10)}
     assert set(METHODS) == expected
     assert set(get_args(CalibrationMethodName)) == expected
     assert CalibrateConfig(methods=sorted(expected)).methods == sorted(expected)
@@ -344,9 +357,9 @@ def test_every_method_is_stable_on_degenerate_inputs(method: str, case: str) -> 
     np.testing.assert_array_equal(apply_calibration(back, probe), out)
 
 
-def test_hf7_equals_the_paper_quantile() -> None:
+def test_hf7_equals_the_interpolated_quantile() -> None:
     pred, true = sparse_data(n=2000, n_latents=6, seed=8)
-    a = apply_calibration(fit_calibration("quantile", pred, true), _grid(6))
+    a = apply_calibration(fit_calibration("quantile-interp", pred, true), _grid(6))
     b = apply_calibration(fit_calibration("quantile-hf7", pred, true), _grid(6))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -421,12 +434,59 @@ def test_affine_scale_is_capped_by_the_largest_true_value() -> None:
     assert np.sum(out > 0) == 1
 
 
-def test_every_method_fits_the_tiny_scale_quickly() -> None:
-    import time
+# ---- the exact quantile map (issue 11): the paper's definition, onto a large true sample ------------
 
-    pred, true = sparse_data(n=3072, n_latents=256, seed=14)
-    for method in METHODS:
-        t0 = time.perf_counter()
-        maps = fit_calibration(method, pred, true)
-        apply_calibration(maps, pred)
-        assert time.perf_counter() - t0 < 10, method  # tiny: ~2000 latents x 3072 contexts
+
+def test_exact_quantile_smallest_case() -> None:
+    """Fit predictions [1, 3] onto true [0, 2]: F_pred(2) = 1/2 and Q_true(1/2) = 0 (a step, not a line)."""
+    maps = fit_calibration("quantile", np.array([[1.0], [3.0]], np.float32), np.array([[0.0], [2.0]], np.float32))
+    out = apply_calibration(maps, np.array([[0.5], [1.0], [2.0], [2.999], [3.0], [7.0]], np.float32))
+    np.testing.assert_array_equal(out[:, 0], [0.0, 0.0, 0.0, 0.0, 2.0, 2.0])
+    interp = fit_calibration("quantile-interp", np.array([[1.0], [3.0]], np.float32), np.array([[0.0], [2.0]], np.float32))
+    assert apply_calibration(interp, np.array([[2.0]], np.float32))[0, 0] == pytest.approx(1.0)  # the old line
+
+
+def test_exact_quantile_is_q_true_of_f_pred_by_brute_force() -> None:
+    """Against the definition computed directly: value p goes to the ceil(F(p) m)-th smallest true value."""
+    rng = np.random.default_rng(21)
+    pred = np.round(rng.uniform(0, 5, size=(300, 4)), 1).astype(np.float32)  # ties included
+    sample_true = (rng.exponential(size=(5000, 4)) * (rng.uniform(size=(5000, 4)) < 0.05)).astype(np.float32)
+    from nlrewrite_core.calibrate import TrueSample
+
+    lat, ctx = np.nonzero(sample_true.T)
+    sample = TrueSample(lat, sample_true.T[lat, ctx], 5000)
+    maps = fit_calibration("quantile", pred, np.zeros_like(pred), sample=sample)
+    probe = np.concatenate([pred, rng.uniform(-1, 6, size=(200, 4)).astype(np.float32)])
+    out = apply_calibration(maps, probe)
+    for j in range(4):
+        srt = np.sort(sample_true[:, j])
+        for i, p in enumerate(probe[:, j]):
+            f = np.mean(pred[:, j] <= p)
+            expected = srt[max(int(np.ceil(f * 5000 - 1e-9)) - 1, 0)]
+            assert out[i, j] == expected, (j, p, f)
+
+
+def test_exact_quantile_reproduces_the_target_exactly_on_distinct_fit_data() -> None:
+    rng = np.random.default_rng(22)
+    pred = rng.permutation(np.arange(1000, dtype=np.float32))[:, None]
+    true = (rng.exponential(size=(1000, 1)) * (rng.uniform(size=(1000, 1)) < 0.02)).astype(np.float32)
+    out = apply_calibration(fit_calibration("quantile", pred, true), pred)
+    np.testing.assert_array_equal(np.sort(out[:, 0]), np.sort(true[:, 0]))  # the same multiset of values
+    assert out[np.argmax(pred[:, 0]), 0] == true.max()  # and the rank order of the predictions
+    assert np.mean(out > 0) == np.mean(true > 0)  # no false positives added by interpolation
+
+
+def test_true_sample_blocks_match_a_dense_sample() -> None:
+    from nlrewrite_core.calibrate import SampleBlock, TrueSample
+
+    rng = np.random.default_rng(23)
+    dense = (rng.exponential(size=(400, 6)) * (rng.uniform(size=(400, 6)) < 0.1)).astype(np.float32)
+    dense[:, 2] = 0.0  # a latent never active in the sample
+    lat, ctx = np.nonzero(dense.T)
+    sample = TrueSample(rng.permutation(len(lat)).take(np.arange(len(lat))) * 0 + lat, dense.T[lat, ctx], 400)
+    block = sample.block(np.array([1, 2, 5]))
+    ref = SampleBlock.from_dense(dense[:, [1, 2, 5]])
+    j = np.arange(400)
+    for c in range(3):
+        np.testing.assert_array_equal(block.order_stat(np.full(400, c), j), ref.order_stat(np.full(400, c), j))
+        np.testing.assert_array_equal(block.order_stat(np.full(400, c), j), np.sort(dense[:, [1, 2, 5][c]]))

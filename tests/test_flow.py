@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
@@ -67,14 +69,61 @@ def test_manifest_lists_files_with_rows_and_hashes(micro_run):
     assert len(by_name["activations"]["sha256"]) == 64
 
 
-def test_splits_never_leak(micro_run):
+def test_splits_never_leak(micro_run, tmp_path, monkeypatch):
+    """No sequence is in two splits; the scorer's and explainer's contexts are explain contexts (never
+    calib or eval); calibrated predictions are eval contexts only; and the calibration maps do not
+    change when every eval truth changes (calibrate reads no eval activation)."""
+    import shutil
+
+    import pyarrow.compute as pc
+
     storage, result = micro_run
-    cols, rows = query(Store(storage), "micro-test",
+    store, keys = Store(storage), result["keys"]
+    cols, rows = query(store, "micro-test",
                        "select count(*) from (select seq_id from tokens group by seq_id having count(distinct split) > 1)")
     assert rows[0][0] == 0
-    # explanations come from the explain split only; CE from eval only
-    _, splits = query(Store(storage), "micro-test", "select distinct split from activations order by 1")
+    _, splits = query(store, "micro-test", "select distinct split from activations order by 1")
     assert [s for (s,) in splits] == ["calib", "eval", "explain"]
+    seq_len = load_config("micro").corpus.seq_len
+    split_of = {int(s): sp for s, sp in query(store, "micro-test", "select seq_id, split from tokens")[1]}
+    explain_seqs = sorted(s for s, sp in split_of.items() if sp == "explain")
+    shown, judged = stages.explain_halves(np.array(explain_seqs))
+    if "embed" in keys:  # the scorer's contexts: the explain split's judging half only
+        emb = stages._table(store, "embed", keys["embed"], "contexts", columns=["context_id", "split"])
+        scorer_ctx = emb.filter(pc.field("split") == "explain").column("context_id").to_numpy()
+        assert set(np.unique(scorer_ctx // seq_len).tolist()) <= set(judged.tolist())
+    # The explainer's candidate rows (selected over the cache) are from its half of the explain split.
+    from nlrewrite_core import query as query_lib
+
+    cand = query_lib.top_activations(store, keys["activations"], "explain", shown, 0)
+    assert set(np.unique(cand.column("seq_id").to_numpy()).tolist()) <= set(shown.tolist())
+    cal_ctx = stages._table(store, "calibrate", keys["calibrate"], "calibrated", columns=["context_id"])
+    assert {split_of[int(c) // seq_len] for c in np.unique(cal_ctx.column("context_id").to_numpy())} == {"eval"}
+
+    # Calibrate again on a copy whose eval truth is scrambled: identical maps.
+    copy = tmp_path / "store"
+    shutil.copytree(storage, copy)
+    cstore = Store(str(copy))
+    cstore.remove_dir(cstore.artifact_dir("calibrate", keys["calibrate"]))
+    read = Store.read_parquet
+
+    def scrambled(self, path, columns=None, filters=None):
+        t = read(self, path, columns=columns, filters=filters)
+        if path.endswith("activations.parquet") and "act" in t.column_names:
+            t = read(self, path, filters=filters)  # every column, to see the split
+            is_eval = pc.equal(t.column("split"), "eval")
+            act = pc.if_else(is_eval, pc.multiply(t.column("act"), pa.scalar(7.0, t.schema.field("act").type)),
+                             t.column("act"))
+            t = t.set_column(t.column_names.index("act"), "act", act)
+            t = t.select(columns) if columns else t
+        return t
+
+    monkeypatch.setattr(Store, "read_parquet", scrambled)
+    stages.run_calibrate(cstore, load_config("micro"), keys)
+    monkeypatch.undo()
+    before = stages._table(store, "calibrate", keys["calibrate"], "calibration").sort_by([("method", "ascending"), ("latent", "ascending")])
+    after = stages._table(cstore, "calibrate", keys["calibrate"], "calibration").sort_by([("method", "ascending"), ("latent", "ascending")])
+    assert before.equals(after)
 
 
 def test_second_run_hits_cache_and_gives_identical_tables(micro_run):
