@@ -94,3 +94,17 @@ def latent_stats(acts: pa.Table, n_tokens: dict[str, int], num_latents: int) -> 
             "mean_act": pa.array(np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)),
         }))
     return pa.concat_tables(out)
+
+
+FLOAT16_MAX = 65504.0
+"""The largest finite float16: a cached activation above it would be stored as inf."""
+
+
+def check_storable(acts: np.ndarray, dtype: str) -> None:
+    """Refuse activation values the cache's storage dtype cannot hold (float16 turns values above
+    65504 into inf), with the fix, before anything is written."""
+    if dtype == "float16" and acts.size:
+        top = float(np.max(acts))
+        if not top <= FLOAT16_MAX:
+            raise ValueError(f"activations.dtype is float16 but a latent activation reaches {top:.6g} (float16 holds "
+                             f"at most {FLOAT16_MAX:g}, larger values become inf): set activations.dtype: float32")

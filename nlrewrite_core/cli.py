@@ -75,26 +75,33 @@ def format_table(cols: list[str], rows: list[tuple[Any, ...]] | list[list[Any]],
     return "\n".join(lines)
 
 
-HEADLINE_COLUMNS = ["condition", "selection", "fraction", "calibration", "n_latents", "ce_mean", "ce_lo", "ce_hi",
-                    "delta_zero_mean"]
+HEADLINE_COLUMNS = ["condition", "selection", "fraction", "calibration", "n_latents", "n_true_kept", "ce_mean",
+                    "ce_lo", "ce_hi", "delta_zero_mean"]
 
 
 def headline_rows(ce: list[dict[str, Any]], positions: str, calibrations: tuple[str, ...] = ("none", "quantile")
                   ) -> list[list[Any]]:
     """The CE table as printed: baselines, then top and random (mean over seeds; the interval is
-    the seeds' min..max of their bootstrap bounds) per fraction, for the headline calibrations."""
+    the seeds' min..max of their bootstrap bounds) per fraction, for the headline calibrations, each
+    followed by its strict "all latents simulated" row (no true value kept) beside the paper's
+    accounting (fraction 1.0 of the latents with a calibrated prediction)."""
     rows = [r for r in ce if r.get("positions", positions) == positions]
-    out = [[r[c] for c in HEADLINE_COLUMNS] for r in rows if r["condition"] != "simulated"]
+    out = [[r.get(c) for c in HEADLINE_COLUMNS] for r in rows if not str(r["condition"]).startswith("simulated")]
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for r in rows:
         if r["condition"] == "simulated" and r["calibration"] in calibrations:
             groups.setdefault((r["calibration"], r["selection"], r["fraction"]), []).append(r)
-    for (cal, sel, frac), g in sorted(groups.items(), key=lambda kv: (calibrations.index(kv[0][0]), kv[0][1] != "top",
-                                                                     kv[0][2])):
+    order = sorted(groups.items(), key=lambda kv: (calibrations.index(kv[0][0]), kv[0][1] != "top", kv[0][2]))
+    strict = {r["calibration"]: r for r in rows if r["condition"] == "simulated_strict"}
+    for i, ((cal, sel, frac), g) in enumerate(order):
         mean = lambda c: sum(r[c] for r in g) / len(g)  # noqa: E731
         label = sel if len(g) == 1 else f"{sel} (x{len(g)})"
-        out.append(["simulated", label, frac, cal, g[0]["n_latents"], mean("ce_mean"), min(r["ce_lo"] for r in g),
-                    max(r["ce_hi"] for r in g), mean("delta_zero_mean")])
+        kept = max((r.get("n_true_kept") or 0) for r in g) if any(r.get("n_true_kept") is not None for r in g) else None
+        out.append(["simulated", label, frac, cal, g[0]["n_latents"], kept, mean("ce_mean"),
+                    min(r["ce_lo"] for r in g), max(r["ce_hi"] for r in g), mean("delta_zero_mean")])
+        last_top = sel == "top" and (i + 1 == len(order) or order[i + 1][0][:2] != (cal, "top"))
+        if last_top and cal in strict:  # beside the paper's fraction-1.0 row
+            out.append([strict[cal].get(c) for c in HEADLINE_COLUMNS])
     return out
 
 

@@ -110,7 +110,7 @@ def baselines(ce: pd.DataFrame | None) -> dict[str, float]:
     """Mean CE of each non-simulated condition (clean, transcoder, ablations): name -> mean."""
     if not _has_columns(ce, ["condition", "ce_mean"]):
         return {}
-    rows = ce[ce["condition"] != "simulated"]
+    rows = ce[~ce["condition"].astype(str).str.startswith("simulated")]
     means = pd.to_numeric(rows["ce_mean"], errors="coerce").groupby(rows["condition"], sort=True).mean()
     return {str(name): float(mean) for name, mean in means.items() if np.isfinite(mean)}
 
@@ -409,6 +409,13 @@ def plot_sample_size(sizes: pd.DataFrame | None, path: Path, zero: float | None 
     methods = sorted(sizes["calibration"].astype(str).unique())
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     styles = ["-", "--", ":", "-."]
+    # Two ablations (the `varied` column): calib predictions (x: calib contexts, the true sample
+    # fixed; solid markers) and the true sample (x: its tokens, calib fixed; hollow markers).
+    if "varied" in sizes:
+        true_sizes = sizes[sizes["varied"] == "true_sample"]
+        sizes = sizes[sizes["varied"] != "true_sample"]
+    else:
+        true_sizes = sizes.iloc[0:0]
     for j, (frac, fgroup) in enumerate(sizes.groupby("fraction", sort=True)):
         for m, group in fgroup.groupby("calibration", sort=True):
             group = group.sort_values("n_calib_contexts")
@@ -417,10 +424,16 @@ def plot_sample_size(sizes: pd.DataFrame | None, path: Path, zero: float | None 
                              np.nan_to_num(group["ce_hi"].to_numpy(float) - y).clip(min=0)])
             left.errorbar(group["n_calib_contexts"], y, yerr=err, marker="o", markersize=4, capsize=2,
                           color=colors[str(m)], linestyle=styles[j % len(styles)], label=f"{m}, top {frac:g}")
+    for j, (frac, fgroup) in enumerate(true_sizes.groupby("fraction", sort=True)):
+        for m, group in fgroup.groupby("calibration", sort=True):
+            group = group.sort_values("n_true_tokens")
+            left.plot(group["n_true_tokens"], group["ce_mean"].to_numpy(float), marker="s", markersize=5,
+                      markerfacecolor="none", color=colors[str(m)], linestyle=styles[(j + 1) % len(styles)],
+                      label=f"{m}, top {frac:g}: x = true-sample tokens")
     if zero is not None and np.isfinite(zero):
         left.axhline(zero, color="tab:red", linestyle=":", label=f"zero_ablation ({zero:.3f})")
     left.set_xscale("log")
-    left.set_xlabel("calib contexts the maps were fit on")
+    left.set_xlabel("calib contexts the maps were fit on (hollow: true-sample tokens mapped onto)")
     left.set_ylabel("next-token CE (nats)")
     left.set_title("CE vs calibration sample size", fontsize=9)
     left.grid(True, which="both", alpha=0.3)
@@ -566,7 +579,7 @@ def primary_rows(frame: pd.DataFrame | None, positions: str | None) -> pd.DataFr
     return frame[frame["positions"] == positions]
 
 
-HEADLINE_COLUMNS = ["condition", "selection", "fraction", "calibration", "positions",
+HEADLINE_COLUMNS = ["condition", "selection", "fraction", "calibration", "positions", "n_latents", "n_true_kept",
                     "ce_mean", "ce_lo", "ce_hi", "delta_zero_mean", "delta_zero_lo", "delta_zero_hi", "n"]
 HEADLINE_NUMBERS = ["ce_mean", "ce_lo", "ce_hi", "delta_zero_mean", "delta_zero_lo", "delta_zero_hi"]
 
@@ -577,7 +590,7 @@ def headline(ce: pd.DataFrame | None, positions: str | None = None) -> pd.DataFr
     ce = primary_rows(ce, positions)
     if not _has_columns(ce, ["condition", "ce_mean"]):
         return None
-    base = ce[ce["condition"] != "simulated"]
+    base = ce[~ce["condition"].astype(str).str.startswith("simulated")]
     sim = ce[ce["condition"] == "simulated"]
     if {"selection", "fraction"} <= set(sim.columns):
         frac = pd.to_numeric(sim["fraction"], errors="coerce")
@@ -585,7 +598,10 @@ def headline(ce: pd.DataFrame | None, positions: str | None = None) -> pd.DataFr
         for f in HEADLINE_FRACTIONS:
             keep |= np.isclose(frac.to_numpy(float), f)
         sim = sim[(sim["selection"] == "top") & keep]
-    out = pd.concat([base, sim], ignore_index=True)
+    # "All latents simulated" both ways: the paper's accounting (fraction 1.0 of the latents with a
+    # calibrated prediction; the rest keep their true values, n_true_kept) beside the strict one.
+    strict = ce[ce["condition"] == "simulated_strict"]
+    out = pd.concat([base, sim, strict], ignore_index=True)
     return out[[c for c in HEADLINE_COLUMNS if c in out.columns]]
 
 

@@ -325,7 +325,6 @@ def run_activations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> A
     parts: list[pa.Table] = []  # only (split, latent, act) for the statistics: 3 narrow columns
     rows, t0 = 0, time.perf_counter()
     tmp_path = Path(tempfile.mkdtemp()) / "activations.parquet"
-    f16_max = float(np.finfo(np.float16).max)
     with pq.ParquetWriter(tmp_path, schema, compression="zstd") as writer:
         for split in (*CACHED_SPLITS, *(("sample",) if cfg.activations.sample_tokens else ())):
             seq_ids, tokens = load_tokens(store, keys, (split if split != "sample" else "train",))
@@ -335,11 +334,7 @@ def run_activations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> A
             n_tokens[split] = tokens.size
             for batch in acts_lib.iter_latents(model, sae, layer, tokens, seq_ids, cfg.activations.batch_size, device):
                 b = pa.Table.from_batches([batch]).append_column("split", pa.array([split] * batch.num_rows))
-                if cfg.activations.dtype == "float16" and batch.num_rows:
-                    top = float(pc.max(b.column("act")).as_py())
-                    if not top <= f16_max:  # float16 would turn it into inf
-                        raise ValueError(f"activations.dtype is float16 but a latent activation reaches {top:.6g} "
-                                         f"(float16 holds at most {f16_max:g}): set activations.dtype: float32")
+                acts_lib.check_storable(b.column("act").to_numpy(), cfg.activations.dtype)
                 writer.write_table(b.cast(schema))
                 parts.append(b.select(["split", "latent", "act"]))
                 rows += batch.num_rows
@@ -1124,7 +1119,13 @@ def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
         "CE recovered": fit.get("ce_recovered"),
         "mean detection score": score_m.get("mean_detection_score"),
         "explained latents": cal_m.get("n_latents"),
+        "latents excluded (failed predictions)": cal_m.get("n_latents_excluded_failed"),
+        "latents with failed contexts patched as 0": cal_m.get("n_latents_with_failed_contexts"),
+        "latents with no calib activity": cal_m.get("n_latents_no_calib_activity"),
         "calib contexts": cal_m.get("n_calib_contexts"),
+        "true sample (tokens) for quantile": cal_m.get("n_true_sample_tokens"),
+        "patch base": cfg.evaluate.patch_base,
+        "explainer / scorer / simulator": f"{cfg.explain.method} / {cfg.score.method} / {cfg.simulate.method}",
         "eval sequences / contexts": f"{len(seq_ids)} / {len(eval_cids)}",
         "positions": cfg.evaluate.positions,
         "active_threshold": cfg.evaluate.active_threshold,

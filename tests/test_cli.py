@@ -113,8 +113,12 @@ def test_headline_rows_average_random_seeds_and_filter_positions():
 
     ce = [row("clean"), row("clean", positions="last", ce=9.0),
           row("simulated", "random", 0.1, "quantile", 0, 4.2), row("simulated", "random", 0.1, "quantile", 1, 4.4),
-          row("simulated", "top", 0.1, "quantile", -1, 4.1), row("simulated", "top", 0.1, "isotonic", -1, 7.0)]
+          row("simulated", "top", 0.1, "quantile", -1, 4.1), row("simulated", "top", 0.1, "isotonic", -1, 7.0),
+          {**row("simulated", "top", 1.0, "quantile", -1, 4.6), "n_true_kept": 3},
+          {**row("simulated_strict", "all", 1.0, "quantile", -1, 4.9), "n_true_kept": 0}]
     rows = headline_rows(ce, "all")
     assert [r[:4] for r in rows] == [["clean", "all", None, ""], ["simulated", "top", 0.1, "quantile"],
+                                     ["simulated", "top", 1.0, "quantile"], ["simulated_strict", "all", 1.0, "quantile"],
                                      ["simulated", "random (x2)", 0.1, "quantile"]]
-    assert rows[2][5] == pytest.approx(4.3) and rows[2][6] == pytest.approx(4.1) and rows[2][7] == pytest.approx(4.5)
+    assert rows[4][6] == pytest.approx(4.3) and rows[4][7] == pytest.approx(4.1) and rows[4][8] == pytest.approx(4.5)
+    assert rows[2][5] == 3 and rows[3][5] == 0  # n_true_kept: the paper's accounting beside the strict one

@@ -451,20 +451,44 @@ def test_micro_run_eval_positions_last(micro_run):
     cal = stages._table(store, "calibrate", keys["calibrate"], "calibrated")
     want = seq_ids * cfg.corpus.seq_len + cfg.corpus.seq_len - 2
     assert np.array_equal(np.unique(cal.column("context_id").to_numpy()), np.sort(want))
+    # Calibration is fit on the position set that is evaluated: the simulated calib contexts are the
+    # last scored position of each calib sentence too (the embedded contexts, and the shards' rows).
+    calib_seq, _ = stages.load_tokens(store, keys, ("calib",))
+    calib_want = np.sort(calib_seq * cfg.corpus.seq_len + cfg.corpus.seq_len - 2)
+    emb = stages._table(store, "embed", keys["embed"], "contexts", columns=["context_id", "split"]).to_pandas()
+    assert np.array_equal(np.sort(emb.loc[emb["split"] == "calib", "context_id"].to_numpy()), calib_want)
+    shard_ctx = np.unique(stages.read_predictions(store, keys, columns=["context_id"]).column("context_id").to_numpy())
+    assert np.array_equal(shard_ctx, np.union1d(calib_want, want))
+    assert store.read_manifest("calibrate", keys["calibrate"])["metrics"]["n_calib_contexts"] == len(calib_want)
     n_methods = len(cfg.calibrate.methods)
     assert len(cal) == len(want) * len(np.unique(cal.column("latent").to_numpy())) * n_methods
     assert len(cal) <= len(want) * n_lat * n_methods
     ce = frame("select * from ce")
     assert set(ce["positions"]) == {"last"}
-    base = ce[ce["condition"] != "simulated"].set_index("condition")["ce_mean"]
+    base = ce[~ce["condition"].str.startswith("simulated")].set_index("condition")["ce_mean"]
     assert base["transcoder"] != base["clean"] and base["zero_ablation"] != base["transcoder"]
     oracle = frame("select * from oracle")
     exact = oracle[(oracle["fp_rate"] == 0) & (oracle["fn_rate"] == 0)]
     assert exact["ce_mean"].iloc[0] == pytest.approx(base["transcoder"], abs=1e-6)
-    sizes = frame("select * from sample_size where calib_fraction = 1.0")
+    sizes = frame("select * from sample_size where calib_fraction = 1.0 and true_fraction = 1.0")
     for _, r in sizes.iterrows():
         main = ce[(ce["condition"] == "simulated") & (ce["selection"] == "top") & (ce["calibration"] == r["calibration"])
                   & np.isclose(ce["fraction"].astype(float), r["fraction"])]
         assert main["ce_mean"].iloc[0] == pytest.approx(r["ce_mean"], abs=1e-9)
     lm = frame("select * from latent_metrics")
     assert lm["n_true_active"].max() <= len(want)
+
+
+def test_float16_cache_refuses_values_it_would_turn_into_inf():
+    from nlrewrite_core.activations import check_storable
+
+    ok = np.array([0.5, 65504.0], dtype=np.float32)
+    check_storable(ok, "float16")
+    assert np.isfinite(ok.astype(np.float16)).all()
+    big = np.array([1.0, 70000.0], dtype=np.float32)
+    assert np.isinf(big.astype(np.float16)).any()  # what the cache would have stored
+    with pytest.raises(ValueError, match="activations.dtype: float32"):
+        check_storable(big, "float16")
+    check_storable(big, "float32")
+    with pytest.raises(ValueError, match="float16"):
+        check_storable(np.array([np.inf], dtype=np.float32), "float16")
