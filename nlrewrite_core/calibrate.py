@@ -1,30 +1,37 @@
 """Per-latent calibration of simulator predictions.
 
 A calibration map sends one latent's raw prediction (already mapped linearly into
-``[0, max_act]``) to a calibrated activation. Every map is a monotone piecewise-linear function
-stored as knots ``(x, y)``: ``x`` non-decreasing prediction values, ``y`` non-decreasing
-activation values, with equal ``y`` wherever ``x`` ties, so the map is a function. Between knots
-it interpolates linearly; outside them it is clamped to the end values, or, for methods that
-declare ``extrapolate`` (``none``, ``affine``), continued along the end segments.
+``[0, max_act]``) to a calibrated activation. Every map is a monotone function stored as knots
+``(x, y)``: ``x`` non-decreasing prediction values, ``y`` non-decreasing activation values, with
+equal ``y`` wherever ``x`` ties, so the map is a function. A step map (``quantile``) holds
+``y[j]`` from ``x[j]`` up to the next knot; the others interpolate linearly between knots and
+outside them are clamped to the end values, or, for methods that declare ``extrapolate``
+(``none``, ``affine``), continued along the end segments. A failed prediction (NaN) is fit
+around and stays NaN: it is never given a value here.
 
 Methods (registry :data:`METHODS`, name -> :class:`CalibrationMethod`):
 
 - ``none``: the identity (knots ``(0, 0), (1, 1)``, extrapolated).
-- ``quantile``: the paper's quantile normalisation. Each latent's prediction goes through the
-  empirical CDF of its calib predictions onto the empirical inverse CDF of its true calib
-  activations: ``x_j = Q_pred(p_j)``, ``y_j = Q_true(p_j)`` on ``n_knots`` probabilities ``p_j``
+- ``quantile``: the paper's quantile normalisation, exact. A prediction ``p`` goes to
+  ``Q_true(F_pred(p))``: ``F_pred`` is the empirical CDF of the latent's calib predictions and
+  ``Q_true`` the empirical inverse CDF of its *true sample* (:class:`TrueSample`: in the paper,
+  ~10M true activations of the latent cache, disjoint from eval). A right-continuous step
+  function (``CalibrationMethod.step``), stored as the knots where its value steps up after a
+  floor knot at the lowest float32; nothing is interpolated, so no prediction gets a value
+  between two true quantiles (fit predictions [1, 3] onto true [0, 2]: 2 maps to 0, not 1).
+- ``quantile-interp``: an ablation, the interpolated map nlrewrite used before: knots
+  ``x_j = Q_pred(p_j)``, ``y_j = Q_true(p_j)`` on ``n_knots`` probabilities ``p_j``
   (:func:`quantile_grid`: even on [0, 0.5], crowded towards 1 where sparse latents are active;
-  linear interpolation between order statistics, numpy's default type 7).
-  A run of tied prediction quantiles (a prediction value that a whole range of probabilities
-  shares, e.g. a constant prediction) gets one value: ``Q_true`` at the run's middle
-  probability, so a constant-prediction latent maps to the median true activation.
-
+  linear interpolation between order statistics, numpy's default type 7) of the calib contexts'
+  *paired* true values, joined by straight lines. A run of tied prediction quantiles gets one
+  value: ``Q_true`` at the run's middle probability, so a constant-prediction latent maps to
+  the median true activation.
 - ``quantile-hf1`` .. ``quantile-hf9``: the same quantile normalisation with each of Hyndman &
   Fan's (1996) sample-quantile definitions (numpy.quantile's ``method=``: 1 inverted_cdf,
   2 averaged_inverted_cdf, 3 closest_observation, 4 interpolated_inverted_cdf, 5 hazen,
   6 weibull, 7 linear, 8 median_unbiased, 9 normal_unbiased) for both the prediction and the
-  true quantiles, on the same knot grid and with the same tie rule. ``quantile-hf7`` equals
-  ``quantile`` up to rounding.
+  true quantiles, on the same knot grid and with the same tie rule (the paired calib true
+  values, like ``quantile-interp``). ``quantile-hf7`` equals ``quantile-interp`` up to rounding.
 - ``isotonic``: scikit-learn's ``IsotonicRegression`` of true on predicted activation (the
   least-squares monotone fit), clamped outside the calib range. Its knots are the fit's
   thresholds, so on its own fit data it reproduces ``IsotonicRegression.predict`` and the mean of

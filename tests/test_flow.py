@@ -142,13 +142,20 @@ def test_second_run_hits_cache_and_gives_identical_tables(micro_run):
         assert before[name] == after[name], name
 
 
-def test_run_interrupted_mid_simulate_resumes_without_duplicates(prefect_server, tmp_path, monkeypatch):
+def test_run_interrupted_mid_simulate_resumes_without_duplicates(micro_run, tmp_path, monkeypatch):
+    """The flow-level crash-resume test, on a copy of the micro run whose simulation and later stages
+    are removed (the upstream stages are reused from their manifests: no second full pipeline)."""
+    import shutil
+
     from flows.rewrite import rewrite
     import tasks.stages as t
 
     storage = str(tmp_path / "store")
+    shutil.copytree(micro_run[0], storage)
     cfg = load_config("micro")
     keys = stages.plan(cfg)
+    for stage in ("simulate", "calibrate", "evaluate", "report"):
+        Store(storage).remove_dir(Store(storage).artifact_dir(stage, keys[stage]))
     real = stages.run_simulate_shard
 
     def crash_on_shard_2(store, cfg, keys, shard):

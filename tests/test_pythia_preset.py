@@ -50,8 +50,12 @@ def test_preset_validates_and_plans():
     assert cfg.simulate.method == "llm" and cfg.simulate.llm.model == "meta-llama/Llama-3.1-8B-Instruct"
     assert cfg.simulate.llm.backend == cfg.explain.llm.backend == "vllm"
     assert cfg.score.method == "detection" and cfg.execution.device == "cuda"
-    assert cfg.corpus.n_calib * cfg.corpus.seq_len == 10_000  # calib contexts
+    # The paper's design: 10,000 calib and 1,000 eval sentences, one context each (the last position),
+    # quantile normalisation onto >= 1M true cached tokens, the unrenormalized expected value.
+    assert cfg.corpus.n_calib == 10_000 and cfg.simulate.eval_positions == "last"
     assert cfg.corpus.n_eval == 1000 and cfg.evaluate.positions == "last"  # eval sentences, one target each
+    assert cfg.activations.sample_tokens >= 1_000_000 and cfg.calibrate.true_sample == "cache"
+    assert cfg.simulate.renormalize is False and cfg.evaluate.patch_base == "topk"
     keys = stages.plan(cfg)
     assert list(keys) == [s for s in stages.plan(load_config("tiny")) if s != "embed"]  # LLM methods: no embed
     assert len(set(keys.values())) == len(keys) and cfg.simulate.eval_positions == "last"
