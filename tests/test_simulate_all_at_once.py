@@ -159,3 +159,63 @@ def test_tiny_llama_all_at_once_predictions_all_and_last(tiny_dir):
     ref = {(r["latent"], r["context_id"]): r["pred"] for r in every.to_pylist()}
     for r in last.to_pylist():
         assert abs(r["pred"] - ref[(r["latent"], r["context_id"])]) < 1e-4
+
+
+class _VLLMLogprob:
+    def __init__(self, logprob: float, rank: int, decoded_token: str):
+        self.logprob, self.rank, self.decoded_token = logprob, rank, decoded_token
+
+
+class _TinyEngine:
+    """vLLM cannot run here (no GPU, not installed): a stand-in for `vllm.LLM` with vLLM's output format
+    (`prompt_logprobs[p]`: {token id: Logprob} at prompt position p, None at 0, the prompt's own token
+    included whatever its rank; `outputs[0].logprobs[0]`: the first sampled position), computed by the tiny
+    Llama's real forward pass."""
+
+    def __init__(self, hf_llm):
+        self.hf = hf_llm
+
+    def get_tokenizer(self):
+        return self.hf.tokenizer
+
+    def generate(self, inputs, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        outs = []
+        for x in inputs:
+            ids = x["prompt_token_ids"]
+            with torch.inference_mode():
+                lp = torch.log_softmax(self.hf.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            ranks = lp.argsort(-1, descending=True).argsort(-1) + 1
+
+            def entry(p: int, own: int | None) -> dict:
+                top = lp[p].topk(params.prompt_logprobs).indices.tolist() + ([own] if own is not None else [])
+                return {t: _VLLMLogprob(float(lp[p, t]), int(ranks[p, t]), self.hf.tokenizer.decode([t])) for t in top}
+
+            plp = [None] + [entry(p - 1, ids[p]) for p in range(1, len(ids))]
+            gen = int(lp[-1].argmax())
+            outs.append(SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=plp, num_cached_tokens=0,
+                                        outputs=[SimpleNamespace(token_ids=[gen], logprobs=[entry(len(ids) - 1, None)])]))
+        return outs
+
+
+def test_vllm_prompt_logprob_slots_equal_transformers(tiny_dir):
+    """The vllm backend's slot arithmetic (prompt logprobs entry of the token after each slot, the sampled
+    position for a slot at the end, the prompt's own token dropped when outside the top k) on vLLM's output
+    format gives the transformers backend's distributions."""
+    from types import SimpleNamespace
+
+    from nlrewrite_core.llm.vllm_backend import VLLMLLM
+
+    ref = make_llm(LLMConfig(model=str(tiny_dir), device="cpu", dtype="float32", top_logprobs=5))
+    llm = VLLMLLM.__new__(VLLMLLM)
+    LLM.__init__(llm, LLMConfig(backend="vllm", model=str(tiny_dir), top_logprobs=5))
+    llm.engine = _TinyEngine(ref)
+    llm._vllm = SimpleNamespace(SamplingParams=lambda **kw: SimpleNamespace(**kw))
+    prompts = [P.all_at_once_prompt(e, s) for e in ("cats", "digits") for s in SENTENCES]
+    prompts.append(P.all_at_once_prompt("cats", SENTENCES[0], [1, 3]))
+    got, want = llm.slot_logprobs(prompts), ref.slot_logprobs(prompts)
+    assert [len(x) for x in got] == [len(p.slots) for p in prompts]
+    for a_row, b_row in zip(got, want):
+        for a, b in zip(a_row, b_row):
+            assert set(a) == set(b) and max(abs(a[t] - b[t]) for t in a) < 1e-4
