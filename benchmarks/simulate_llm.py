@@ -1,23 +1,34 @@
-"""LLM simulator throughput: prefix-shared (each distinct prefix's KV cache computed once and reused
-across the prompts that share it) vs one prompt at a time, for each simulator prompt order, same
-prompts, outputs compared.
+"""LLM simulator throughput, every path in one run, same (latent, context) predictions, outputs compared.
 
-Orders (`simulate.prompt_order`): `explanation_first` (the paper's prompt; the prefix, instructions +
-explanation, is shared by a latent's contexts) and `context_first` (the prefix, instructions + the
-marked window + question, is shared by the latents; the suffix is the explanation + a short answer
-cue). Every prompt is
-one of `--latents` x `--contexts`, so each prefix is shared by `--contexts` prompts (explanation_first)
-or `--latents` prompts (context_first). The batched path is FLOP-bound: its speedup over one at a
-time is at most the tokens computed per prediction, (P + S) / (S + P / shared), which tends to
-(P + S) / S (P, S: prefix and suffix tokens); both bounds are reported.
+Paths:
+- `one-at-a-time`: every prompt run alone from scratch (the reference; timed on a subset).
+- `broadcast`: per-position simulator, each distinct prefix computed once, its KV cache broadcast over a
+  batch of suffixes (materialised once per batch by the model's first cache update).
+- `cascade`: the same with the shared-prefix (cascade / Hydragen) attention: prefix KV kept once, suffix
+  queries of the whole batch folded into one attention call over it, merged by log-sum-exp.
+- `all-at-once`: one prompt per (latent, sentence), the sentence one token per line with an activation
+  slot each; every slot read in one pass (prefix shared across a latent's sentences, cascade attention).
+  Its own one-at-a-time reference is each slot's prompt cut there, run alone.
+
+Per-position prompts come in both orders (`simulate.prompt_order`): `explanation_first` (the paper's:
+the prefix, instructions + explanation, is shared by a latent's contexts) and `context_first` (the prefix,
+instructions + window + question, is shared by the latents). The contexts are every position of
+`--sentences` sentences of `--positions` tokens (32-token windows ending there), so the per-position and
+all-at-once paths make the same predictions. Columns: predictions/s; `x_alone`, the speedup over the
+one-at-a-time reference of that prompt format; `bound`, its token bound (tokens per prediction alone /
+tokens computed per prediction: a FLOP-bound path can't beat it); `of_bound` = x_alone / bound;
+`tok/pred`, tokens computed per prediction; `gemm_frac`, model FLOPs (2 x non-embedding parameters per
+token computed + the LM head at each prediction; attention left out) per second over the device's
+measured matmul rate; `days_327M`, device-days for the paper's 327M predictions (the paper: ~38
+predictions/s per A40, about 100 GPU-days).
 
 CPU (default): a small random-weight Llama and a tokenizer trained here on the prompts' words
-(tests/llm_tiny.py; most words are one token, as with a real tokenizer).
+(tests/llm_tiny.py; most words are one token, as with a real tokenizer), float32, 1 thread.
 GPU (--gpu-8b): a Llama-3.1-8B-shaped model with random weights in bf16 (same FLOPs as the real
-one, no download), the same tokenizer; the paper did ~38 predictions/s per A40.
+one, no download), the same tokenizer.
 
-    python benchmarks/simulate_llm.py [--order both] [--latents 32] [--contexts 32] [--threads 1] [--repeats 2]
-    python benchmarks/simulate_llm.py --gpu-8b   # batch 128, 128 latents x 128 contexts, 2 contexts one at a time
+    python benchmarks/simulate_llm.py [--latents 16] [--sentences 4] [--positions 32] [--threads 1] [--repeats 2]
+    python benchmarks/simulate_llm.py --gpu-8b   # batch 128, 64 latents x 4 sentences x 64 positions
 """
 
 from __future__ import annotations
@@ -61,10 +72,15 @@ def explanation(i: int) -> str:
     return f"{WHAT[i % 8]} {WHERE[i // 8 % 8]}, {HOW[i // 64 % 4]}."
 
 
-def contexts(n: int, window: int = 32) -> list[str]:
-    """n context parts: a random window of `window` words, its last one marked."""
-    toks = np.random.default_rng(0).integers(0, len(WORDS), (n, window))
-    return [P.simulator_context("".join(WORDS[t] for t in row[:-1]), WORDS[row[-1]]) for row in toks]
+def sentences(n: int, length: int) -> list[list[str]]:
+    """n random sentences of `length` words (one token each with this tokenizer)."""
+    toks = np.random.default_rng(0).integers(0, len(WORDS), (n, length))
+    return [[WORDS[t] for t in row] for row in toks]
+
+
+def windows(sents: list[list[str]], window: int = 32) -> list[str]:
+    """The per-position simulator's context part at every position of every sentence."""
+    return [P.simulator_context("".join(s[max(0, i - window + 1):i]), s[i]) for s in sents for i in range(len(s))]
 
 
 def grid(order: str, latents: list[str], ctxs: list[str]) -> list[tuple[int, int, Prompt]]:
@@ -76,52 +92,97 @@ def grid(order: str, latents: list[str], ctxs: list[str]) -> list[tuple[int, int
     return [(j, i, P.simulator_prompt(latents[j], ctxs[i], order)) for j, i in pairs]
 
 
-def max_diff(a: list[dict[str, float]], b: list[dict[str, float]]) -> tuple[float, float]:
-    """(max |logprob difference| over the tokens both top-k lists hold, fraction of equal top-1 tokens)."""
-    d = max((abs(x[t] - y[t]) for x, y in zip(a, b) for t in x.keys() & y.keys()), default=float("nan"))
-    same = np.mean([max(x, key=x.get) == max(y, key=y.get) for x, y in zip(a, b)])
-    return float(d), float(same)
+def max_diff(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
+    """Max |logprob difference| over the tokens both top-k lists hold."""
+    return float(max((abs(x[t] - y[t]) for x, y in zip(a, b) for t in x.keys() & y.keys()), default=float("nan")))
 
 
-def timed(f, *args, **kw) -> tuple[float, list]:
-    t0 = time.perf_counter()
-    out = f(*args, **kw)
-    return time.perf_counter() - t0, out
+class Meter:
+    """Times a path (best of `repeats`) and counts the tokens it computes per prediction. On CPU the time is
+    the process's CPU time (one torch thread: the machine is shared, and wall time would measure the other
+    tenants too); on CUDA it is wall time (every path ends in a device-to-host copy, so it is synchronised)."""
+
+    def __init__(self, llm, repeats: int, gemm: float, params: int, head_flops: float, clock=time.perf_counter):
+        self.llm, self.repeats, self.gemm, self.params, self.head_flops = llm, repeats, gemm, params, head_flops
+        self.clock = clock
+
+    def run(self, f, n_pred: int):
+        best, out, tokens = float("inf"), None, 0.0
+        for _ in range(self.repeats):
+            before = self.llm.usage.snapshot()
+            t0 = self.clock()
+            out = f()
+            best = min(best, self.clock() - t0)
+            u = self.llm.usage.since(before)
+            tokens = u["tokens_in"] - u["tokens_in_cached"]
+        flops = 2 * self.params * tokens + self.head_flops * n_pred
+        return out, {"per_s": n_pred / best, "tok/pred": tokens / n_pred, "gemm_frac": flops / best / self.gemm}
 
 
-def run_order(llm, order: str, latents: list[str], ctxs: list[str], n_naive: int, repeats: int) -> dict:
-    """Time the prefix-shared path on every prompt and the one-at-a-time path on the first n_naive
-    contexts' prompts, alternately `repeats` times, keeping each path's best time (a shared machine)."""
-    items = grid(order, latents, ctxs)
-    prompts = [llm.wrap(p) for _, _, p in items]
-    naive = [k for k, (_, i, _) in enumerate(items) if i < n_naive]
+def row(path: str, order: str, n: int, m: dict, alone: dict, diff: float) -> dict:
+    return {"path": path, "order": order, "predictions": n, "per_s": m["per_s"], "x_alone": m["per_s"] / alone["per_s"],
+            "bound": alone["tok/pred"] / m["tok/pred"],
+            "of_bound": m["per_s"] / alone["per_s"] / (alone["tok/pred"] / m["tok/pred"]),
+            "tok/pred": m["tok/pred"], "gemm_frac": m["gemm_frac"], "days_327M": 327e6 / m["per_s"] / 86400,
+            "max_logprob_diff": diff}
+
+
+def per_position(llm, meter: Meter, order: str, latents: list[str], ctxs: list[str], n_alone: int) -> list[dict]:
+    """The per-position simulator in one order: one-at-a-time (first n_alone contexts), broadcast, cascade."""
+    prompts = [llm.wrap(p) for _, _, p in grid(order, latents, ctxs)]
+    subset = [k for k, (_, i, _) in enumerate(grid(order, latents, ctxs)) if i < n_alone]
     for share in (True, False):  # warm up this order's shapes
         llm._top_logprobs(prompts[:2], 20, share_prefix=share)
-    t_shared = t_naive = float("inf")
-    for _ in range(repeats):
-        t, shared = timed(llm._top_logprobs, prompts, 20, share_prefix=True)
-        t_shared = min(t_shared, t)
-        t, alone = timed(llm._top_logprobs, [prompts[k] for k in naive], 20, share_prefix=False)
-        t_naive = min(t_naive, t)
-    diff, top1 = max_diff([shared[k] for k in naive], alone)
-    pre = float(np.mean([len(llm.ids(p.prefix, True)) for p in prompts]))
-    suf = float(np.mean([len(llm.ids(p.suffix, False)) for p in prompts]))
-    per_prefix = len(ctxs) if order == "explanation_first" else len(latents)
-    naive_rate, shared_rate = len(naive) / t_naive, len(prompts) / t_shared
-    return {"order": order, "prefix_tokens": pre, "suffix_tokens": suf, "prompts_per_prefix": per_prefix,
-            "naive_prompts": len(naive), "naive_per_s": naive_rate, "shared_prompts": len(prompts),
-            "shared_per_s": shared_rate, "speedup": shared_rate / naive_rate,
-            "bound_(P+S)/S": (pre + suf) / suf, "bound_(P+S)/(S+P/n)": (pre + suf) / (suf + pre / per_prefix),
-            "max_logprob_diff": diff, "top1_agree": top1}
+    ref, alone = meter.run(lambda: llm._top_logprobs([prompts[k] for k in subset], 20, share_prefix=False), len(subset))
+    rows = [row("one-at-a-time", order, len(subset), alone, alone, 0.0)]
+    cascade = llm.cascade
+    for path, on in (("broadcast", False), ("cascade", True)):
+        llm.cascade = on and cascade
+        out, m = meter.run(lambda: llm._top_logprobs(prompts, 20, share_prefix=True), len(prompts))
+        rows.append(row(path, order, len(prompts), m, alone, max_diff([out[k] for k in subset], ref)))
+    llm.cascade = cascade
+    return rows
+
+
+def all_at_once(llm, meter: Meter, latents: list[str], sents: list[list[str]], n_alone: int) -> list[dict]:
+    """The all-at-once simulator: every slot of every (latent, sentence) prompt; its one-at-a-time
+    reference runs each slot's prompt cut there, alone, for the first n_alone latents' first sentence."""
+    prompts = [llm.wrap_slots(P.all_at_once_prompt(e, s)) for e in latents for s in sents]
+    n = sum(len(s) for s in sents) * len(latents)
+    cut = [llm.wrap_slots(P.all_at_once_prompt(e, sents[0], [i])) for e in latents[:n_alone] for i in range(len(sents[0]))]
+    llm._slot_logprobs(prompts[:2], 20)
+    ref, alone = meter.run(lambda: llm._slot_logprobs(cut, 20, share_prefix=False), len(cut))
+    out, m = meter.run(lambda: llm._slot_logprobs(prompts, 20), n)
+    got = [x for j in range(n_alone) for x in out[j * len(sents)]]
+    return [row("one-at-a-time", "all-at-once", len(cut), alone, alone, 0.0),
+            row("all-at-once", "all-at-once", n, m, alone, max_diff(got, [r[0] for r in ref]))]
+
+
+def gemm_rate(device: str, dtype: torch.dtype, n: int, clock) -> float:
+    """The device's measured matmul rate (FLOP/s) at n x n x n, best of 3 (`clock`: as the Meter's)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = clock()
+        for _ in range(10 if device == "cuda" else 1):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (clock() - t0) / (10 if device == "cuda" else 1))
+    return 2 * n ** 3 / best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--order", choices=(*ORDERS, "both"), default="both")
-    ap.add_argument("--latents", type=int, default=None, help="default 32 (CPU), 128 (--gpu-8b)")
-    ap.add_argument("--contexts", type=int, default=None, help="default 32 (CPU), 128 (--gpu-8b)")
-    ap.add_argument("--naive-contexts", type=int, default=None,
-                    help="contexts whose prompts also run one at a time: default 8 (CPU), 2 (--gpu-8b)")
+    ap.add_argument("--latents", type=int, default=None, help="default 16 (CPU), 64 (--gpu-8b)")
+    ap.add_argument("--sentences", type=int, default=None, help="default 4 (CPU and --gpu-8b)")
+    ap.add_argument("--positions", type=int, default=None, help="tokens per sentence: 32 (CPU), 64 (--gpu-8b)")
+    ap.add_argument("--alone", type=int, default=None,
+                    help="contexts (per-position) or latents (all-at-once) also run one at a time: 4 (CPU), 1 (GPU)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 64 (CPU), 128 (--gpu-8b)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -130,17 +191,18 @@ def main() -> None:
     ap.add_argument("--gpu-8b", action="store_true")
     args = ap.parse_args()
     gpu = args.gpu_8b
-    n_lat = args.latents or (128 if gpu else 32)
-    n_ctx = args.contexts or (128 if gpu else 32)
-    n_naive = min(n_ctx, args.naive_contexts or (2 if gpu else 8))
+    n_lat = args.latents or (64 if gpu else 16)
+    n_sent = args.sentences or 4
+    n_pos = args.positions or (64 if gpu else 32)
+    n_alone = args.alone or (1 if gpu else 4)
     repeats = args.repeats or (1 if gpu else 2)
     batch = args.batch_size or (128 if gpu else 64)
     if args.threads or not gpu:
         torch.set_num_threads(args.threads or 1)
-    latents, ctxs = [explanation(j) for j in range(n_lat)], contexts(n_ctx)
+    latents, sents = [explanation(j) for j in range(n_lat)], sentences(n_sent, n_pos)
     tmp = Path(tempfile.mkdtemp())
     frame = (P.simulator_explanation("") + P.simulator_context("", "") + P.SIMULATOR_QUESTION
-             + P.CONTEXT_FIRST_QUESTION + P.CONTEXT_FIRST_CUE)
+             + P.CONTEXT_FIRST_QUESTION + P.CONTEXT_FIRST_CUE + P.all_at_once_prefix("") + P.SLOT_FILLER + "\t\n")
     build_tiny_llama(tmp, hidden=args.hidden, layers=args.layers, vocab_size=2000,
                      texts=[frame, "".join(WORDS), " ".join(WHAT + WHERE + HOW)] * 3)
     cfg = LLMConfig(model=str(tmp), device="cuda" if gpu else "cpu", batch_size=batch,
@@ -150,21 +212,39 @@ def main() -> None:
     if gpu:
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        from nlrewrite_core.llm.hf import fuse_rms_norms
+
         c = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
         with torch.device("cuda"):
             llm.model = LlamaForCausalLM(c).to(torch.bfloat16).eval()
+        fuse_rms_norms(llm.model)
         n = len(llm.tokenizer)
         llm._vocab_text = [llm.tokenizer.decode([i]) if i < n else f"<{i}>" for i in range(c.vocab_size)]
         shape = "Llama-3.1-8B shape, random bf16"
+    model_cfg = llm.model.config
+    d, vocab = model_cfg.hidden_size, model_cfg.vocab_size
+    params = sum(p.numel() for p in llm.model.parameters()) - 2 * d * vocab  # embeddings and LM head left out
+    clock = time.perf_counter if gpu else time.process_time
+    gemm = gemm_rate(llm.device, llm.dtype, 8192 if gpu else 1024, clock)
+    meter = Meter(llm, repeats, gemm, params, 2 * d * vocab, clock)
     device = torch.cuda.get_device_name() if gpu else f"cpu, {torch.get_num_threads()} threads"
     orders = ORDERS if args.order == "both" else (args.order,)
-    rows = [run_order(llm, o, latents, ctxs, n_naive, repeats) for o in orders]
-    print(f"{shape} on {device}, batch {batch}, {n_lat} latents x {n_ctx} contexts")
+    ctxs = windows(sents)
+    rows = [r for o in orders for r in per_position(llm, meter, o, latents, ctxs, n_alone)]
+    rows += all_at_once(llm, meter, latents, sents, n_alone)
+    best_pp = max(r["per_s"] for r in rows if r["path"] == "cascade")
+    aao = next(r for r in rows if r["path"] == "all-at-once")
+    print(f"{shape} on {device}, batch {batch}, {n_lat} latents x {n_sent} sentences x {n_pos} positions, "
+          f"matmul {gemm / 1e9:.1f} GFLOP/s, {'wall' if gpu else 'CPU'} time")
     report("simulate_llm" + ("_gpu_8b" if gpu else ""), rows,
-           {"model": shape, "device": device, "batch_size": batch, "latents": n_lat, "contexts": n_ctx,
-            "repeats": repeats})
+           {"model": shape, "device": device, "batch_size": batch, "latents": n_lat, "sentences": n_sent,
+            "positions": n_pos, "repeats": repeats, "gemm_flops": gemm, "clock": "wall" if gpu else "process CPU time",
+            "all_at_once_vs_best_per_position": aao["per_s"] / best_pp,
+            "paper_per_s_per_a40": 38.0, "paper_days_327M": 327e6 / 38 / 86400})
+    print(f"all-at-once vs the best per-position (cascade) path at equal predictions: {aao['per_s'] / best_pp:.1f}x; "
+          f"the paper: ~38 predictions/s per A40 = {327e6 / 38 / 86400:.0f} GPU-days for 327M")
 
 
 if __name__ == "__main__":

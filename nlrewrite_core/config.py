@@ -279,10 +279,14 @@ class ScoreConfig(_Extended):
 
 class SimulateConfig(_Extended):
     _added = ("llm", "renormalize", "eval_positions", "prompt_order", "max_failed_fraction")
-    method: Literal["embedding", "llm"] = "embedding"
+    method: Literal["embedding", "llm", "llm-all-at-once"] = "embedding"
     """Simulator. `embedding`: similarity of explanation and the context window ending at the target token.
     `llm`: the paper's prompt (explanation, window, last token marked, a 0-9 answer); the prediction is
-    the expected digit from the top logprobs, mapped linearly onto [0, max_act]."""
+    the expected digit from the top logprobs, mapped linearly onto [0, max_act]. `llm-all-at-once`
+    (OpenAI's and delphi's simulator): one prompt per (latent, sentence), the sentence written one token
+    per line with an activation slot after each; one pass reads the 0-9 distribution at every slot
+    simulated (prompt log-probabilities), the same expected value and mapping as `llm`. A position's
+    context is its sentence up to it (`window` is not used)."""
     window: int = Field(32, ge=1)
     """Tokens in the context window that ends at the target token (the paper: 32)."""
     token_weight: float = Field(0.5, ge=0, le=1)
@@ -294,7 +298,7 @@ class SimulateConfig(_Extended):
     (context block x shard latents) block at a time (a Parquet row group), so a shard's memory is
     bounded by this, not by the number of contexts."""
     llm: LLMConfig | None = None
-    """The simulator LLM (required when method is `llm`)."""
+    """The simulator LLM (required when method is `llm` or `llm-all-at-once`)."""
     renormalize: bool = True
     """llm: renormalize the digit probabilities to sum to 1 before the expected value (ours);
     False is the paper's sum of digit x probability over the top logprobs as they are."""
@@ -319,8 +323,8 @@ class SimulateConfig(_Extended):
 
     @model_validator(mode="after")
     def _check_llm(self) -> "SimulateConfig":
-        if self.method == "llm" and self.llm is None:
-            raise ValueError("simulate.llm is required when simulate.method is 'llm'")
+        if self.method in ("llm", "llm-all-at-once") and self.llm is None:
+            raise ValueError(f"simulate.llm is required when simulate.method is {self.method!r}")
         return self
 
 

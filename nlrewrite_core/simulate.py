@@ -184,7 +184,7 @@ def llm_predictions(latents: np.ndarray, explanations: list[str], contexts: list
 
     n_lat, n_ctx = len(latents), len(contexts)
     pred = np.zeros((n_lat, n_ctx), dtype=np.float32)
-    done = np.zeros((n_lat, n_ctx), dtype=bool)
+    fail = np.zeros((n_lat, n_ctx), dtype=np.int8)
     outer, inner = (n_lat, n_ctx) if order == "explanation_first" else (n_ctx, n_lat)
     step = max(1, PROMPTS_PER_CALL // max(inner, 1))
     for a in range(0, outer, step):
@@ -194,9 +194,36 @@ def llm_predictions(latents: np.ndarray, explanations: list[str], contexts: list
         tops = llm.top_logprobs([P.simulator_prompt(explanations[j], contexts[i], order)
                                  for j, i in zip(lat_i, ctx_i)])
         for j, i, top in zip(lat_i, ctx_i, tops):
-            e = P.expected_digit(top, renormalize)
-            if e is not None:
-                pred[j, i], done[j, i] = P.digit_to_activation(e, float(max_act[j])), True
+            _digit_prediction(top, renormalize, float(max_act[j]), pred, fail, j, i)
+    return _prediction_tables(latents, context_ids, pred, fail)
+
+
+FAIL_REASONS = ("no digit 0-9 among the top logprobs",
+                "activation slot not on a token boundary of the simulator's tokenization")
+"""Why a prediction failed (the `reason` column of the failed table), by code 1, 2 (0: not failed)."""
+
+
+def _digit_prediction(top: dict[str, float] | None, renormalize: bool, max_act: float, pred: np.ndarray,
+                      fail: np.ndarray, j: int, i: int) -> None:
+    """Write the prediction of latent row j at context column i from one distribution (`top`; None: the
+    backend found no token at the slot), or its failure code."""
+    from .llm import prompts as P
+
+    if top is None:
+        fail[j, i] = 2
+        return
+    e = P.expected_digit(top, renormalize)
+    if e is None:
+        fail[j, i] = 1
+    else:
+        pred[j, i] = P.digit_to_activation(e, max_act)
+
+
+def _prediction_tables(latents: np.ndarray, context_ids: np.ndarray, pred: np.ndarray, fail: np.ndarray
+                       ) -> tuple[pa.Table, pa.Table]:
+    """(predictions, failed) of dense [latent, context] predictions and failure codes (FAIL_REASONS), rows
+    by latent, then context."""
+    done = fail == 0
     if not (np.isfinite(pred[done]).all() and (pred[done] >= 0).all()):
         raise ValueError("simulator produced non-finite or negative predictions")
 
@@ -206,5 +233,49 @@ def llm_predictions(latents: np.ndarray, explanations: list[str], contexts: list
                 "latent": pa.array(np.asarray(latents)[lat_i], pa.int32())}
 
     table = pa.table({**keys(done), "pred": pa.array(pred[done], pa.float32())}, schema=PREDICTION_SCHEMA)
-    reason = pa.array(["no digit 0-9 among the top logprobs"] * int((~done).sum()), pa.string())
+    reason = pa.array([FAIL_REASONS[c - 1] for c in fail[~done].tolist()], pa.string())
     return table, pa.table({**keys(~done), "reason": reason}, schema=FAILED_SCHEMA)
+
+
+SLOT_PROMPTS_PER_CALL = 2048
+"""llm_all_at_once_predictions: prompts per `slot_logprobs` call, rounded to whole latents (at least one)."""
+
+
+def sentence_token_texts(tokens: np.ndarray, decode_token) -> list[list[str]]:
+    """Each sequence's token texts (`decode_token(id)`, decoded once per distinct id), for all-at-once prompts."""
+    texts = {int(t): decode_token(int(t)) for t in np.unique(tokens)}
+    return [[texts[int(t)] for t in row] for row in tokens]
+
+
+def llm_all_at_once_predictions(latents: np.ndarray, explanations: list[str], sentences: list[list[str]],
+                                read: list[np.ndarray], context_ids: np.ndarray, max_act: np.ndarray, llm,
+                                renormalize: bool = True) -> tuple[pa.Table, pa.Table]:
+    """The all-at-once simulator: predictions of `latents` at the positions `read[s]` (sorted) of each
+    sentence s (`sentences[s]`: its token texts), from one prompt per (latent, sentence)
+    (`prompts.all_at_once_prompt`) whose activation slots are all read in one pass (`LLM.slot_logprobs`).
+    `context_ids` names the contexts read, sentence by sentence, positions in order. The prediction at a
+    slot is computed as in `llm_predictions` (expected digit over the top logprobs, renormalized unless
+    `renormalize` is False, mapped linearly onto [0, max_act]); a slot with no digit among its top
+    logprobs, or that the backend could not place on a token, is a failed prediction. A position's
+    context is the sentence up to it (not the `llm` simulator's 32-token window). Prompts of a latent
+    share its prefix (the instructions and the explanation) and are sent together. Returns (predictions,
+    failed), rows by latent, then context."""
+    from .llm import prompts as P
+
+    starts = np.concatenate([[0], np.cumsum([len(r) for r in read])]).astype(int)
+    n_lat, n_ctx = len(latents), int(starts[-1])
+    if len(context_ids) != n_ctx:
+        raise ValueError(f"{len(context_ids)} context ids for {n_ctx} positions read")
+    pred = np.zeros((n_lat, n_ctx), dtype=np.float32)
+    fail = np.zeros((n_lat, n_ctx), dtype=np.int8)
+    sents = [s for s in range(len(sentences)) if len(read[s])]
+    step = max(1, SLOT_PROMPTS_PER_CALL // max(len(sents), 1))
+    for a in range(0, n_lat, step):
+        pairs = [(j, s) for j in range(a, min(a + step, n_lat)) for s in sents]
+        res = llm.slot_logprobs([P.all_at_once_prompt(explanations[j], sentences[s], read[s]) for j, s in pairs])
+        for (j, s), tops in zip(pairs, res):
+            if len(tops) != len(read[s]):
+                raise ValueError(f"{llm.name} returned {len(tops)} slots for {len(read[s])} positions read")
+            for i, top in zip(range(starts[s], starts[s + 1]), tops):
+                _digit_prediction(top, renormalize, float(max_act[j]), pred, fail, j, i)
+    return _prediction_tables(latents, context_ids, pred, fail)

@@ -536,15 +536,21 @@ def _run_score_llm(store: Store, cfg: RewriteConfig, keys: dict[str, str], w: St
 
 def _run_simulate_shard_llm(store: Store, cfg: RewriteConfig, keys: dict[str, str], w: StageWriter,
                             lo: int, hi: int, num_latents: int) -> ArtifactRef:
-    """The `llm` simulator on one shard's latents over every calib and eval context."""
+    """The `llm` or `llm-all-at-once` simulator on one shard's latents over every simulated calib and eval
+    context (the all-at-once one: one prompt per sentence, its simulated positions read at once)."""
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(store, keys)
-    parts, suffixes = [], []
+    at_once = cfg.simulate.method == "llm-all-at-once"
+    parts, suffixes, sentences, read = [], [], [], []
     for split in ("calib", "eval"):
         seq_ids, tokens = load_tokens(store, keys, (split,))
         split_cids, keep = _simulated(cfg, split, seq_ids)
         parts.append(split_cids)
-        suffixes += sim_lib.context_suffixes(tokens, cfg.simulate.window, lambda ids: tokenizer.decode(ids), keep)
+        if at_once:
+            sentences += sim_lib.sentence_token_texts(tokens, lambda t: tokenizer.decode([t]))
+            read += [np.flatnonzero(row) for row in keep.reshape(tokens.shape)]
+        else:
+            suffixes += sim_lib.context_suffixes(tokens, cfg.simulate.window, lambda ids: tokenizer.decode(ids), keep)
     cids = np.concatenate(parts)
     e = _table(store, "explain", keys["explain"], "explanations", filters=pc.field("status") == "explained")
     lat = e.column("latent").to_numpy()
@@ -553,8 +559,12 @@ def _run_simulate_shard_llm(store: Store, cfg: RewriteConfig, keys: dict[str, st
     texts = [t for t, k in zip(e.column("explanation").to_pylist(), keep) if k]
     max_act = _max_act(store, keys, num_latents)[latents]
     llm, before = _llm_for(cfg.simulate.llm)
-    table, failed = sim_lib.llm_predictions(latents, texts, suffixes, cids, max_act, llm, cfg.simulate.renormalize,
-                                            order=cfg.simulate.prompt_order)
+    if at_once:
+        table, failed = sim_lib.llm_all_at_once_predictions(latents, texts, sentences, read, cids, max_act, llm,
+                                                            cfg.simulate.renormalize)
+    else:
+        table, failed = sim_lib.llm_predictions(latents, texts, suffixes, cids, max_act, llm, cfg.simulate.renormalize,
+                                                order=cfg.simulate.prompt_order)
     w.table("predictions", table)
     # Failed predictions are listed beside the shard's Parquet (JSON, so that readers of the
     # predictions, which take every .parquet of the stage, never mix them with values).
@@ -577,7 +587,7 @@ def run_simulate_shard(store: Store, cfg: RewriteConfig, keys: dict[str, str], s
     num_latents = _num_latents(store, keys)
     lo, hi = shard_ranges(num_latents, cfg.simulate.shard_latents)[shard]
     w = _writer(store, "simulate", cfg, keys, sub=sub)
-    if cfg.simulate.method == "llm":
+    if cfg.simulate.method in ("llm", "llm-all-at-once"):
         return _run_simulate_shard_llm(store, cfg, keys, w, lo, hi, num_latents)
     t0 = time.perf_counter()
     cids, win, tok = _embeddings(store, keys, ("calib", "eval"))

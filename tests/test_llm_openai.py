@@ -28,6 +28,7 @@ class Server:
         self.fail: dict[str, list[int]] = {}  # prompt text -> statuses to answer first
         self.delay = 0.05
         self.hang = 0.0
+        self.echo = None  # (prompt, k) -> completion choice, for requests with echo (prompt logprobs)
 
 
 @pytest.fixture
@@ -56,7 +57,9 @@ def server():
                     self.wfile.write(b'{"error": "busy"}')
                     return
                 n_in = len(body["prompt"].split())
-                if body.get("logprobs"):
+                if body.get("echo") and state.echo is not None:
+                    choice, n_out = state.echo(body["prompt"], body["logprobs"]), 1
+                elif body.get("logprobs"):
                     digit = str(len(body["prompt"]) % 10)
                     top = {digit: -0.1, " 9": -3.0, "x": -4.0}
                     choice = {"text": digit, "logprobs": {"tokens": [digit], "top_logprobs": [top]}}
@@ -153,3 +156,58 @@ def test_simulator_over_openai_and_no_key_in_artifacts(server, monkeypatch, tmp_
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f
     assert KEY not in caplog.text
+
+
+# ---- the all-at-once simulator over prompt logprobs (echo) ---------------------------------------------------
+def _echo_by(hf_llm, merge_at: str | None = None):
+    """A completions server's echo answer computed by a real model (the tiny Llama): every prompt token with
+    its character offset and the top logprobs at it, then one generated token. `merge_at`: the server's
+    tokenizer merges the token starting at the first occurrence of this text with the one before it (a
+    slot that is no token boundary there)."""
+    import torch
+
+    def echo(prompt: str, k: int) -> dict:
+        enc = hf_llm.tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+        with torch.inference_mode():
+            logits = hf_llm.model(input_ids=torch.tensor([ids])).logits[0]
+        tops = hf_llm._top(logits, k)
+        toks, starts, at = [prompt[a:b] for a, b in offs], [a for a, _ in offs], [None] + tops[:-1]
+        if merge_at is not None:
+            j = starts.index(prompt.index(merge_at))
+            toks[j - 1] += toks.pop(j)
+            starts.pop(j)
+            at.pop(j)
+        gen = max(tops[-1], key=tops[-1].get)
+        return {"text": gen, "logprobs": {"tokens": toks + [gen], "text_offset": starts + [len(prompt)],
+                                          "top_logprobs": at + [tops[-1]], "token_logprobs": [None] * (len(toks) + 1)}}
+    return echo
+
+
+def test_all_at_once_over_openai_prompt_logprobs_equals_transformers(server, monkeypatch, tmp_path_factory):
+    """Slots found by character offset among a (real-model) server's echoed prompt tokens give the same
+    distributions as the transformers backend's own slots; a slot the server's tokenizer merged away is a
+    failed prediction (None), the other slots unaffected."""
+    from llm_tiny import build_tiny_llama
+
+    from nlrewrite_core.llm import prompts as P
+
+    tiny = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    ref = make_llm(LLMConfig(model=str(tiny), device="cpu", dtype="float32", top_logprobs=8))
+    sentences = [["The", " cat", " sat", "\n", "3", " é", "日本"], ["a", " dog\t", "12", ".\n"]]
+    prompts = [P.all_at_once_prompt(e, s) for e in ("cats", "digits") for s in sentences]
+    prompts.append(P.all_at_once_prompt("cats", sentences[0], [1, 6]))
+    for p in prompts:  # this tokenizer puts a boundary at every slot of the whole text: same ids either way
+        pre, suf, _ = ref.slot_ids(p)
+        assert ref.tokenizer(p.text)["input_ids"] == pre + suf
+    server.echo = _echo_by(ref)
+    llm = _llm(server, monkeypatch, max_concurrency=2, top_logprobs=8)
+    got, want = llm.slot_logprobs(prompts), ref.slot_logprobs(prompts)
+    assert [len(x) for x in got] == [len(x) for x in want] == [len(p.slots) for p in prompts]
+    for a_row, b_row in zip(got, want):
+        for a, b in zip(a_row, b_row):
+            assert set(a) == set(b) and max(abs(a[t] - b[t]) for t in a) < 1e-4
+    assert all(r["echo"] is True and r["max_tokens"] == 1 for r in server.requests[-len(prompts):])
+    server.echo = _echo_by(ref, merge_at="unknown\n sat")
+    got = llm.slot_logprobs(prompts[:1])[0]
+    assert got[1] is None and all(x is not None for i, x in enumerate(got) if i != 1)

@@ -78,6 +78,36 @@ def test_micro_stages_with_tiny_llama(tmp_path, prefect_server):
     stages.run_calibrate(store, cfg, keys)
     assert store.has_manifest("calibrate", keys["calibrate"])
 
+    # The all-at-once simulator on the same upstream: the same (context, latent) pairs as `llm` are
+    # predicted or failed (every position: `all`; one slot per eval sentence: `last`), values in range.
+    pairs = {(r["context_id"], r["latent"]) for r in p.select(["context_id", "latent"]).to_pylist()}
+    for shard in range(len(stages.shard_ranges(num_latents, cfg.simulate.shard_latents))):
+        base = f"{store.artifact_dir('simulate', keys['simulate'])}/shard-{shard:05d}/failed.json"
+        pairs |= {(r["context_id"], r["latent"]) for r in json.loads(store.read_bytes(base))}
+    for positions in ("all", "last"):
+        cfg_a = cfg.model_copy(update={"simulate": cfg.simulate.model_copy(
+            update={"method": "llm-all-at-once", "eval_positions": positions})})
+        keys_a = stages.plan(cfg_a)
+        assert keys_a["simulate"] != keys["simulate"] and keys_a["activations"] == keys["activations"]
+        got = set()
+        for shard in range(len(stages.shard_ranges(num_latents, cfg_a.simulate.shard_latents))):
+            stages.run_simulate_shard(store, cfg_a, keys_a, shard)
+            d = f"{store.artifact_dir('simulate', keys_a['simulate'])}/shard-{shard:05d}"
+            failed = json.loads(store.read_bytes(f"{d}/failed.json"))
+            got |= {(r["context_id"], r["latent"]) for r in failed}
+            m = store.read_manifest("simulate", keys_a["simulate"], f"shard-{shard:05d}")
+            assert m["metrics"]["n_failed"] == len(failed) and m["cost"]["tokens_in_cached"] > 0
+        stages.finish_simulate(store, cfg_a, keys_a)
+        pa_ = stages.read_predictions(store, keys_a)
+        got |= {(r["context_id"], r["latent"]) for r in pa_.select(["context_id", "latent"]).to_pylist()}
+        v, lat = pa_.column("pred").to_numpy(), pa_.column("latent").to_numpy()
+        assert len(pa_) > 0 and (v >= 0).all() and (v <= max_act[lat] + 1e-6).all()
+        calib = {c for c, _ in pairs} & set(stages.sim_context_ids(cfg_a, "calib", stages.load_tokens(
+            store, keys, ("calib",))[0]).tolist())
+        eval_ctx = set(stages.sim_context_ids(cfg_a, "eval", stages.load_tokens(store, keys, ("eval",))[0]).tolist())
+        want = {(c, l) for c, l in pairs if c in calib} | {(c, l) for c in eval_ctx for l in {l for _, l in pairs}}
+        assert got == want
+
     # The whole flow with the same config file: the stages above are found by manifest, evaluate and
     # report run on the LLM simulator's predictions, and no embed stage runs (LLM scorer and simulator).
     from flows.rewrite import rewrite

@@ -6,6 +6,10 @@ backends that can (transformers) encode each distinct prefix once and reuse its 
 the suffixes; the others send `prefix + suffix` (vLLM's prefix cache and a server's find the
 shared part themselves; prompts are ordered so shared prefixes are adjacent).
 
+A third operation, `slot_logprobs`, serves the all-at-once simulator: a `SlotPrompt` is a prefix
+and a sequence of pieces with a slot after each; the backend returns the top-k next-token
+log-probabilities at every slot from one pass over the prompt (prompt log-probabilities).
+
 Backends: `transformers` (.hf), `openai` (.openai_api), `vllm` (.vllm_backend, imported lazily).
 Every call adds its prompts, tokens in/out and seconds to `LLM.usage` (cost accounting).
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -37,6 +41,54 @@ class Prompt:
     @property
     def text(self) -> str:
         return self.prefix + self.suffix
+
+
+@dataclass(frozen=True)
+class SlotPrompt:
+    """A prompt read at many positions: the shared `prefix`, then `pieces`, with a slot after each piece;
+    the distribution at slot i is the next-token distribution after prefix + pieces[0] + ... + pieces[i]
+    (the text the model has then seen). Backends that tokenize themselves put a token boundary at every
+    slot (`transformers`, `vllm`: each piece tokenized on its own); the `openai` one finds each slot by its
+    character offset among the server's tokens."""
+
+    prefix: str
+    pieces: tuple[str, ...]
+    read: tuple[int, ...] | None = None
+    """The slots whose distributions are returned, in order (None: every slot)."""
+
+    @property
+    def text(self) -> str:
+        return self.prefix + "".join(self.pieces)
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        return tuple(range(len(self.pieces))) if self.read is None else self.read
+
+    def offsets(self) -> list[int]:
+        """Character offset in `text` of each slot read."""
+        ends, at = [], len(self.prefix)
+        for piece in self.pieces:
+            at += len(piece)
+            ends.append(at)
+        return [ends[i] for i in self.slots]
+
+
+def slot_token_ids(p: SlotPrompt, encode: Callable[[str, bool], list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """(prefix ids, suffix ids, slot columns) of a slot prompt for backends that tokenize themselves.
+    `encode(text, first)` tokenizes one piece (first: the prompt's first piece, which gets the
+    tokenizer's start tokens). Each piece is tokenized on its own, so every slot starts a token
+    whatever the tokenizer would merge across it; the distribution at slot i is the next-token
+    distribution after suffix token cols[i] (one column per slot read)."""
+    pre = encode(p.prefix, True) if p.prefix else []
+    suf: list[int] = []
+    cols: list[int] = []
+    for n, piece in enumerate(p.pieces):
+        ids = encode(piece, not pre and n == 0) if piece else []
+        if not ids:
+            raise ValueError(f"slot prompt piece {n} ({piece!r}) has no tokens: a slot needs a token before it")
+        suf += ids
+        cols.append(len(suf) - 1)
+    return pre, suf, [cols[i] for i in p.slots]
 
 
 @dataclass
@@ -102,6 +154,13 @@ class LLM:
             return Prompt(_LLAMA3_HEAD + p.prefix, p.suffix + _LLAMA3_TAIL)
         return p
 
+    def wrap_slots(self, p: SlotPrompt) -> SlotPrompt:
+        """The chat format for a slot prompt: the prefix is the user turn and the slotted text the start
+        of the assistant's answer (delphi's layout)."""
+        if self.cfg.chat_format == "llama3":
+            return SlotPrompt(_LLAMA3_HEAD + p.prefix + _LLAMA3_TAIL, p.pieces, p.read)
+        return p
+
     def generate(self, prompts: Sequence[PromptLike], max_new_tokens: int | None = None,
                  temperature: float | None = None, seed: int | None = None) -> list[str]:
         """One answer per prompt, in order."""
@@ -118,8 +177,18 @@ class LLM:
             return []
         return self._top_logprobs([self.wrap(p) for p in prompts], k or self.cfg.top_logprobs)
 
+    def slot_logprobs(self, prompts: Sequence[SlotPrompt], k: int | None = None) -> list[list[dict[str, float] | None]]:
+        """For each prompt, {token text: logprob} of the k most likely tokens at each of its slots, in
+        order; None at a slot the backend could not place on a token boundary (a failed prediction)."""
+        if not prompts:
+            return []
+        return self._slot_logprobs([self.wrap_slots(p) for p in prompts], k or self.cfg.top_logprobs)
+
     def _generate(self, prompts: list[Prompt], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
         raise NotImplementedError
+
+    def _slot_logprobs(self, prompts: list[SlotPrompt], k: int) -> list[list[dict[str, float] | None]]:
+        raise NotImplementedError(f"the {self.backend} backend has no prompt log-probabilities")
 
     def _top_logprobs(self, prompts: list[Prompt], k: int) -> list[dict[str, float]]:
         raise NotImplementedError

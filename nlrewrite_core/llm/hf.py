@@ -2,14 +2,28 @@
 
 `top_logprobs` groups prompts by prefix, runs each distinct prefix once (up to `batch_size`
 prefixes per forward pass), and feeds each prefix's suffixes in batches (sorted by length,
-right-padded) on a view of the prefix's KV cache repeated over the batch: the shared tokens are
-computed once, not once per prompt, and the LM head runs only at each prompt's last token.
-`share_prefix=False` runs every prompt alone from scratch (the reference the tests and the
-benchmark compare against).
+right-padded); the LM head runs only where a distribution is read. `share_prefix=False` runs
+every prompt alone from scratch (the reference the tests and the benchmark compare against).
+
+Shared-prefix (cascade) attention, the Hydragen idea (Juravsky et al. 2024), is the suffix pass's
+attention for the Llama and GPT-NeoX families (`CASCADE_MODELS`): the prefix's keys/values are kept
+once, [1, kv heads, P, d], and never repeated per suffix row. In every layer the suffix queries of the
+whole batch (and the query heads of one key/value group) are folded into one query dimension and
+attend to the prefix in a single non-causal attention call; each row's queries attend to its own
+suffix causally in a second call (grouped-query heads native, no `repeat_kv`); the two partial
+softmaxes are merged exactly by their log-sum-exps. Both calls are torch SDPA kernels that return
+the log-sum-exp (`attention_lse`). Other model families fall back to a broadcast view of the prefix
+KV cache, which the model's first cache update materialises once per batch (`cascade = False` forces
+that path: the benchmark's "broadcast cache" column).
+
+`slot_logprobs` (the all-at-once simulator) reads the next-token distribution at many positions of
+one prompt in the same passes: the prefix (instructions + explanation) once per group, the suffixes
+(a sentence written one token per line with activation slots) batched on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -18,7 +32,7 @@ from collections import defaultdict
 
 import torch
 
-from . import LLM, Prompt, merge_logprob
+from . import LLM, Prompt, SlotPrompt, merge_logprob, slot_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,98 @@ def _expanded(cache, row: int, length: int, batch: int):
     return c
 
 
+CASCADE_MODELS = ("llama", "gpt_neox")
+"""Model types whose suffix pass runs the shared-prefix (cascade) attention: their attention layers call
+the registered attention function with [batch, heads, length, head dim] queries and keys, and their
+causal-LM head is the output embedding applied to the base model's last hidden state."""
+ATTENTION_NAME = "nlrewrite_shared_prefix"
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention of q [B, H, Lq, d] over k, v [B, Hkv, Lk, d] (Hkv divides H: grouped
+    query heads handled by the kernel), returning (output [B, H, Lq, d], log-sum-exp of the scores
+    [B, H, Lq], float32). `causal` is the top-left causal mask (used only with Lq == Lk). A torch SDPA
+    kernel that returns the log-sum-exp: the CPU flash kernel, CUDA's flash kernel in half precision,
+    CUDA's memory-efficient kernel in float32 (which needs equal head counts: k, v expanded then)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return res[0], res[1]
+    if k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k, v = (x.repeat_interleave(g, dim=1) for x in (k, v))
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                                 None, True, 0.0, causal, scale=scale)
+    return res[0], res[1][..., :q.shape[2]]
+
+
+def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+                      scale: float | None) -> torch.Tensor:
+    """Attention of suffix queries q [B, H, S, d] over one shared prefix (pk, pv [1, Hkv, P, d]) followed
+    by each row's own suffix (k, v [B, Hkv, S, d], causal), as [B, S, H, d]. The prefix part is one
+    non-causal call with the batch and the G = H / Hkv query heads of each key/value head folded into
+    the query dimension ([1, Hkv, G*B*S, d]: the prefix is read once, never repeated per row); the
+    suffix part is the usual causal attention; the two are merged by their log-sum-exps."""
+    B, H, S, d = q.shape
+    hkv = pk.shape[1]
+    g = H // hkv
+    qf = q.reshape(B, hkv, g, S, d).permute(1, 2, 0, 3, 4).reshape(1, hkv, g * B * S, d)
+    out_p, lse_p = attention_lse(qf, pk, pv, False, scale)
+    out_p = out_p.reshape(hkv, g, B, S, d).permute(2, 0, 1, 3, 4).reshape(B, H, S, d)
+    lse_p = lse_p.reshape(hkv, g, B, S).permute(2, 0, 1, 3).reshape(B, H, S)
+    out_s, lse_s = attention_lse(q, k, v, True, scale)
+    lse = torch.logaddexp(lse_p, lse_s)
+    w_p, w_s = (torch.exp(x - lse).unsqueeze(-1) for x in (lse_p, lse_s))
+    out = (out_p.float() * w_p + out_s.float() * w_s).to(q.dtype)
+    return out.transpose(1, 2).contiguous()
+
+
+def _shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                             shared_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                             **kwargs) -> tuple[torch.Tensor, None]:
+    """The attention function registered as ATTENTION_NAME: cascade attention over the layer's entry of
+    `shared_prefix` (the prefix keys/values of each layer, passed through the model's forward)."""
+    if shared_prefix is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention needs the shared_prefix keyword")
+    pk, pv = shared_prefix[module.layer_idx]
+    return cascade_attention(query, key, value, pk, pv, scaling), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _shared_prefix_attention)
+
+
+def prefix_kv(cache, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values of row `row` of a (right-padded) prefix cache, its first `length`
+    positions, as contiguous [1, Hkv, length, d] tensors (one copy per prefix, not per suffix row)."""
+    return [(layer.keys[row:row + 1, :, :length].contiguous(), layer.values[row:row + 1, :, :length].contiguous())
+            for layer in cache.layers]
+
+
+def fuse_rms_norms(model: torch.nn.Module) -> int:
+    """Replace the forward of the model's RMSNorm modules (Llama's: a `weight` and a `variance_epsilon`)
+    with torch's `rms_norm` (one fused kernel on CUDA), computed in float32 like the original and cast
+    back before the weight, as the original does. Returns how many were replaced."""
+    import types
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * y.to(x.dtype)
+
+    n = 0
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and hasattr(m, "weight"):
+            m.forward = types.MethodType(forward, m)
+            n += 1
+    return n
+
+
 class TransformersLLM(LLM):
     backend = "transformers"
 
@@ -82,6 +188,11 @@ class TransformersLLM(LLM):
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
+        self.cascade = getattr(self.model.config, "model_type", "") in CASCADE_MODELS
+        """Suffix passes use the shared-prefix (cascade) attention; else a broadcast view of the prefix cache."""
+        if self.cascade:
+            _register_attention()
+            fuse_rms_norms(self.model)
 
     # ---- tokens ---------------------------------------------------------------------------------
     def ids(self, text: str, first: bool) -> list[int]:
@@ -95,6 +206,10 @@ class TransformersLLM(LLM):
                 self._ids_cache.clear()
             self._ids_cache[key] = list(ids)
         return self._ids_cache[key]
+
+    def slot_ids(self, p: SlotPrompt) -> tuple[list[int], list[int], list[int]]:
+        """(prefix ids, suffix ids, slot columns) of a slot prompt (`slot_token_ids`)."""
+        return slot_token_ids(p, self.ids)
 
     def token_text(self, i: int) -> str:
         if self._vocab_text is None:
@@ -132,6 +247,69 @@ class TransformersLLM(LLM):
         res = self.model(input_ids=ids, **kw)
         return res.logits[torch.arange(len(lens), device=self.device), last], res
 
+    HEAD_ROWS = 1024
+    """Positions whose LM-head logits are computed at a time (bounds [rows, vocab] in memory)."""
+
+    def _tops_at(self, seqs: list[list[int]], rows: list[int], cols: list[int], k: int, pre_len: int = 0,
+                 cache=None, cache_row: int = 0, kv: list | None = None) -> list[dict[str, float]]:
+        """One forward pass of the right-padded token rows `seqs` (after a prefix of `pre_len` tokens: row
+        `cache_row` of the prefix pass's `cache`, and `kv`, its per-layer keys/values for the cascade
+        attention), and the top-k next-token logprobs after token (rows[i], cols[i]) for each i. No
+        attention mask: a causal model's real tokens never attend to the pads after them."""
+        B, L = len(seqs), max(map(len, seqs))
+        ids = torch.tensor([x + [self.pad_id] * (L - len(x)) for x in seqs], dtype=torch.long, device=self.device)
+        kw: dict = {"position_ids": (pre_len + torch.arange(L, device=self.device)).expand(B, L)}
+        r, c = torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
+        if not self.cascade:
+            if pre_len:
+                kw.update({self._cache_kw: _expanded(cache, cache_row, pre_len, B), "use_cache": True})
+            if self._logits_to_keep:
+                kw["logits_to_keep"], c = torch.unique(c, return_inverse=True)
+            return self._top(self.model(input_ids=ids, **kw).logits[r, c], k)
+        kw["use_cache"] = False
+        if pre_len:
+            kw["shared_prefix"] = kv
+        with self._attention(ATTENTION_NAME if pre_len else None):
+            hidden = self.model.base_model(input_ids=ids, **kw).last_hidden_state[r, c]
+        head = self.model.get_output_embeddings()
+        out: list[dict[str, float]] = []
+        for a in range(0, len(hidden), self.HEAD_ROWS):
+            out += self._top(head(hidden[a:a + self.HEAD_ROWS]), k)
+        return out
+
+    @contextlib.contextmanager
+    def _attention(self, name: str | None):
+        """The model's attention implementation set to `name` (None: unchanged) inside the block."""
+        if name is None:
+            yield
+            return
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = name
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
+
+    def _prefix_passes(self, prefixes: list[str]):
+        """For each distinct prefix, in order: (prefix, its ids, prefix cache, its row there, the prefix
+        pass's last logits, its per-layer keys/values for the cascade attention or None). Up to
+        `batch_size` prefixes share one right-padded forward pass (no attention mask: with a causal model
+        a real token never attends to the pads after it); each keeps its own row of the cache."""
+        bs = self.cfg.batch_size
+        for a in range(0, len(prefixes), bs):
+            pres = [self.ids(prefix, True) for prefix in prefixes[a:a + bs]]
+            cache, pre_logits = None, None
+            if any(pres):
+                width = max(map(len, pres))
+                pre_logits, res = self._last_logits([x + [self.pad_id] * (width - len(x)) for x in pres],
+                                                    [max(len(x), 1) for x in pres], use_cache=True)
+                cache = res.cache if "cache" in type(res).__dataclass_fields__ else res.past_key_values
+                self.usage.add(calls=1)
+            for row, (pre, prefix) in enumerate(zip(pres, prefixes[a:a + bs])):
+                kv = prefix_kv(cache, row, len(pre)) if pre and self.cascade else None
+                yield prefix, pre, cache, row, pre_logits, kv
+
     @torch.inference_mode()
     def _top_logprobs(self, prompts: list[Prompt], k: int, share_prefix: bool = True) -> list[dict[str, float]]:
         t0 = time.perf_counter()
@@ -146,28 +324,16 @@ class TransformersLLM(LLM):
         groups: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
             groups[p.prefix].append(i)
-        prefixes, bs, calls = list(groups), self.cfg.batch_size, 0
-        for a in range(0, len(prefixes), bs):
-            # Up to `bs` prefixes in one right-padded forward pass (no attention mask: with a causal
-            # model a real token never attends to the pads after it); each keeps its own row's cache.
-            pres = [self.ids(prefix, True) for prefix in prefixes[a:a + bs]]
-            cache, pre_logits = None, None
-            if any(pres):
-                width = max(map(len, pres))
-                pre_logits, res = self._last_logits([x + [self.pad_id] * (width - len(x)) for x in pres],
-                                                    [max(len(x), 1) for x in pres], use_cache=True)
-                cache = res.cache if "cache" in type(res).__dataclass_fields__ else res.past_key_values
-                calls += 1
-            for row, (pre, prefix) in enumerate(zip(pres, prefixes[a:a + bs])):
-                calls += self._suffixes(prompts, groups[prefix], pre, cache, row, pre_logits, k, out)
-        self.usage.add(calls=calls, prompts=len(prompts), seconds=time.perf_counter() - t0)
+        for prefix, pre, cache, row, pre_logits, kv in self._prefix_passes(list(groups)):
+            self._suffixes(prompts, groups[prefix], pre, cache, row, pre_logits, kv, k, out)
+        self.usage.add(prompts=len(prompts), seconds=time.perf_counter() - t0)
         return out  # type: ignore[return-value]
 
     def _suffixes(self, prompts: list[Prompt], members: list[int], pre: list[int], cache, row: int,
-                  pre_logits: torch.Tensor | None, k: int, out: list) -> int:
+                  pre_logits: torch.Tensor | None, kv: list | None, k: int, out: list) -> None:
         """Fill `out` for the prompts `members` that share the prefix tokens `pre` (row `row` of the
-        prefix batch's `cache` and `pre_logits`): their suffixes in batches sorted by length, right
-        padded, with no attention mask (exact for a causal model). Returns the forward passes run."""
+        prefix batch's `cache` and `pre_logits`; `kv`: its keys/values for the cascade attention): their
+        suffixes in batches sorted by length."""
         sufs = {i: self.ids(prompts[i].suffix, not pre) for i in members}
         empty = [i for i in members if not sufs[i]]
         if empty:
@@ -180,17 +346,50 @@ class TransformersLLM(LLM):
         bs, P = self.cfg.batch_size, len(pre)
         for a in range(0, len(rest), bs):
             batch = rest[a:a + bs]
-            lens = [len(sufs[i]) for i in batch]
-            L, B = max(lens), len(batch)
-            ids = [sufs[i] + [self.pad_id] * (L - n) for i, n in zip(batch, lens)]
-            kw = {self._cache_kw: _expanded(cache, row, P, B)} if pre else {}
-            pos = (P + torch.arange(L, device=self.device)).expand(B, L)
-            last, _ = self._last_logits(ids, lens, position_ids=pos, use_cache=bool(pre), **kw)
-            for i, d in zip(batch, self._top(last, k)):
+            seqs = [sufs[i] for i in batch]
+            tops = self._tops_at(seqs, list(range(len(batch))), [len(x) - 1 for x in seqs], k, P, cache, row, kv)
+            for i, d in zip(batch, tops):
                 out[i] = d
-            self.usage.add(tokens_in=sum(lens))
+            self.usage.add(tokens_in=sum(map(len, seqs)), calls=1)
         self.usage.add(tokens_in=P * len(members), tokens_in_cached=P * (len(members) - 1), tokens_out=len(members))
-        return -(-len(rest) // bs)
+
+    @torch.inference_mode()
+    def _slot_logprobs(self, prompts: list[SlotPrompt], k: int, share_prefix: bool = True
+                       ) -> list[list[dict[str, float] | None]]:
+        """Top-k logprobs at every slot of every prompt (see `slot_ids` for the slots' positions). Prompts
+        sharing a prefix run it once and their suffixes in batches on it; `share_prefix=False` runs each
+        prompt whole, alone (the reference)."""
+        t0 = time.perf_counter()
+        out: list[list[dict[str, float] | None]] = [[] for _ in prompts]
+        if not share_prefix:
+            for i, p in enumerate(prompts):
+                pre, suf, cols = self.slot_ids(p)
+                out[i] = self._tops_at([pre + suf], [0] * len(cols), [len(pre) + c for c in cols], k)
+                self.usage.add(tokens_in=len(pre) + len(suf), calls=1)
+            self.usage.add(prompts=len(prompts), seconds=time.perf_counter() - t0)
+            return out
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, p in enumerate(prompts):
+            groups[p.prefix].append(i)
+        bs = self.cfg.batch_size
+        for prefix, pre, cache, row, _, kv in self._prefix_passes(list(groups)):
+            if not pre:
+                raise ValueError("slot prompts need a prefix (the instructions and the explanation)")
+            members = groups[prefix]
+            parts = {i: self.slot_ids(prompts[i])[1:] for i in members}
+            order = sorted(members, key=lambda i: len(parts[i][0]))
+            for a in range(0, len(order), bs):
+                batch = order[a:a + bs]
+                rows = [r for r, i in enumerate(batch) for _ in parts[i][1]]
+                cols = [c for i in batch for c in parts[i][1]]
+                tops = self._tops_at([parts[i][0] for i in batch], rows, cols, k, len(pre), cache, row, kv)
+                for i in batch:
+                    n = len(parts[i][1])
+                    out[i], tops = tops[:n], tops[n:]
+                self.usage.add(tokens_in=sum(len(parts[i][0]) for i in batch), calls=1)
+            self.usage.add(tokens_in=len(pre) * len(members), tokens_in_cached=len(pre) * (len(members) - 1))
+        self.usage.add(prompts=len(prompts), tokens_out=sum(map(len, out)), seconds=time.perf_counter() - t0)
+        return out
 
     # ---- generation -----------------------------------------------------------------------------
     @torch.inference_mode()

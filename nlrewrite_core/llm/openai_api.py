@@ -6,6 +6,13 @@ times with exponential backoff and jitter (a Retry-After header wins); then an L
 URL, the status and the attempts. The API key is read from the environment variable
 `api_key_env` at each call and only ever placed in the Authorization header: it is not stored on
 the object, not logged, and scrubbed from every error message.
+
+`slot_logprobs` (the all-at-once simulator) sends each prompt with `echo: true` and `logprobs: k`:
+the server returns, for every prompt token, its character offset (`text_offset`) and the top-k
+distribution at it; a slot is the token that starts at the slot's character offset (the one
+generated token for a slot at the very end). A slot with no token starting there (the server's
+tokenizer merged across it, or reports offsets that do not match the prompt's characters) is None:
+a failed prediction, never a neighbour's distribution.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import random
 import time
 from typing import Any
 
-from . import LLM, LLMError, Prompt, merge_logprob
+from . import LLM, LLMError, Prompt, SlotPrompt, merge_logprob
 
 log = logging.getLogger(__name__)
 
@@ -136,4 +143,35 @@ class OpenAILLM(LLM):
                     if isinstance(v, (int, float)):
                         merge_logprob(d, str(t), float(v))
             out.append(d)
+        return out
+
+    @staticmethod
+    def _as_dict(top: Any) -> dict[str, float] | None:
+        if not isinstance(top, dict):
+            return None
+        d: dict[str, float] = {}
+        for t, v in top.items():
+            if isinstance(v, (int, float)):
+                merge_logprob(d, str(t), float(v))
+        return d
+
+    def _slot_logprobs(self, prompts: list[SlotPrompt], k: int) -> list[list[dict[str, float] | None]]:
+        results = self._call(prompts, max_tokens=1, temperature=0.0, logprobs=k, echo=True)  # type: ignore[arg-type]
+        out = []
+        for p, r in zip(prompts, results):
+            lp = self._choice(r).get("logprobs") or {}
+            offs, toks, tops = (lp.get(x) or [] for x in ("text_offset", "tokens", "top_logprobs"))
+            text = p.text
+            at: dict[int, int] = {}
+            for j, o in enumerate(offs):
+                if isinstance(o, int) and o not in at:
+                    at[o] = j
+            row: list[dict[str, float] | None] = []
+            for c in p.offsets():
+                j = at.get(c)
+                tok = toks[j] if j is not None and j < len(toks) else None
+                # the token found must be the prompt's text at the slot (the generated one at the end)
+                ok = j is not None and j < len(tops) and isinstance(tok, str) and (c == len(text) or text.startswith(tok, c))
+                row.append(self._as_dict(tops[j]) if ok else None)
+            out.append(row)
         return out

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from . import Prompt
+from . import Prompt, SlotPrompt
 
 # ---- shared ---------------------------------------------------------------------------------------
 def clean(text: str) -> str:
@@ -185,3 +185,58 @@ def expected_digit(top: dict[str, float] | None, renormalize: bool = True) -> fl
 def digit_to_activation(e: float, max_act: float) -> float:
     """E in [0, 9] mapped linearly onto [0, max_act]: 0 -> 0 and 9 -> max_act exactly."""
     return float(min(max(e, 0.0), 9.0) / 9.0 * max_act)
+
+
+# ---- the all-at-once simulator ---------------------------------------------------------------------------
+# OpenAI's "all at once" simulator (Bills et al. 2023), as delphi runs it (delphi/scorers/simulator/
+# oai_autointerp/explanations/simulator.py, ExplanationNeuronSimulator): the sentence is written one token
+# per line as `token<tab>unknown`, and one forward pass gives, at each line's activation slot (the token
+# after the tab), the model's distribution over the activation digits; the expected value is the prediction.
+# We follow that layout (tab separator, "unknown" written in every slot, prompt log-probabilities, no
+# generation) and differ where their code is fragile or does not match our method:
+# - activations are 0-9 (one digit token in every tokenizer: our `llm` simulator's scale), not 0-10;
+# - one short worked example in the instructions instead of delphi's few-shot neuron records, and the
+#   explanation written as in our `llm` prompt (no "the main thing this neuron does is find" prefix);
+# - slots are placed by construction (each line tokenized on its own, or found by character offset),
+#   not by searching the tokenized prompt for tab tokens: a subject token that contains a tab or a
+#   newline is shown escaped (\t, \n), and cannot shift the slots (delphi's own TODO: "\t\t" merges);
+# - a slot with no digit among its top logprobs is a failed prediction, counted, not a 0 (delphi pads
+#   or truncates its expected values with zeros when the counts disagree).
+ALL_AT_ONCE_SYSTEM = """We're studying latents in a neural network. Each latent looks for some particular thing in a short document. Look at the explanation of what the latent does, and predict how strongly it activates on each token of a text.
+
+The text is written one token per line: the token, a tab, then the latent's activation on that token, a digit from 0 to 9. 0 means the latent does not activate at all, 9 means it activates as strongly as it ever does. Most activations are 0. "unknown" stands for an activation you have to predict.
+
+For example, for a latent explained as "the word cat":
+The\t0
+ cat\t9
+ sat\t0
+ on\t0
+ the\t0
+ mat\t0
+
+"""
+SLOT_FILLER = "unknown"
+"""What the prompt holds in every activation slot (the distribution there is read, never sampled)."""
+
+
+def token_line(text: str) -> str:
+    """A subject token as shown on its line: tabs, newlines and carriage returns escaped, so that a token
+    can neither end its line early nor look like the activation separator."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def all_at_once_prefix(explanation: str) -> str:
+    """The shared part of a latent's all-at-once prompts: the instructions and the explanation."""
+    return ALL_AT_ONCE_SYSTEM + simulator_explanation(explanation) + "Text:\n"
+
+
+def all_at_once_prompt(explanation: str, tokens: Sequence[str], read: Sequence[int] | None = None) -> SlotPrompt:
+    """The all-at-once prompt of an explanation and a sentence (`tokens`: each token's text): line i is
+    `token_line(tokens[i])`, a tab, and the slot read for token i; earlier slots hold `SLOT_FILLER`.
+    `read`: the token positions whose slots are returned (sorted; default every token); the prompt
+    ends at the last one read."""
+    read = tuple(range(len(tokens))) if read is None else tuple(int(i) for i in read)
+    if not read or list(read) != sorted(set(read)) or read[0] < 0 or read[-1] >= len(tokens):
+        raise ValueError(f"read positions must be distinct, sorted and within the {len(tokens)} tokens: {read}")
+    pieces = [("" if i == 0 else SLOT_FILLER + "\n") + token_line(t) + "\t" for i, t in enumerate(tokens[:read[-1] + 1])]
+    return SlotPrompt(all_at_once_prefix(explanation), tuple(pieces), read)
