@@ -240,9 +240,10 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="calibrate, evaluate and report a finished run again (patch-evaluate): "
                                         "nothing upstream is recomputed")
     e.add_argument("run_id", help="the finished run (its runs/RUN_ID/run.json)")
-    e.add_argument("--config", help="YAML file overriding the calibrate, evaluate or report sections only")
+    e.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file overriding the calibrate, evaluate or report sections only")
     e.add_argument("--storage", default="./nlrewrite-data", help="local directory or s3://bucket/prefix")
-    e.add_argument("--run-id", dest="new_run_id",
+    e.add_argument("--run-id", dest="new_run_id", metavar="NEW",
                    help="name of the new run (default: <preset>-<content key>, as `nlrewrite run` names it)")
     e.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
     e.set_defaults(func=cmd_evaluate)

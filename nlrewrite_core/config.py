@@ -579,7 +579,7 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
     origin = f"preset {preset!r}"
     if config_file is not None:
         data = deep_merge(data, read_config_file(config_file))
-        origin = f"config file {str(config_file)!r} over preset {preset!r}"
+        origin = f"config file {str(Path(config_file))!r} over preset {preset!r}"
     if overrides:
         data = deep_merge(data, overrides)
     try:
