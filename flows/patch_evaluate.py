@@ -101,7 +101,8 @@ def patch_evaluate(run_id: str, storage: str = "./nlrewrite-data", endpoint_url:
     store.write_json(store.path("runs", new_id, "run.json"), run_record(run, store, **extra))
     summary = store.read_manifest("report", keys["report"])["metrics"]["summary"]
     out = {"run_id": new_id, "report": report, "keys": keys, "ce": ce, "summary": summary,
-           "run_json": store.uri("runs", new_id, "run.json"), "upstream_reused": [s if layer is None else f"{s}@layer{layer}" for s, _, layer in reused]}
+           "run_json": store.uri("runs", new_id, "run.json"),
+           "upstream_reused": [s if layer is None else f"{s}@layer{layer}" for s, _, layer in reused]}
     publish(run, store, out)
     if multilayer_rows is not None:
         out["multilayer"] = multilayer_rows

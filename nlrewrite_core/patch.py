@@ -40,10 +40,11 @@ def patch_config(run_record: dict[str, Any], overrides: dict[str, Any] | None, o
         raise ConfigError(f"{origin} must be a mapping of config sections, got {type(overrides).__name__}")
     upstream = [s for s in overrides if s not in PATCH_SECTIONS]
     if upstream:
+        what = "is an upstream section" if len(upstream) == 1 else "are upstream sections"
         raise ConfigError(
-            f"{origin}: {', '.join(map(repr, upstream))} {'is an upstream section' if len(upstream) == 1 else 'are upstream sections'}"
-            f" of run {run_record.get('run_id')!r}; patch-evaluate reuses its upstream artifacts as they are and "
-            f"overrides only {', '.join(PATCH_SECTIONS)}; to change {', '.join(upstream)}, use `nlrewrite run --config FILE`")
+            f"{origin}: {', '.join(map(repr, upstream))} {what} of run {run_record.get('run_id')!r}; patch-evaluate "
+            f"reuses its upstream artifacts as they are and overrides only {', '.join(PATCH_SECTIONS)}; "
+            f"to change {', '.join(upstream)}, use `nlrewrite run --config FILE`")
     try:
         return RewriteConfig.model_validate(deep_merge(run_record["config"], overrides))
     except ValidationError as e:
@@ -99,8 +100,9 @@ def check_upstream(store: Store, cfg: RewriteConfig, keys: dict[str, str], run_r
         why = (f" (run {run_record['run_id']!r} recorded key {recorded}: this nlrewrite version plans another,"
                f" a stage version changed)") if recorded and recorded != key else ""
         where = f"stage {stage!r}" + (f" of layer {layer}" if layer is not None else "")
+        fix = rerun_command(run_record, store, endpoint_url)
         raise UpstreamMissing(f"{where} (key {key}) has no manifest in {store.root}{why}; patch-evaluate never "
-                              f"recomputes an upstream stage: make it with {rerun_command(run_record, store, endpoint_url)}")
+                              f"recomputes an upstream stage: make it with {fix}")
     return ups
 
 
