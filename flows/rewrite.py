@@ -1,5 +1,6 @@
 """The `rewrite` flow: corpus -> subject -> transcoder -> activations -> explain -> embed -> score
--> simulate (shards) -> calibrate -> evaluate -> report, every stage cached by its content key."""
+-> simulate (shards) -> calibrate -> evaluate -> report, every stage cached by its content key.
+The last three (and the multilayer stage) are the `patch-evaluate` subflow (flows/patch_evaluate.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 from prefect.deployments import run_deployment
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, \
-    create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from flows.patch_evaluate import patch_evaluate, publish, run_record
 from nlrewrite_core import stages
 from nlrewrite_core.config import RewriteConfig, load_config
 from nlrewrite_core.storage import MANIFEST, ArtifactRef, Store
@@ -179,36 +180,25 @@ def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_
         refs[stage] = ensure(fn, stage, run, store)
         update_progress_artifact(progress, 100.0 * (i + 1) / total)
     refs["simulate"] = simulate_all(run, store)
-    for i, (stage, fn) in enumerate([("calibrate", t.calibrate_predictions), ("evaluate", t.evaluate_rewrite),
-                                     ("report", t.write_report)]):
-        refs[stage] = ensure(fn, stage, run, store)
-        update_progress_artifact(progress, 100.0 * (len(stage_tasks) + 2 + i) / total)
-    multilayer_rows = rewrite_layers(run, store) if cfg.multilayer.layers else None
-
-    ce = store.read_parquet(f"{store.artifact_dir('evaluate', keys['evaluate'])}/ce.parquet").to_pylist()
-    report = store.uri("artifacts", "report", keys["report"], "html", "report.html")
-    run_record = {"run_id": run_id, "preset": cfg.preset, "storage": store.root, "keys": keys,
-                  "config": cfg.model_dump(mode="json"), "report": report}
-    store.write_json(store.path("runs", run_id, "run.json"), run_record)
+    update_progress_artifact(progress, 100.0 * (len(stage_tasks) + 1) / total)
+    if cfg.multilayer.layers:
+        layer_pipelines(run, store)
+    # calibrate -> evaluate -> report (-> multilayer): the patch-evaluate subflow on this run, one code path
+    # with `nlrewrite evaluate`; it reads the run's record, so that is written first (the subflow completes it).
+    store.write_json(store.path("runs", run_id, "run.json"), run_record(run, store))
+    out = patch_evaluate(run_id=run_id, storage=storage, endpoint_url=endpoint_url, new_run_id=run_id)
+    if out["keys"] != keys:
+        raise RuntimeError(f"patch-evaluate planned keys {out['keys']} for run {run_id}, rewrite planned {keys}")
     update_progress_artifact(progress, 100.0)
-    create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in ce],
-                          key="ce-sweep", description=f"CE sweep of run {run_id}")
-    summary = store.read_manifest("report", keys["report"])["metrics"]["summary"]
-    create_markdown_artifact("# nlrewrite run `" + run_id + "`\n\n| metric | value |\n|---|---|\n" + "\n".join(
-        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items())
-        + f"\n\nReport: `{report}`", key="rewrite-summary")
-    create_link_artifact(report if store.is_s3 else f"file://{report}", link_text="report.html", key="rewrite-report")
-    logger.info("run %s done: report %s", run_id, report)
-    out = {"run_id": run_id, "report": report, "keys": keys, "ce": ce, "summary": summary,
-           "run_json": store.uri("runs", run_id, "run.json")}
-    if multilayer_rows is not None:
-        out["multilayer"] = multilayer_rows
+    publish(run, store, out)
+    logger.info("run %s done: report %s", run_id, out["report"])
     return out
 
 
-def rewrite_layers(run: RunContext, store: Store) -> list[dict[str, Any]]:
-    """Several layers at once: each extra layer's own pipeline (the ordinary stage tasks on that layer's
-    config, content-addressed and cached like the main layer's), then the `multilayer` stage."""
+def layer_pipelines(run: RunContext, store: Store) -> None:
+    """Several layers at once: each extra layer's own pipeline up to the simulation (the ordinary stage
+    tasks on that layer's config, content-addressed and cached like the main layer's). Their calibration
+    and the `multilayer` stage run in the patch-evaluate subflow."""
     from nlrewrite_core import multilayer
 
     logger = get_run_logger()
@@ -226,16 +216,7 @@ def rewrite_layers(run: RunContext, store: Store) -> list[dict[str, Any]]:
             ensure(fn.with_options(task_run_name=f"{fn.name}-layer{layer}"), stage, lrun, store)
         if cfg.multilayer.simulate:
             simulate_all(lrun, store)
-            ensure(t.calibrate_predictions.with_options(task_run_name=f"calibrate_predictions-layer{layer}"),
-                   "calibrate", lrun, store)
-        logger.info("multilayer: layer %d's pipeline done", layer)
-    ensure(t.evaluate_layers, "multilayer", run, store)
-    rows = store.read_parquet(f"{store.artifact_dir('multilayer', run.stage_keys['multilayer'])}/multilayer.parquet"
-                              ).to_pylist()
-    create_table_artifact([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
-                           if r["positions"] == cfg.evaluate.positions],
-                          key="multilayer", description=f"CE with 1..n layers rewritten at once, run {run.run_id}")
-    return rows
+        logger.info("multilayer: layer %d's pipeline up to the simulation done", layer)
 
 
 if __name__ == "__main__":

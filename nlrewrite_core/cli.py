@@ -1,5 +1,5 @@
-"""The `nlrewrite` command line: `run` the pipeline, `query` a run's tables with SQL, list or pull
-a run's `artifacts`.
+"""The `nlrewrite` command line: `run` the pipeline, `evaluate` a finished run again with other
+patching/evaluation settings, `query` a run's tables with SQL, list or pull a run's `artifacts`.
 
 Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run) exits
 with status 2 and one message naming the field or file, before anything is written.
@@ -132,6 +132,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
                      storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
+    print_result(cfg, result)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import read_config_file
+    from .patch import prepare
+
+    overrides = read_config_file(args.config) if args.config else {}
+    store = open_store(args.storage, args.endpoint_url)
+    # every check (run, overrides, upstream manifests) before Prefect starts; the flow repeats them
+    _, cfg, _, new_run_id = prepare(store, args.run_id, overrides, args.new_run_id, args.endpoint_url,
+                                    origin=f"config file {args.config!r}" if args.config else "overrides")
+    for k, v in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    from flows.patch_evaluate import patch_evaluate  # imports Prefect: only after validation
+
+    result = patch_evaluate(run_id=args.run_id, storage=args.storage, endpoint_url=args.endpoint_url,
+                            overrides=overrides, new_run_id=new_run_id)
+    print(f"upstream of run {args.run_id} reused, nothing recomputed: {', '.join(result['upstream_reused'])}")
+    print_result(cfg, result)
+    return 0
+
+
+def print_result(cfg: RewriteConfig, result: dict[str, Any]) -> None:
+    """The CE headline table, the summary and where the run record and report are."""
     print()
     print(f"CE (nats) on the eval split, {cfg.evaluate.positions} positions, run {result['run_id']} "
           f"(every condition and calibration: nlrewrite query {result['run_id']} 'select * from ce'):")
@@ -141,7 +167,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     print(f"run record: {result['run_json']}")
     print(f"report: {result['report']}")
-    return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -219,6 +244,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--run-id", help="name of the run (default: <preset>-<content key>)")
     r.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
     r.set_defaults(func=cmd_run)
+    e = sub.add_parser("evaluate", help="calibrate, evaluate and report a finished run again (patch-evaluate): "
+                                        "nothing upstream is recomputed")
+    e.add_argument("run_id", help="the finished run (its runs/RUN_ID/run.json)")
+    e.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file overriding the calibrate, evaluate or report sections only")
+    e.add_argument("--storage", default="./nlrewrite-data", help="local directory or s3://bucket/prefix")
+    e.add_argument("--run-id", dest="new_run_id", metavar="NEW",
+                   help="name of the new run (default: <preset>-<content key>, as `nlrewrite run` names it)")
+    e.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
+    e.set_defaults(func=cmd_evaluate)
     q = sub.add_parser("query", help="SQL over a run's tables (DuckDB)")
     q.add_argument("run_id")
     q.add_argument("sql")

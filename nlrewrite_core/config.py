@@ -592,6 +592,25 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     return f"invalid config ({origin}): " + "; ".join(lines)
 
 
+def read_config_file(config_file: str | Path) -> dict[str, Any]:
+    """The mapping of sections in a YAML config file; ConfigError names the file and the problem."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(preset: str = "tiny", config_file: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> RewriteConfig:
     """Build a validated config from a preset, an optional YAML file and optional overrides.
@@ -603,22 +622,8 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
     data: dict[str, Any] = deep_merge(PRESETS[preset], {"preset": preset})
     origin = f"preset {preset!r}"
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
-        data = deep_merge(data, loaded)
-        origin = f"config file {str(path)!r} over preset {preset!r}"
+        data = deep_merge(data, read_config_file(config_file))
+        origin = f"config file {str(Path(config_file))!r} over preset {preset!r}"
     if overrides:
         data = deep_merge(data, overrides)
     try:

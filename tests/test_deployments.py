@@ -49,8 +49,12 @@ def test_deployments_entrypoints_exist_and_import():
         names[f"{fl.name}/{d['name']}"] = d
         # every declared parameter is a parameter of the flow
         assert set(d.get("parameters") or {}) <= set(fl.parameters.properties), d["name"]
-    assert set(names) == {"rewrite/full", "simulate-shard/gpu"}
+    assert set(names) == {"rewrite/full", "simulate-shard/gpu", "patch-evaluate/default"}
     assert names["rewrite/full"]["work_pool"]["name"] == "cpu"
+    assert names["patch-evaluate/default"]["work_pool"]["name"] == "cpu"
+    pe = load_entrypoint(names["patch-evaluate/default"]["entrypoint"])
+    assert {"run_id", "storage", "endpoint_url", "overrides"} <= set(pe.parameters.properties)
+    assert pe.parameters.required == ["run_id"]  # the finished run: given with every run
     assert names["simulate-shard/gpu"]["work_pool"]["name"] == "gpu"
     assert {"preset", "config_file", "storage"} <= set(names["rewrite/full"]["parameters"])
     # the fan-out default names a declared deployment

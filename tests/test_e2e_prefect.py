@@ -4,7 +4,8 @@
 
 `prefect deployment run rewrite/full` runs the micro preset on the S3 root with
 `execution.fanout: deployment`; then a crash (SIGKILL of the workers mid-simulation) and a resume;
-then two GPU workers sharing shards on the PostgreSQL-backed server. Timings go to
+then two GPU workers sharing shards on the PostgreSQL-backed server; then `patch-evaluate/default` on
+the finished S3 run (new fractions and calibration methods, nothing upstream written). Timings go to
 benchmarks/results/e2e_prefect.json. Slow: marked `e2e`, but part of the default run.
 """
 
@@ -456,6 +457,60 @@ def test_two_gpu_workers_on_postgres_share_shards_through_an_s3_outage(cluster, 
     assert all(n >= 1 for n in ran), ran
     assert ce_rows(c, "pg", keys) == ce_rows(c, "full", keys)
     del w1, w2
+
+
+@pytest.mark.slow
+def test_patch_evaluate_deployment_on_a_finished_s3_run(cluster, full_run, keys):
+    """`prefect deployment run patch-evaluate/default` on the finished run of s3://e2e/full: new fractions and
+    one more calibration method; no upstream object is written (each keeps its one version), only the patch
+    stages run, and the new run shares the upstream keys. An upstream override fails the run with its reason."""
+    from nlrewrite_core.patch import PATCH_STAGES
+
+    c = cluster
+    micro = load_config("micro")
+    methods, fractions = [*micro.calibrate.methods, "quantile-hf8"], [0.1, 0.5, 1.0]
+    upstream = lambda: {k: [v["VersionId"] for v in vs] for k, vs in c.objects("full").items()  # noqa: E731
+                        if k.split("/")[1] == "artifacts" and k.split("/")[2] not in PATCH_STAGES}
+    before = upstream()
+    assert any(k.endswith(f"shard-00000/{MANIFEST}") for k in before)
+    c.start_worker("cpu", "cpu-pe")
+
+    def launch(overrides: dict, new_run_id: str) -> str:
+        params = {"run_id": "e2e-full", "storage": f"s3://{BUCKET}/full", "endpoint_url": c.s3_url,
+                  "overrides": overrides, "new_run_id": new_run_id}
+        out = c.prefect("deployment", "run", "patch-evaluate/default", "--params", json.dumps(params))
+        m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+        assert m, out
+        return m.group(1)
+
+    t0 = time.perf_counter()
+    fr_id = launch({"calibrate": {"methods": methods}, "evaluate": {"fractions": fractions}}, "e2e-pe")
+    fr = c.wait(fr_id)
+    TIMINGS["patch_evaluate_run_s"] = round(time.perf_counter() - t0, 1)
+    assert fr["state"]["type"] == "COMPLETED", c.logs_text([fr_id])[-5000:]
+    dep = c.http.get("/deployments/name/patch-evaluate/default").json()
+    assert fr["deployment_id"] == dep["id"] and dep["work_pool_name"] == "cpu"
+    bad = launch({"simulate": {"window": 4}}, "e2e-pe-bad")
+    bad_fr = c.wait(bad)
+    c.stop_workers()
+    assert bad_fr["state"]["type"] == "FAILED"
+    assert "'simulate' is an upstream section of run 'e2e-full'" in c.logs_text([bad])
+
+    assert upstream() == before  # nothing upstream written, not even rewritten in place
+    new_keys = run_keys(c, "full", "e2e-pe")
+    for stage, key in keys.items():
+        assert (new_keys[stage] == key) == (stage not in PATCH_STAGES), stage
+    tasks = c.http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [fr_id]}}}).json()
+    assert {t["name"] for t in tasks} == {"calibrate_predictions", "evaluate_rewrite", "write_report"}
+    ce = ce_rows(c, "full", new_keys)
+    sim = {(r["calibration"], r["fraction"]) for r in ce if r["condition"] == "simulated"}
+    assert sim == {(m, f) for m in methods for f in fractions}
+    arts = {a["key"]: a for a in c.artifacts(fr_id)}
+    assert arts["patch-evaluate-stages"]["type"] == "progress" and arts["patch-evaluate-stages"]["data"] == 100.0
+    table = arts["ce-sweep"]["data"]
+    assert len(json.loads(table) if isinstance(table, str) else table) == len(ce)
+    assert f"s3://{BUCKET}/full/artifacts/report/{new_keys['report']}/html/report.html" in arts["rewrite-report"]["data"]
+    assert arts["rewrite-summary"]["type"] == "markdown"
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentTaskRunId
 
 from nlrewrite_core import stages
 from nlrewrite_core.config import load_config
@@ -19,10 +19,17 @@ from nlrewrite_core.storage import MANIFEST, Store
 
 
 def task_states(flow_run_id) -> dict[str, str]:
-    """{task run name: state name} of one flow run."""
+    """{task run name: state name} of one flow run and of its subflow runs (patch-evaluate), whose
+    stand-in task runs in the parent are left out."""
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[r.id for r in runs])))
+    stand_ins = {f.parent_task_run_id for f in subflows}
+    out = {r.name: r.state.name for r in runs if r.id not in stand_ins}
+    for f in subflows:
+        out.update(task_states(f.id))
+    return out
 
 
 def read_all_tables(storage: str, keys: dict[str, str]) -> dict[str, bytes]:
@@ -136,6 +143,7 @@ def test_second_run_hits_cache_and_gives_identical_tables(micro_run):
     assert second["keys"] == first["keys"]
     states = task_states(state.state_details.flow_run_id)
     assert states and all(s == "Cached" for s in states.values()), states
+    assert {"calibrate_predictions", "evaluate_rewrite", "write_report"} <= set(states)  # the subflow's
     after = read_all_tables(storage, first["keys"])
     assert before.keys() == after.keys()
     for name in before:

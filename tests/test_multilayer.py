@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from nlrewrite_core import multilayer, stages
@@ -86,7 +88,7 @@ def test_micro_two_layers(tmp_path, one_torch_thread):
     assert multilayer.run_multilayer(store, cfg, keys).key == ref.key
 
 
-def test_flow_runs_multilayer_only_when_configured(micro_run, tmp_path):
+def test_flow_runs_multilayer_only_when_configured(micro_run, tmp_path, capsys):
     """The rewrite flow with an extra layer: the main layer's stages are cache hits (a copy of the
     micro run's store), layer 1's pipeline and the multilayer stage run, and `query` sees the table."""
     import shutil
@@ -105,3 +107,12 @@ def test_flow_runs_multilayer_only_when_configured(micro_run, tmp_path):
     _, rows = query(Store(copy), "micro-multi",
                     "select count(*) from multilayer where condition = 'zero_ablation' and delta_zero_mean = 0")
     assert rows[0][0] == 2 * 2  # two subsets x two position sets
+    # patch-evaluate on this run needs layer 1's upstream too: without its simulation it refuses, naming it
+    from nlrewrite_core.cli import main
+    from nlrewrite_core.storage import MANIFEST
+
+    layer1 = multilayer.layer_keys(load_config("micro", overrides=EXTRA))[1]
+    Path(Store(copy).artifact_dir("simulate", layer1["simulate"]), MANIFEST).unlink()
+    capsys.readouterr()
+    assert main(["evaluate", "micro-multi", "--storage", copy]) == 2
+    assert f"stage 'simulate' of layer 1 (key {layer1['simulate']}) has no manifest" in capsys.readouterr().err
