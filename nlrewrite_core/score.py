@@ -173,7 +173,8 @@ def llm_detection_scores(latents: np.ndarray, explanations: list[str], firing: d
 # delphi's DetectionScorer (EleutherAI/delphi, delphi/scorers/classifier/detection.py): an LLM reads the
 # explanation and a shuffled mix of held-out activating examples (`split_quantiles`: the same number from
 # each of 10 activation quantiles, never the explainer's examples) and non-activating examples, answers
-# 1/0 for each, and the score is the balanced accuracy of those answers. We follow it in the sample
+# 1/0 for each, and the score is the balanced accuracy of those answers (the paper's own copy,
+# EleutherAI/sae-auto-interp nl_simulation/nl/classifier.py, has the same structure). We follow it in the sample
 # (detection_sample: positives across `n_bins` rank bins of the explain split's scoring half, which the
 # explainer never saw; `n_neg` random negatives), in judging every example on its own, and in the score
 # (balanced accuracy from tp/tn/fp/fn). We deliberately differ in the judge: a fixed string rule, not an
