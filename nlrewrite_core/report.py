@@ -32,6 +32,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -146,6 +147,9 @@ def _note(ax: Axes, text: str) -> None:
 def _save(fig: Figure, path: Path, stamp: str | None = None) -> None:
     """Save ``fig`` as PNG at ``path``; ``stamp`` (run, split, n; the methods) is written along the bottom."""
     if stamp:
+        # Wrapped to the figure's width (about 15 characters of 7-point text per inch).
+        stamp = "\n".join(textwrap.fill(line, int(fig.get_figwidth() * 15), break_long_words=False)
+                          for line in stamp.split("\n"))
         lines = stamp.count("\n") + 1
         fig.tight_layout(rect=(0, 0.01 + 0.11 * lines / fig.get_figheight(), 1, 1))
         fig.text(0.01, 0.01, stamp, fontsize=7, color="0.35", ha="left", va="bottom")

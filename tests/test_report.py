@@ -243,7 +243,7 @@ def test_every_figure_and_the_summary_name_explainer_scorer_simulator(tmp_path: 
 
     def recording_save(fig, path, stamp=None):
         save(fig, path, stamp)
-        drawn[Path(path).name] = [t.get_text() for t in fig.texts]
+        drawn[Path(path).name] = [" ".join(t.get_text().split()) for t in fig.texts]  # wrapped to the width
 
     monkeypatch.setattr(report_lib, "_save", recording_save)
     page = write_report(tmp_path, synthetic_ce(), synthetic_metrics(), synthetic_distributions(), SUMMARY,
