@@ -59,7 +59,8 @@ def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[st
         "activations": (d["activations"], ["corpus", "subject", "transcoder"]),
         "explain": (d["explain"], ["corpus", "activations"]),
         "embed": ({"embedding": d["embedding"], "window": d["simulate"]["window"],
-                   **({"eval_positions": "last"} if cfg.simulate.eval_positions == "last" else {})}, ["corpus"]),
+                   **({"eval_positions": "last"} if cfg.simulate.eval_positions == "last" else {}),
+                   **({"splits": list(embed_splits(cfg))} if embed_splits(cfg) != CACHED_SPLITS else {})}, ["corpus"]),
         # The lexical scorer reads neither embeddings nor the simulator's settings (issue 11: a scorer
         # that shares nothing with the simulator); the others keep their keys.
         "score": (({"score": d["score"]} if cfg.score.method == "lexical" else
@@ -81,6 +82,12 @@ def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[st
         out["multilayer"] = (section, ["corpus", "subject", "transcoder"]
                              + (["score", "calibrate"] if ml.simulate else []))
     return out
+
+
+def embed_splits(cfg: RewriteConfig) -> tuple[str, ...]:
+    """The splits whose context windows the embed stage embeds: the explain split's scoring half serves
+    only the `embedding` scorer; the calib and eval contexts serve the `embedding` simulator."""
+    return CACHED_SPLITS if cfg.score.method == "embedding" else ("calib", "eval")
 
 
 def plan(cfg: RewriteConfig) -> dict[str, str]:
@@ -409,13 +416,14 @@ def _llm_cost(llm, before: dict[str, float]) -> dict[str, Any]:
 
 def run_embed(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
     """Embed every context window the scorer and simulator need, once: the explain split's scoring
-    half and the simulated calib and eval contexts (sim_context_ids), plus every vocabulary token alone."""
+    half (embedding scorer only) and the simulated calib and eval contexts (sim_context_ids), plus
+    every vocabulary token alone."""
     if ref := _done(store, "embed", keys):
         return ref
     w = _writer(store, "embed", cfg, keys)
     tokenizer = load_tokenizer(store, keys)
     frames = []
-    for split in CACHED_SPLITS:
+    for split in embed_splits(cfg):
         seq_ids, tokens = load_tokens(store, keys, (split,))
         if split == "explain":
             keep = np.isin(seq_ids, explain_halves(seq_ids)[1])

@@ -71,13 +71,16 @@ def test_embedding_scores_by_latent_block_equal_one_block(micro_run, tmp_path, m
     cfg = load_config("micro", overrides={"score": {"method": "embedding"}})
     keys = stages.plan(cfg)
     assert "embed" in stages.stage_configs(cfg)["score"][1]
+    copy = tmp_path / "store"
+    shutil.copytree(storage, copy)
+    store = Store(str(copy))
+    stages.run_embed(store, cfg, keys)  # the embedding scorer's embed stage also embeds the explain split
     tables = []
     for block in (stages.SCORE_BLOCK, 7):
-        copy = tmp_path / f"store-{block}"
-        shutil.copytree(storage, copy)
+        shutil.rmtree(copy / "artifacts" / "score" / keys["score"], ignore_errors=True)
         monkeypatch.setattr(stages, "SCORE_BLOCK", block)
-        stages.run_score(Store(str(copy)), cfg, keys)
-        tables.append(stages._table(Store(str(copy)), "score", keys["score"], "scores"))
+        stages.run_score(store, cfg, keys)
+        tables.append(stages._table(store, "score", keys["score"], "scores"))
     assert len(tables[0]) > 7 and tables[1].equals(tables[0])
     assert set(tables[0].column("scorer").to_pylist()) == {"embedding-detection"}
 
@@ -190,6 +193,9 @@ def test_lexical_score_stage_reads_no_embeddings(micro_run, tmp_path, monkeypatc
     section, ups = stages.stage_configs(cfg)["score"]
     assert "embed" not in ups and "token_weight" not in section
     assert Store(storage).read_manifest("score", keys["score"])["upstream"] == {u: keys[u] for u in ups}
+    # ... and the embed stage (for the embedding simulator) embeds no explain-split window
+    embedded = stages._table(Store(storage), "embed", keys["embed"], "contexts", columns=["split"])
+    assert set(embedded.column("split").to_pylist()) == {"calib", "eval"}
     copy = tmp_path / "store"
     shutil.copytree(storage, copy)
     shutil.rmtree(copy / "artifacts" / "score" / keys["score"])
