@@ -252,13 +252,18 @@ class EmbeddingConfig(Section):
 
 class ScoreConfig(_Extended):
     _added = ("llm", "examples_per_prompt", "window", "n_bins")
-    method: Literal["embedding", "detection"] = "embedding"
-    """Detection scorer. `embedding`: cosine similarity of explanation and context, thresholded.
+    method: Literal["lexical", "embedding", "detection"] = "lexical"
+    """Detection scorer. `lexical` (the offline default): a context counts as firing when what the
+    explanation names (its quoted strings, else its content words) ends at the context's target token;
+    it shares nothing with any simulator (nlrewrite_core/score.py: lexical_match).
+    `embedding`: cosine similarity of explanation and context, thresholded: the `embedding` simulator's
+    own similarity, so with that simulator "top by detection score" is partly true by construction.
     `detection`: the paper's LLM detection prompt (`llm` answers 0/1 for each example of a prompt)."""
     n_pos: int = Field(20, ge=2)
-    """Firing contexts per latent (from the explain split)."""
+    """Firing contexts per latent (from the explain split's scoring half; lexical and detection: drawn
+    equally from `n_bins` activation-rank bins)."""
     n_neg: int = Field(20, ge=2)
-    """Non-firing contexts per latent (from the explain split)."""
+    """Non-firing contexts per latent (from the explain split's scoring half)."""
     seed: int = 0
     """Seed for context sampling and the fit/judge split."""
     llm: LLMConfig | None = None
@@ -266,9 +271,10 @@ class ScoreConfig(_Extended):
     examples_per_prompt: int = Field(5, ge=1)
     """detection: examples shown in one prompt (the paper: 5), shuffled positives and negatives."""
     window: int = Field(32, ge=1)
-    """detection: tokens per example window, ending at the (non-)firing token."""
+    """detection: tokens per example window, ending at the (non-)firing token; lexical: the longest
+    text (in tokens, ending at the target) that a name is matched against."""
     n_bins: int = Field(10, ge=1)
-    """detection: activation-rank bins the positives are drawn from equally (the paper: 10)."""
+    """detection and lexical: activation-rank bins the positives are drawn from equally (the paper: 10)."""
 
     @model_validator(mode="after")
     def _check_llm(self) -> "ScoreConfig":

@@ -18,7 +18,8 @@ Figures (numbered as in the paper):
   calib contexts the calibration maps were fit on.
 - ``fig_examples.png``: a few example latents, true against predicted activation.
 
-Every figure states the run, the split and n (in the figure and its caption). The headline table
+Every figure states the run, the split and n, and which explainer, scorer and simulator produced it
+(in the figure and its caption). The headline table
 repeats rows of the ``ce`` table (4 decimals) for the primary positions.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display,
@@ -31,6 +32,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -143,19 +145,44 @@ def _note(ax: Axes, text: str) -> None:
 
 
 def _save(fig: Figure, path: Path, stamp: str | None = None) -> None:
-    """Save ``fig`` as PNG at ``path``; ``stamp`` (run, split, n) is written along the bottom."""
+    """Save ``fig`` as PNG at ``path``; ``stamp`` (run, split, n; the methods) is written along the bottom."""
     if stamp:
-        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        # Wrapped to the figure's width (about 15 characters of 7-point text per inch).
+        stamp = "\n".join(textwrap.fill(line, int(fig.get_figwidth() * 15), break_long_words=False)
+                          for line in stamp.split("\n"))
+        lines = stamp.count("\n") + 1
+        fig.tight_layout(rect=(0, 0.01 + 0.11 * lines / fig.get_figheight(), 1, 1))
         fig.text(0.01, 0.01, stamp, fontsize=7, color="0.35", ha="left", va="bottom")
     else:
         fig.tight_layout()
     fig.savefig(path, format="png")
 
 
+def pipeline_methods(cfg: Any) -> dict[str, str]:
+    """Which explainer, scorer and simulator produced a run's numbers, from its config (a RewriteConfig):
+    the method, with the model behind it when there is one."""
+    def named(method: str, llm: Any) -> str:
+        if method == "embedding":
+            return f"embedding ({cfg.embedding.model})"
+        return f"{method} ({llm.model})" if llm is not None else method
+
+    return {"explainer": named(cfg.explain.method, cfg.explain.llm),
+            "scorer": named(cfg.score.method, cfg.score.llm),
+            "simulator": named(cfg.simulate.method, cfg.simulate.llm)}
+
+
+def methods_text(methods: Mapping[str, str] | None) -> str:
+    """The line "explainer X · scorer Y · simulator Z" (empty when the methods are not known)."""
+    return " · ".join(f"{role} {methods[role]}" for role in ("explainer", "scorer", "simulator")
+                      if role in (methods or {}))
+
+
 def stamp_text(meta: Mapping[str, Any] | None, split: str, n: str) -> str:
-    """The line that states a figure's run, split and n."""
+    """The lines that state a figure's run, split and n, then (when meta has them) its explainer,
+    scorer and simulator."""
     run = (meta or {}).get("run", "unknown run")
-    return f"run {run} · {split} split · n = {n}"
+    methods = methods_text((meta or {}).get("methods"))
+    return f"run {run} · {split} split · n = {n}" + (f"\n{methods}" if methods else "")
 
 
 def plot_ce_sweep(ce: pd.DataFrame | None, path: Path, stamp: str | None = None) -> None:
@@ -673,11 +700,14 @@ def write_report(
 ) -> Path:
     """Write ``report.html`` and its PNG figures (:data:`ALL_FIGURES`) into ``out_dir``; return the
     HTML path. ``meta`` holds run (a name), positions (the primary positions), n_sequences,
-    n_contexts, n_latents, n_calib_contexts and crossings (oracle) for the captions."""
+    n_contexts, n_latents, n_calib_contexts, crossings (oracle) and methods (pipeline_methods: the
+    explainer, scorer and simulator, stated on every figure, caption and in the summary) for the captions."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = dict(summary or {})
     meta = dict(meta or {})
+    for role, name in (meta.get("methods") or {}).items():  # the summary table names them too
+        summary.setdefault(role, name)
     threshold = summary.get("active_threshold")
     positions = meta.get("positions")
     ce_main = primary_rows(ce, positions)

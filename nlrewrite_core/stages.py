@@ -59,9 +59,13 @@ def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[st
         "activations": (d["activations"], ["corpus", "subject", "transcoder"]),
         "explain": (d["explain"], ["corpus", "activations"]),
         "embed": ({"embedding": d["embedding"], "window": d["simulate"]["window"],
-                   **({"eval_positions": "last"} if cfg.simulate.eval_positions == "last" else {})}, ["corpus"]),
-        "score": ({"score": d["score"], "token_weight": d["simulate"]["token_weight"]},
-                  ["activations", "explain", *emb]),
+                   **({"eval_positions": "last"} if cfg.simulate.eval_positions == "last" else {}),
+                   **({"splits": list(embed_splits(cfg))} if embed_splits(cfg) != CACHED_SPLITS else {})}, ["corpus"]),
+        # The lexical scorer reads neither embeddings nor the simulator's settings (issue 11: a scorer
+        # that shares nothing with the simulator); the others keep their keys.
+        "score": (({"score": d["score"]} if cfg.score.method == "lexical" else
+                   {"score": d["score"], "token_weight": d["simulate"]["token_weight"]}),
+                  ["activations", "explain", *(emb if cfg.score.method != "lexical" else [])]),
         # max_failed_fraction is read by calibrate alone: changing it never reruns the simulator.
         "simulate": ({"simulate": {k: v for k, v in d["simulate"].items() if k != "max_failed_fraction"},
                       "embedding": d["embedding"]}, ["activations", "explain", *emb]),
@@ -81,6 +85,12 @@ def stage_configs(cfg: RewriteConfig) -> dict[str, tuple[dict[str, Any], list[st
         out["multilayer"] = (section, ["corpus", "subject", "transcoder"]
                              + (["score", "calibrate"] if ml.simulate else []))
     return out
+
+
+def embed_splits(cfg: RewriteConfig) -> tuple[str, ...]:
+    """The splits whose context windows the embed stage embeds: the explain split's scoring half serves
+    only the `embedding` scorer; the calib and eval contexts serve the `embedding` simulator."""
+    return CACHED_SPLITS if cfg.score.method == "embedding" else ("calib", "eval")
 
 
 def plan(cfg: RewriteConfig) -> dict[str, str]:
@@ -415,13 +425,14 @@ def _llm_cost(llm, before: dict[str, float]) -> dict[str, Any]:
 
 def run_embed(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
     """Embed every context window the scorer and simulator need, once: the explain split's scoring
-    half and the simulated calib and eval contexts (sim_context_ids), plus every vocabulary token alone."""
+    half (embedding scorer only) and the simulated calib and eval contexts (sim_context_ids), plus
+    every vocabulary token alone."""
     if ref := _done(store, "embed", keys):
         return ref
     w = _writer(store, "embed", cfg, keys)
     tokenizer = load_tokenizer(store, keys)
     frames = []
-    for split in CACHED_SPLITS:
+    for split in embed_splits(cfg):
         seq_ids, tokens = load_tokens(store, keys, (split,))
         if split == "explain":
             keep = np.isin(seq_ids, explain_halves(seq_ids)[1])
@@ -481,6 +492,8 @@ def run_score(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifac
     seq_len = cfg.corpus.seq_len
     if cfg.score.method == "detection":
         return _run_score_llm(store, cfg, keys, w)
+    if cfg.score.method == "lexical":
+        return _run_score_lexical(store, cfg, keys, w)
     cids, win, tok = _embeddings(store, keys, ("explain",))
     latents, expl = _explained(store, keys, cfg)
     true = true_sparse(store, keys, "explain", seq_len, cids)
@@ -492,28 +505,49 @@ def run_score(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifac
               for b in (slice(a, a + SCORE_BLOCK) for a in range(0, len(latents), SCORE_BLOCK))]
     table = pa.concat_tables(tables) if tables else score_lib.score_latents(
         np.zeros((len(cids), 0), np.float32), np.zeros((len(cids), 0), bool), latents, 0, 0, 0, "embedding-detection")
-    scores = table.column("score").to_numpy(zero_copy_only=False)
-    mean = float(np.nanmean(scores.astype(float))) if len(scores) else float("nan")
-    log.info("score: %d latents scored in %.1fs, mean detection score %.3f", len(table), time.perf_counter() - t0, mean)
+    return _finish_score(w, table, t0, "embedding")
+
+
+def _finish_score(w: StageWriter, table: pa.Table, t0: float, judge: str, totals: dict[str, int] | None = None,
+                  cost: dict[str, Any] | None = None) -> ArtifactRef:
+    scores = np.array([np.nan if v is None else v for v in table.column("score").to_pylist()], dtype=float)
+    mean = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+    log.info("score: %d latents scored by %s in %.1fs, mean detection score %.3f%s", len(table), judge,
+             time.perf_counter() - t0, mean,
+             f", {totals['n_malformed_prompts']} of {totals['n_prompts']} prompts malformed" if totals else "")
     w.table("scores", table)
-    return w.finish(metrics={"mean_detection_score": mean, "n_scored": int(np.isfinite(scores.astype(float)).sum())})
+    return w.finish(metrics={"mean_detection_score": mean, "n_scored": int(np.isfinite(scores).sum()), **(totals or {})},
+                    cost=cost)
+
+
+def _scoring_half(store: Store, cfg: RewriteConfig, keys: dict[str, str]
+                  ) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]], np.ndarray, list[str]]:
+    """What the `detection` and `lexical` scorers read: the explain split's scoring half (the sequences
+    the explainer never saw, explain_halves) as tokens [n_seq, seq_len] (context row = s * seq_len + p),
+    each latent's firing rows and activations there, and the explained latents with their explanations."""
+    seq_len = cfg.corpus.seq_len
+    seq_ids, tokens = load_tokens(store, keys, ("explain",))
+    keep = np.isin(seq_ids, explain_halves(seq_ids)[1])
+    seq_ids, tokens = seq_ids[keep], tokens[keep]
+    a = _table(store, "activations", keys["activations"], "activations",
+               filters=(pc.field("split") == "explain") & pc.field("seq_id").isin(seq_ids.tolist()))
+    rows = np.searchsorted(seq_ids, a.column("seq_id").to_numpy()).astype(np.int64) * seq_len \
+        + a.column("pos").to_numpy()
+    lat_col, act_col = a.column("latent").to_numpy(), a.column("act").to_numpy().astype(np.float32)
+    # Grouped by latent with one stable sort (each latent's rows keep their file order).
+    order = np.argsort(lat_col, kind="stable")
+    uniq, starts = np.unique(lat_col[order], return_index=True)
+    bounds = np.append(starts, len(order))
+    firing = {int(l): (rows[order[bounds[i]:bounds[i + 1]]], act_col[order[bounds[i]:bounds[i + 1]]])
+              for i, l in enumerate(uniq)}
+    e = _table(store, "explain", keys["explain"], "explanations", filters=pc.field("status") == "explained")
+    return tokens, firing, e.column("latent").to_numpy(), e.column("explanation").to_pylist()
 
 
 def _run_score_llm(store: Store, cfg: RewriteConfig, keys: dict[str, str], w: StageWriter) -> ArtifactRef:
     """The `detection` scorer on the explain split's scoring half (the sequences the explainer never saw)."""
     seq_len = cfg.corpus.seq_len
-    seq_ids, tokens = load_tokens(store, keys, ("explain",))
-    keep = np.isin(seq_ids, explain_halves(seq_ids)[1])
-    seq_ids, tokens = seq_ids[keep], tokens[keep]
-    row_of = {int(s): i for i, s in enumerate(seq_ids)}
-    a = _table(store, "activations", keys["activations"], "activations",
-               filters=(pc.field("split") == "explain") & pc.field("seq_id").isin(seq_ids.tolist()))
-    rows = np.array([row_of[int(s)] for s in a.column("seq_id").to_numpy()], dtype=np.int64) * seq_len \
-        + a.column("pos").to_numpy()
-    lat_col, act_col = a.column("latent").to_numpy(), a.column("act").to_numpy().astype(np.float32)
-    firing = {int(l): (rows[lat_col == l], act_col[lat_col == l]) for l in np.unique(lat_col)}
-    e = _table(store, "explain", keys["explain"], "explanations", filters=pc.field("status") == "explained")
-    latents, texts = e.column("latent").to_numpy(), e.column("explanation").to_pylist()
+    tokens, firing, latents, texts = _scoring_half(store, cfg, keys)
     tokenizer = load_tokenizer(store, keys)
     win = cfg.score.window
 
@@ -523,15 +557,18 @@ def _run_score_llm(store: Store, cfg: RewriteConfig, keys: dict[str, str], w: St
 
     llm, before = _llm_for(cfg.score.llm)
     t0 = time.perf_counter()
-    table, totals = score_lib.llm_detection_scores(latents, texts, firing, len(seq_ids) * seq_len, window_text,
+    table, totals = score_lib.llm_detection_scores(latents, texts, firing, len(tokens) * seq_len, window_text,
                                                    cfg.score, llm)
-    scores = np.array([np.nan if v is None else v for v in table.column("score").to_pylist()], dtype=float)
-    mean = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
-    log.info("score: %d latents scored by %s in %.1fs, mean detection score %.3f, %d of %d prompts malformed",
-             len(table), llm.name, time.perf_counter() - t0, mean, totals["n_malformed_prompts"], totals["n_prompts"])
-    w.table("scores", table)
-    return w.finish(metrics={"mean_detection_score": mean, "n_scored": int(np.isfinite(scores).sum()), **totals},
-                    cost=_llm_cost(llm, before))
+    return _finish_score(w, table, t0, llm.name, totals, _llm_cost(llm, before))
+
+
+def _run_score_lexical(store: Store, cfg: RewriteConfig, keys: dict[str, str], w: StageWriter) -> ArtifactRef:
+    """The `lexical` scorer on the explain split's scoring half: no embeddings, no simulator settings."""
+    tokens, firing, latents, texts = _scoring_half(store, cfg, keys)
+    tokenizer = load_tokenizer(store, keys)
+    t0 = time.perf_counter()
+    table = score_lib.lexical_detection_scores(latents, texts, firing, tokens, tokenizer.decode, cfg.score)
+    return _finish_score(w, table, t0, "lexical")
 
 
 def _run_simulate_shard_llm(store: Store, cfg: RewriteConfig, keys: dict[str, str], w: StageWriter,
@@ -1118,8 +1155,10 @@ def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
     examples = _example_latents(store, keys, cfg, lm, dense_preds, true, tokens, np.searchsorted(seq_ids, eval_cids // seq_len),
                                 eval_cids % seq_len)
     del dense_preds
+    methods = report_lib.pipeline_methods(cfg)
     summary = {
         "preset": cfg.preset,
+        **methods,
         "eval CE, clean subject": subj.get("eval_ce"),
         "unigram CE": subj.get("unigram_ce"),
         "transcoder layer": cfg.transcoder.layer,
@@ -1145,7 +1184,7 @@ def run_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
     meta = {"run": f"{cfg.preset} (report key {keys['report'][:10]})", "positions": cfg.evaluate.positions,
             "n_sequences": len(seq_ids), "n_contexts": len(eval_cids), "n_latents": cal_m.get("n_latents"),
             "n_calib_contexts": cal_m.get("n_calib_contexts"),
-            "crossings": ev_metrics.get("oracle_crossing_specificity")}
+            "crossings": ev_metrics.get("oracle_crossing_specificity"), "methods": methods}
     with tempfile.TemporaryDirectory() as tmp:
         report_lib.write_report(Path(tmp), ce, lm, dists, summary, oracle=oracle, sample_size=sizes,
                                 relation=relation, examples=examples, meta=meta)

@@ -128,5 +128,10 @@ def test_llm_methods_skip_the_embed_stage():
                                            "simulate": {"method": "llm", "llm": llm}})
     assert "embed" not in stages.plan(both)
     assert all("embed" not in ups for _, ups in stages.stage_configs(both).values())
-    one = load_config("micro", overrides={"simulate": {"method": "llm", "llm": llm}})
+    one = load_config("micro", overrides={"score": {"method": "embedding"}, "simulate": {"method": "llm", "llm": llm}})
     assert "embed" in stages.plan(one) and "embed" in stages.stage_configs(one)["score"][1]
+    # The lexical scorer (the offline default) reads no embeddings: with an LLM simulator nothing embeds.
+    lexical = load_config("micro", overrides={"simulate": {"method": "llm", "llm": llm}})
+    assert lexical.score.method == "lexical" and "embed" not in stages.plan(lexical)
+    assert "embed" in stages.plan(load_config("micro"))  # the embedding simulator still needs it
+    assert all(load_config(p).score.method == "lexical" for p in ("tiny", "micro", "paper-shape"))

