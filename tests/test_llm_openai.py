@@ -15,7 +15,7 @@ from nlrewrite_core.config import LLMConfig
 from nlrewrite_core.llm import LLMError, Prompt, make_llm
 from nlrewrite_core.simulate import llm_predictions
 
-KEY = "sk-test-SECRET-0123456789"
+KEY = "sk-test-7Qx9ZpR2vLm4TnW8yKc3hJ5d"  # no 8-character piece of it occurs by chance
 
 
 class Server:
@@ -28,6 +28,7 @@ class Server:
         self.fail: dict[str, list[int]] = {}  # prompt text -> statuses to answer first
         self.delay = 0.05
         self.hang = 0.0
+        self.echo_auth = False  # error bodies (and answers) echo the request's Authorization header
 
 
 @pytest.fixture
@@ -49,11 +50,18 @@ def server():
                 status = queue.pop(0) if queue else 200
             try:
                 time.sleep(state.delay + state.hang)
+                auth = self.headers.get("Authorization", "")
                 if status != 200:
                     self.send_response(status)
                     self.send_header("Retry-After", "0")
                     self.end_headers()
-                    self.wfile.write(b'{"error": "busy"}')
+                    if state.echo_auth:  # an adversarial endpoint: the key straddles the 300th character, then cut
+                        err = ("invalid request: " + "x" * 240 + " you sent Authorization: " + auth
+                               + " | key as stored: " + auth[len("Bearer "):][:-2])
+                        assert 280 < err.index(KEY) < 300
+                        self.wfile.write(err.encode())
+                    else:
+                        self.wfile.write(b'{"error": "busy"}')
                     return
                 n_in = len(body["prompt"].split())
                 if body.get("logprobs"):
@@ -62,7 +70,8 @@ def server():
                     choice = {"text": digit, "logprobs": {"tokens": [digit], "top_logprobs": [top]}}
                     n_out = 1
                 else:
-                    choice = {"text": f"reasoning...\n[EXPLANATION]: answer to {n_in} words"}
+                    choice = {"text": f"reasoning...\n[EXPLANATION]: answer to {n_in} words"
+                                      + (f" (your header: {auth})" if state.echo_auth else "")}
                     n_out = 7
                 data = json.dumps({"choices": [choice], "usage": {"prompt_tokens": n_in, "completion_tokens": n_out}})
                 self.send_response(200)
@@ -153,3 +162,101 @@ def test_simulator_over_openai_and_no_key_in_artifacts(server, monkeypatch, tmp_
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f
     assert KEY not in caplog.text
+
+
+# ---- no piece of the key anywhere (issue 12) ---------------------------------------------------------------
+def leaks(text: str | bytes) -> list[str]:
+    """Every 8-character piece of KEY found in text."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return [KEY[i:i + 8] for i in range(len(KEY) - 7) if KEY[i:i + 8] in text]
+
+
+def test_scrub_before_cut_and_bearer_values():
+    from nlrewrite_core.redact import excerpt, scrub
+
+    body = "x" * 290 + f"Authorization: Bearer {KEY}"  # the key straddles the 300th character
+    assert leaks(excerpt(body, 300, [KEY])) == [] and excerpt(body, 300, [KEY]).endswith("...")
+    assert leaks(scrub(f"key cut by the server: {KEY[2:-2]}", [KEY])) == []
+    assert scrub("Authorization: Bearer abc.def-123 and api_key='zzz'", []) == "Authorization: Bearer *** and api_key='***'"
+    assert scrub("an ordinary error", [KEY]) == "an ordinary error"
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_key_echoed_in_error_body_never_surfaces(server, monkeypatch, caplog, capfd, status):
+    caplog.set_level(logging.DEBUG)
+    llm = _llm(server, monkeypatch, max_retries=2)
+    server.echo_auth = True
+    server.fail = {"p": [status] * 3}
+    with pytest.raises(LLMError, match=f"HTTP {status}") as e:
+        llm.generate(["p"])
+    assert "invalid request" in str(e.value)  # the body's useful part is kept
+    assert e.value.retryable is (status == 500)
+    out, err = capfd.readouterr()
+    for text in (str(e.value), repr(e.value), caplog.text, out, err):
+        assert leaks(text) == [], text
+
+
+def test_key_echoed_in_an_answer_is_masked(server, monkeypatch):
+    llm = _llm(server, monkeypatch)
+    server.echo_auth = True
+    (answer,) = llm.generate(["q"])
+    assert "[EXPLANATION]" in answer and leaks(answer) == []
+
+
+def test_unreachable_endpoint_one_line_per_failure_kind(monkeypatch, caplog):
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("NLR_TEST_KEY", KEY)
+    llm = make_llm(LLMConfig(backend="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1",
+                             api_key_env="NLR_TEST_KEY", backoff_s=0.01, max_retries=3, max_concurrency=4))
+    caplog.set_level(logging.INFO, logger="nlrewrite_core")
+    with pytest.raises(LLMError, match=r"failed after 4 attempts: connection error \(ConnectError\)") as e:
+        llm.generate([f"prompt {i}" for i in range(200)])
+    assert e.value.retryable and "failures in this call: connection error (ConnectError) x" in str(e.value)
+    lines = [r for r in caplog.records if r.name.startswith("nlrewrite_core.llm")]
+    assert len(lines) == 1 and "connection error" in lines[0].getMessage()
+
+
+def test_key_never_reaches_the_prefect_database(prefect_server, server, monkeypatch, capfd):
+    """A flow whose task calls an endpoint that echoes the key in 500 bodies (retried, then failed): no piece
+    of the key in the console, the flow/task states, logs or events of the Prefect database."""
+    import glob
+    import os
+
+    from prefect import flow, task
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    llm = _llm(server, monkeypatch, max_retries=2)
+    server.echo_auth = True
+    server.fail = {"leak-probe": [500] * 10}
+
+    @task(name="leaky_llm_call", retries=1, retry_delay_seconds=0)
+    def call() -> list[str]:
+        return llm.generate(["leak-probe"])
+
+    @flow(name="leak-probe-flow")
+    def probe() -> list[str]:
+        return call()
+
+    state = probe(return_state=True)
+    assert state.is_failed() and leaks(state.message or "") == []
+    APILogWorker.instance().drain()  # send the buffered logs and events to the server now
+    EventsWorker.drain_all()
+    db = PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1]
+    deadline = time.time() + 60
+    while True:  # wait until the server has persisted the run's logs and its failure event
+        blob = b"".join(open(f, "rb").read() for f in glob.glob(db + "*") if os.path.isfile(f))
+        if (b"leaky_llm_call" in blob and b"retrying with backoff" in blob and b"prefect.flow-run.Failed" in blob) \
+                or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert b"retrying with backoff" in blob and b"prefect.flow-run.Failed" in blob
+    assert leaks(blob) == []
+    out, err = capfd.readouterr()
+    assert "leaky_llm_call" in out + err and leaks(out + err) == []
