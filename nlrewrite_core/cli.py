@@ -1,8 +1,10 @@
 """The `nlrewrite` command line: `run` the pipeline, `query` a run's tables with SQL, list or pull
 a run's `artifacts`.
 
-Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run) exits
-with status 2 and one message naming the field or file, before anything is written.
+Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run; for `run`
+also a CUDA device or LLM backend this machine lacks, a transcoder checkpoint that is missing,
+malformed or does not fit, a corpus too small for its splits: nlrewrite_core.runtime) exits with
+status 2 and one message naming the field or file and the fix, before anything is written.
 """
 
 from __future__ import annotations
@@ -121,8 +123,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         open_store(args.storage, args.endpoint_url)  # fail fast, before Prefect starts
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    from .runtime import check_run
+
+    check_run(cfg)  # the machine and the files the config names: CUDA, backends, checkpoint, corpus size
     from flows.rewrite import rewrite  # imports Prefect: only after validation
 
+    # A ConfigError raised inside the flow (the corpus stage's split sizes on the built corpus) exits 2 too.
     result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
                      storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
     print()
