@@ -127,10 +127,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     check_run(cfg)  # the machine and the files the config names: CUDA, backends, checkpoint, corpus size
     from flows.rewrite import rewrite  # imports Prefect: only after validation
+    from flows.server import prefect_api
 
+    # PREFECT_API_URL, or a temporary server that dies with this process (also on kill -9).
     # A ConfigError raised inside the flow (the corpus stage's split sizes on the built corpus) exits 2 too.
-    result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
-                     storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
+    with prefect_api():
+        result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
+                         storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
     print()
     print(f"CE (nats) on the eval split, {cfg.evaluate.positions} positions, run {result['run_id']} "
           f"(every condition and calibration: nlrewrite query {result['run_id']} 'select * from ce'):")
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, UsageError) as e:
-        print(f"nlrewrite: error: {e}", file=sys.stderr)
+        print("nlrewrite: error: " + str(e).replace("\n", " "), file=sys.stderr)  # always one line
         return 2
 
 

@@ -7,6 +7,7 @@ YAML file fails before any work starts, naming the field.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -550,11 +551,14 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) if _PLAIN_NAME.fullmatch(str(p)) else repr(p) for p in e["loc"]) or "<root>"
+        msg = " ".join(e["msg"].removeprefix("Value error, ").split())  # one line, whatever the input held
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see nlrewrite_core/config.py for the fields)"
         lines.append(f"{loc}: {msg}")

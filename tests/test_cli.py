@@ -230,3 +230,16 @@ def test_execution_threads_is_applied():
         assert torch.get_num_threads() == (1 if n != 1 else 2)
     finally:
         torch.set_num_threads(n)
+
+
+def test_config_error_inside_the_flow_exits_2(prefect_server, tmp_path, capsys):
+    """A corpus that passes the up-front bound but is too small once built: the corpus stage's
+    ConfigError ends `nlrewrite run` with exit 2 and the one line, no file written."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("corpus: {n_explain: 5000}\n")
+    storage = tmp_path / "store"
+    code, err = run_cli(["run", "--preset", "micro", "--config", str(cfg), "--storage", str(storage)], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("nlrewrite: error: the corpus has ")
+    assert "corpus.n_explain (5000)" in err.strip().splitlines()[-1]
+    assert not [p for p in storage.rglob("*") if p.is_file()]
