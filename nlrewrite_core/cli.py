@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, ConfigError, RewriteConfig, load_config
+from .llm import LLMError
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as e:
         print("nlrewrite: error: " + str(e).replace("\n", " "), file=sys.stderr)  # always one line
         return 2
+    except LLMError as e:  # an LLM endpoint that failed for good (after its retries): the reason, one line
+        print("nlrewrite: error: " + str(e).replace("\n", " "), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
