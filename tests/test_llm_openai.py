@@ -202,11 +202,22 @@ def test_key_echoed_in_error_body_never_surfaces(server, monkeypatch, caplog, ca
         assert leaks(text) == [], text
 
 
-def test_key_echoed_in_an_answer_is_masked(server, monkeypatch):
+def test_key_echoed_in_an_answer_is_masked(server, monkeypatch, tmp_path):
+    import pyarrow as pa
+
+    from nlrewrite_core.llm.prompts import parse_explanation
+    from nlrewrite_core.storage import StageWriter, Store
+
     llm = _llm(server, monkeypatch)
     server.echo_auth = True
-    (answer,) = llm.generate(["q"])
-    assert "[EXPLANATION]" in answer and leaks(answer) == []
+    answers = llm.generate(["q", "r"])
+    assert all("[EXPLANATION]" in a for a in answers) and leaks("".join(answers)) == []
+    store = Store(str(tmp_path / "store"))  # the answers as an explain stage would store them
+    w = StageWriter(store, "explain", "e" * 24, config=llm.cfg.model_dump(mode="json"), upstream={}, version="1")
+    w.table("explanations", pa.table({"explanation": [parse_explanation(a)[0] for a in answers]}))
+    w.finish(cost={"llm_backend": llm.backend, **llm.usage.since({})})
+    files = [f for f in (tmp_path / "store").rglob("*") if f.is_file()]
+    assert files and all(leaks(f.read_bytes()) == [] for f in files)
 
 
 def test_unreachable_endpoint_one_line_per_failure_kind(monkeypatch, caplog):
