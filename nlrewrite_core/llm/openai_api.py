@@ -43,11 +43,12 @@ class _Batch:
     in_flight: int = 0
     counts: Counter[str] = field(default_factory=Counter)
 
-    def failed(self, kind: str, detail: str, url: str) -> None:
+    def failed(self, kind: str, detail: str, url: str, retrying: bool) -> None:
         self.counts[kind] += 1
         if self.counts[kind] == 1:
-            log.warning("openai: %s: %s%s; retrying with backoff (further failures of this kind in this call "
-                        "are counted, not logged)", url, kind, f" ({detail})" if detail else "")
+            log.warning("openai: %s: %s%s; %s (further failures of this kind in this call are counted, not "
+                        "logged)", url, kind, f" ({detail})" if detail else "",
+                        "retrying with backoff" if retrying else "no retries left")
 
     def summary(self, prefix: bool = True) -> str:
         text = ", ".join(f"{kind} x{n}" for kind, n in self.counts.most_common())
@@ -61,13 +62,12 @@ def _run(coro):
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        loop_running = False
-    else:
-        loop_running = True
-    if not loop_running:  # outside the except block: an error must not carry "no running event loop" as context
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(asyncio.run, coro).result()
+        pass
+    else:  # this thread runs a loop: run ours in another thread
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            return ex.submit(asyncio.run, coro).result()
+    # Outside the except block, so that an error does not carry "no running event loop" as its context.
+    return asyncio.run(coro)
 
 
 class OpenAILLM(LLM):
@@ -125,7 +125,7 @@ class OpenAILLM(LLM):
                     last = f"connection error ({type(e).__name__})"
                 finally:
                     batch.in_flight -= 1
-            batch.failed(last, detail, self.url)
+            batch.failed(last, detail, self.url, retrying=attempt + 1 < attempts)
             if attempt + 1 < attempts:
                 self.usage.add(retries=1)
                 delay = self.cfg.backoff_s * 2 ** attempt * (0.5 + random.random() / 2)
