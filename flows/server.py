@@ -23,13 +23,12 @@ from pathlib import Path
 LAUNCHER = r"""
 import ctypes, os, signal, subprocess, sys, time
 parent, cmd = int(sys.argv[1]), sys.argv[2:]
-if sys.platform.startswith("linux"):
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+PR_SET_PDEATHSIG = 1
+if sys.platform.startswith("linux") and ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
     if os.getppid() != parent:  # the parent died before prctl took effect
         sys.exit(0)
     os.execv(cmd[0], cmd)
-child = subprocess.Popen(cmd)
+child = subprocess.Popen(cmd)  # elsewhere (or prctl refused): stay as a watchdog of the parent
 while child.poll() is None:
     if os.getppid() != parent:
         child.kill()
