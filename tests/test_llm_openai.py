@@ -238,7 +238,7 @@ def test_unreachable_endpoint_one_line_per_failure_kind(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("status", [400, 500])
-def test_key_never_reaches_the_prefect_database(prefect_server, server, monkeypatch, capfd, status):
+def test_key_never_reaches_the_prefect_database(prefect_server, server, monkeypatch, status):
     """A flow whose task calls an endpoint that echoes the key in its error bodies (a 400; a 500, retried
     by the backend and by Prefect, then failed): the remote text reaches the console, the flow/task
     states, logs and events of the Prefect database, and no piece of the key does."""
@@ -285,6 +285,7 @@ def test_key_never_reaches_the_prefect_database(prefect_server, server, monkeypa
         time.sleep(1)
     assert all(e in blob for e in expected)
     assert leaks(blob) == []
-    out, err = capfd.readouterr()  # Prefect's console (when its handler writes to this test's streams)
+    # (Prefect's console shows these same lines and state messages; it is not captured here, because a
+    # capture fixture's stream, once closed, would stay Prefect's console for the rest of the session.)
     assert ("retrying with backoff" in console.getvalue()) == (status == 500)
-    assert leaks(console.getvalue()) == [] and leaks(out + err) == []
+    assert leaks(console.getvalue()) == []
