@@ -16,7 +16,7 @@ from prefect.deployments import run_deployment
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.patch_evaluate import patch_evaluate, publish, run_record
-from nlrewrite_core import stages
+from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig, load_config
 from nlrewrite_core.storage import MANIFEST, ArtifactRef, Store
 from tasks import stages as t
@@ -164,6 +164,8 @@ def rewrite(preset: str = "tiny", config_file: str | None = None, storage: str =
 def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_url: str | None) -> dict[str, Any]:
     store = Store(storage, endpoint_url=endpoint_url)
     store.check()  # a missing bucket or rejected credentials fail here, before any work
+    runtime.check_run(cfg)  # devices, backends, checkpoint, corpus size: before the first stage
+    runtime.apply_threads(cfg)
     keys = stages.plan(cfg)
     run_id = run_id or f"{cfg.preset}-{keys['report'][:10]}"
     run = RunContext(run_id=run_id, storage=storage, endpoint_url=endpoint_url, config=cfg, stage_keys=keys)

@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from nlrewrite_core import stages
+from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig
 from nlrewrite_core.storage import Store
 from tasks import stages as t
@@ -46,6 +46,7 @@ def simulate_shard_range(config: dict[str, Any], storage: str, shards: list[int]
                            f"expects {expected_key}: worker and flow run different nlrewrite versions")
     store = Store(storage, endpoint_url=endpoint_url)
     store.check()
+    runtime.apply_threads(cfg)
     run = RunContext(run_id=run_id or f"{cfg.preset}-{keys['report'][:10]}", storage=storage,
                      endpoint_url=endpoint_url, config=cfg, stage_keys=keys)
     return run_shards(run, store, list(shards))

@@ -1,8 +1,10 @@
 """The `nlrewrite` command line: `run` the pipeline, `evaluate` a finished run again with other
 patching/evaluation settings, `query` a run's tables with SQL, list or pull a run's `artifacts`.
 
-Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run) exits
-with status 2 and one message naming the field or file, before anything is written.
+Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run; for `run`
+also a CUDA device or LLM backend this machine lacks, a transcoder checkpoint that is missing,
+malformed or does not fit, a corpus too small for its splits: nlrewrite_core.runtime) exits with
+status 2 and one message naming the field or file and the fix, before anything is written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, ConfigError, RewriteConfig, load_config
+from .llm import LLMError
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -128,10 +131,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         open_store(args.storage, args.endpoint_url)  # fail fast, before Prefect starts
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    from flows.rewrite import rewrite  # imports Prefect: only after validation
+    from .runtime import check_run
 
-    result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
-                     storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
+    check_run(cfg)  # the machine and the files the config names: CUDA, backends, checkpoint, corpus size
+    from flows.rewrite import rewrite  # imports Prefect: only after validation
+    from flows.server import prefect_api
+
+    # PREFECT_API_URL, or a temporary server that dies with this process (also on kill -9).
+    # A ConfigError raised inside the flow (the corpus stage's split sizes on the built corpus) exits 2 too.
+    with prefect_api():
+        result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
+                         storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
     print_result(cfg, result)
     return 0
 
@@ -139,18 +149,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import read_config_file
     from .patch import prepare
+    from .runtime import check_run
 
     overrides = read_config_file(args.config) if args.config else {}
     store = open_store(args.storage, args.endpoint_url)
     # every check (run, overrides, upstream manifests) before Prefect starts; the flow repeats them
     _, cfg, _, new_run_id = prepare(store, args.run_id, overrides, args.new_run_id, args.endpoint_url,
                                     origin=f"config file {args.config!r}" if args.config else "overrides")
+    check_run(cfg)
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
     from flows.patch_evaluate import patch_evaluate  # imports Prefect: only after validation
+    from flows.server import prefect_api
 
-    result = patch_evaluate(run_id=args.run_id, storage=args.storage, endpoint_url=args.endpoint_url,
-                            overrides=overrides, new_run_id=new_run_id)
+    with prefect_api():
+        result = patch_evaluate(run_id=args.run_id, storage=args.storage, endpoint_url=args.endpoint_url,
+                                overrides=overrides, new_run_id=new_run_id)
     print(f"upstream of run {args.run_id} reused, nothing recomputed: {', '.join(result['upstream_reused'])}")
     print_result(cfg, result)
     return 0
@@ -285,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, UsageError) as e:
-        print(f"nlrewrite: error: {e}", file=sys.stderr)
+        print("nlrewrite: error: " + str(e).replace("\n", " "), file=sys.stderr)  # always one line
         return 2
+    except LLMError as e:  # an LLM endpoint that failed for good (after its retries): the reason, one line
+        print("nlrewrite: error: " + str(e).replace("\n", " "), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ YAML file fails before any work starts, naming the field.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -160,8 +161,9 @@ class LLMConfig(Section):
     model: str
     """Local model directory or hub id (transformers, vllm), or the served model name (openai).
     The key of a stage hashes this string, not the weights: give a new path to a changed model."""
-    base_url: str | None = None
-    """openai: the API root, e.g. http://127.0.0.1:8000/v1 (the request goes to {base_url}/completions)."""
+    base_url: str | None = Field(None, validate_default=True)
+    """openai: the API root, e.g. http://127.0.0.1:8000/v1 (the request goes to {base_url}/completions).
+    Required by the openai backend."""
     api_key_env: str = "OPENAI_API_KEY"
     """openai: the environment variable holding the API key (the key itself is never in the config)."""
     max_concurrency: int = Field(8, ge=1)
@@ -191,6 +193,17 @@ class LLMConfig(Section):
     """Sampling seed."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """vllm: fraction of GPU memory the engine may use."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_for_openai(cls, v: str | None, info) -> str | None:  # noqa: ANN001
+        if info.data.get("backend") == "openai":
+            if not v:
+                raise ValueError("required by the openai backend: set it to the API root, e.g. "
+                                 "base_url: http://127.0.0.1:8000/v1")
+            if not v.startswith(("http://", "https://")):
+                raise ValueError(f"{v!r} is not an http(s) URL: set it to the API root, e.g. http://127.0.0.1:8000/v1")
+        return v
 
 
 class ExplainConfig(_Extended):
@@ -452,8 +465,9 @@ class ExecutionConfig(Section):
     """Seconds between checks of the shard runs' states."""
     device: Literal["cpu", "cuda", "auto"] = "auto"
     """Torch device for model stages."""
-    threads: int | None = None
-    """torch.set_num_threads; None keeps torch's default."""
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads (torch.set_num_threads) of the process that runs the flow's stages and
+    of each simulate-shard run; None keeps torch's default."""
 
 
 class RewriteConfig(_Extended):
@@ -587,11 +601,14 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        loc = ".".join(str(p) if _PLAIN_NAME.fullmatch(str(p)) else repr(p) for p in e["loc"]) or "<root>"
+        msg = " ".join(e["msg"].removeprefix("Value error, ").split())  # one line, whatever the input held
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see nlrewrite_core/config.py for the fields)"
         lines.append(f"{loc}: {msg}")

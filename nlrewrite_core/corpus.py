@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nlrewrite_core.config import CorpusConfig
+from nlrewrite_core.config import ConfigError, CorpusConfig
 
 EOS = "<|endoftext|>"
 """Special token that separates documents (and ends each one)."""
@@ -188,22 +188,32 @@ def sequence_hash(seed: int, tokens: np.ndarray) -> bytes:
     return h.digest()
 
 
+def check_split_sizes(n_sequences: int, cfg: CorpusConfig, estimate: bool = False) -> None:
+    """Raise ConfigError, naming the fields and the fix, when `n_sequences` cannot hold the splits:
+    ``n_eval + n_calib + n_explain + MIN_TRAIN_SEQUENCES``. `estimate`: n_sequences is an upper bound
+    computed before the corpus is built (the message says so)."""
+    held_out = cfg.n_eval + cfg.n_calib + cfg.n_explain
+    if n_sequences < held_out + MIN_TRAIN_SEQUENCES:
+        has = f"at most {n_sequences} sequences of corpus.seq_len {cfg.seq_len}" if estimate else \
+            f"{n_sequences} sequences"
+        raise ConfigError(
+            f"the corpus has {has}, too few for corpus.n_eval ({cfg.n_eval}) + corpus.n_calib "
+            f"({cfg.n_calib}) + corpus.n_explain ({cfg.n_explain}) + at least {MIN_TRAIN_SEQUENCES} "
+            f"train sequences: lower those fields or corpus.seq_len, or raise corpus.max_chars"
+        )
+
+
 def assign_splits(seqs: np.ndarray, cfg: CorpusConfig) -> np.ndarray:
     """Split name of each sequence ("eval", "calib", "explain" or "train").
 
     Sequences are ordered by a stable hash (ties, i.e. duplicate sequences, by index); the first
     ``n_eval`` go to eval, the next ``n_calib`` to calib, the next ``n_explain`` to explain and
-    the rest to train. Raises ValueError, naming the fields, if fewer than
+    the rest to train. Raises ConfigError (`check_split_sizes`), naming the fields, if fewer than
     ``n_eval + n_calib + n_explain + MIN_TRAIN_SEQUENCES`` sequences exist.
     """
     n = len(seqs)
     held_out = cfg.n_eval + cfg.n_calib + cfg.n_explain
-    if n < held_out + MIN_TRAIN_SEQUENCES:
-        raise ValueError(
-            f"the corpus has {n} sequences, too few for corpus.n_eval ({cfg.n_eval}) + corpus.n_calib "
-            f"({cfg.n_calib}) + corpus.n_explain ({cfg.n_explain}) + at least {MIN_TRAIN_SEQUENCES} "
-            f"train sequences: lower those fields or corpus.seq_len, or raise corpus.max_chars"
-        )
+    check_split_sizes(n, cfg)
     order = sorted(range(n), key=lambda i: (sequence_hash(cfg.seed, seqs[i]), i))
     splits = np.empty(n, dtype=object)
     bounds = np.cumsum([0, cfg.n_eval, cfg.n_calib, cfg.n_explain, n - held_out])

@@ -291,7 +291,9 @@ def run_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
     n_layers = model.config.num_hidden_layers
     if layer >= n_layers:
         raise ValueError(f"transcoder.layer ({layer}) is out of range: the subject has {n_layers} layers")
-    if cfg.transcoder.checkpoint:
+    if cfg.transcoder.checkpoint:  # refused unless it fits the subject and the config (also checked up front)
+        tc_lib.check_checkpoint(tc_lib.checkpoint_shape(cfg.transcoder.checkpoint), model.config.hidden_size,
+                                cfg.transcoder)
         sae = tc_lib.load_transcoder(cfg.transcoder.checkpoint).to(device)
         eval_lib.check_supported(sae)  # a TopK transcoder, or a clear refusal before any work
         metrics: dict[str, Any] = {"checkpoint": cfg.transcoder.checkpoint}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ import torch
 with contextlib.redirect_stdout(io.StringIO()):  # sparsify prints a Triton notice on import
     from sparsify import SparseCoder, SparseCoderConfig
 
-from nlrewrite_core.config import TranscoderConfig
+from nlrewrite_core.config import ConfigError, TranscoderConfig
 from nlrewrite_core.subject import MlpFn, mlp_module, replace_mlp, token_ce
 
 log = logging.getLogger(__name__)
@@ -218,17 +219,69 @@ HUB_PREFIX = "hf://"
 folder per hookpoint, e.g. hf://EleutherAI/skip-transcoder-pythia-160m-32k/layers.6.mlp)."""
 
 
+def _hub_location(path: str) -> tuple[str, str | None]:
+    """(repo id, hookpoint or None) of an hf://owner/repo[/hookpoint] checkpoint."""
+    parts = path[len(HUB_PREFIX):].strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise ConfigError(f"transcoder.checkpoint {path!r}: expected {HUB_PREFIX}<owner>/<repo>[/<hookpoint>]")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+
 def load_transcoder(path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
     """Load a sparsify-format checkpoint (ours or one written by sparsify), in eval mode: a local
     directory, or `hf://owner/repo[/hookpoint]` through sparsify's hub loader (the local HF cache
     when HF_HUB_OFFLINE is set)."""
     if str(path).startswith(HUB_PREFIX):
-        parts = str(path)[len(HUB_PREFIX):].strip("/").split("/")
-        if len(parts) < 2 or not all(parts[:2]):
-            raise ValueError(f"transcoder.checkpoint {path!r}: expected {HUB_PREFIX}<owner>/<repo>[/<hookpoint>]")
-        name, hookpoint = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        name, hookpoint = _hub_location(str(path))
         return SparseCoder.load_from_hub(name, hookpoint, device=device).eval()
     return SparseCoder.load_from_disk(path, device=device).eval()
+
+
+def checkpoint_shape(path: str) -> dict[str, int]:
+    """d_in, num_latents and k of a checkpoint, from its cfg.json alone (a local directory, or
+    hf://owner/repo[/hookpoint]: only cfg.json is fetched, from the local HF cache when offline).
+    A missing, unreadable or malformed checkpoint raises ConfigError naming transcoder.checkpoint."""
+    where = f"transcoder.checkpoint {path!r}"
+    if path.startswith(HUB_PREFIX):
+        from huggingface_hub import hf_hub_download
+
+        name, hookpoint = _hub_location(path)
+        try:
+            cfg_file = Path(hf_hub_download(name, f"{hookpoint}/cfg.json" if hookpoint else "cfg.json"))
+        except Exception as e:  # not on the hub, not in the cache when offline, no network
+            raise ConfigError(f"{where}: cannot get its cfg.json from the Hugging Face hub or the local cache "
+                              f"({type(e).__name__}); check the repo and hookpoint, or download it first") from None
+    else:
+        d = Path(path)
+        missing = [f for f in ("cfg.json", "sae.safetensors") if not (d / f).is_file()]
+        if missing:
+            raise ConfigError(f"{where}: {'no such directory' if not d.is_dir() else 'no ' + ' or '.join(missing)}; "
+                              f"give a sparsify checkpoint directory (cfg.json + sae.safetensors) or "
+                              f"{HUB_PREFIX}<owner>/<repo>[/<hookpoint>]")
+        cfg_file = d / "cfg.json"
+    try:
+        raw = json.loads(cfg_file.read_text())
+        d_in = int(raw["d_in"])
+        num_latents = int(raw.get("num_latents") or 0) or d_in * int(raw.get("expansion_factor", 32))
+        k = int(raw.get("k", 32))
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+        raise ConfigError(f"{where}: its cfg.json is not a sparsify config ({type(e).__name__}: {e}); "
+                          "it needs at least d_in, and num_latents or expansion_factor") from None
+    return {"d_in": d_in, "num_latents": num_latents, "k": k}
+
+
+def check_checkpoint(shape: dict[str, int], d_model: int | None, cfg: TranscoderConfig) -> None:
+    """Refuse a checkpoint that does not fit: its width is not the subject's hidden size (`d_model`,
+    None when unknown), or its num_latents / k differ from the config's. The config is never
+    silently overridden by the checkpoint: stage keys, the summary and the evaluation all read it."""
+    where = f"transcoder.checkpoint {cfg.checkpoint!r}"
+    if d_model is not None and shape["d_in"] != d_model:
+        raise ConfigError(f"{where} reads vectors of width {shape['d_in']} but the subject's hidden size is "
+                          f"{d_model}: use a checkpoint trained on this subject's layer {cfg.layer} MLP")
+    if (shape["num_latents"], shape["k"]) != (cfg.num_latents, cfg.k):
+        raise ConfigError(f"{where} has num_latents {shape['num_latents']} and k {shape['k']}, the config "
+                          f"num_latents {cfg.num_latents} and k {cfg.k}: set transcoder.num_latents: "
+                          f"{shape['num_latents']} and transcoder.k: {shape['k']}")
 
 
 # ----------------------------------------------------------------------------- evaluation

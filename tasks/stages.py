@@ -12,11 +12,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
+from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
+from prefect.states import State
 
 from nlrewrite_core import stages
 from nlrewrite_core.storage import ArtifactRef, Store
+from nlrewrite_core.transient import is_transient
 
 from .context import RunContext
 
@@ -33,11 +36,25 @@ def stage_cache_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], st
     return key_fn
 
 
+def retry_on_transient(_task: Task, _task_run: TaskRun, state: State) -> bool:
+    """retry_condition_fn: retry only what a retry can fix (network, S3, LLM 429/5xx, timeouts:
+    nlrewrite_core.transient); a validation error, a missing file or a ValueError fails at once.
+    (Prefect calls it only when it is a plain function, so it stays one.)"""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:
+            return False
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
 def stage_task(stage: str, name: str, retries: int = 0, run_name: str | None = None):
-    """A Prefect task decorator with the stage's cache key and result persistence."""
+    """A Prefect task decorator with the stage's cache key, result persistence, and `retries` retries
+    of transient errors only (`retry_on_transient`)."""
     return task(name=name, cache_key_fn=stage_cache_key(stage), persist_result=True,
                 cache_expiration=timedelta(days=365), retries=retries, retry_delay_seconds=[5, 30, 120][:retries],
-                task_run_name=run_name or name)
+                retry_condition_fn=retry_on_transient, task_run_name=run_name or name)
 
 
 @stage_task("corpus", "build_corpus")

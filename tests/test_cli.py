@@ -122,3 +122,128 @@ def test_headline_rows_average_random_seeds_and_filter_positions():
                                      ["simulated", "random (x2)", 0.1, "quantile"]]
     assert rows[4][6] == pytest.approx(4.3) and rows[4][7] == pytest.approx(4.1) and rows[4][8] == pytest.approx(4.5)
     assert rows[2][5] == 3 and rows[3][5] == 0  # n_true_kept: the paper's accounting beside the strict one
+
+
+# ---- every bad setting of issue 12: exit 2, one line naming the field, nothing written -----------------------
+def _checkpoint(tmp_path: Path, d_in: int, num_latents: int, k: int) -> str:
+    from nlrewrite_core import transcoder
+    from nlrewrite_core.config import TranscoderConfig
+
+    path = tmp_path / f"ckpt-{d_in}-{num_latents}-{k}"
+    transcoder.save_transcoder(transcoder.new_transcoder(d_in, TranscoderConfig(num_latents=num_latents, k=k)), path)
+    return str(path)
+
+
+def _without_weights(tmp_path: Path) -> str:
+    path = _checkpoint(tmp_path, 32, 128, 8)
+    (Path(path) / "sae.safetensors").unlink()
+    return path
+
+
+def _garbage_checkpoint(tmp_path: Path) -> str:
+    path = tmp_path / "garbage"
+    path.mkdir()
+    (path / "cfg.json").write_text("{not json")
+    (path / "sae.safetensors").write_bytes(b"\0" * 16)
+    return str(path)
+
+
+def _openai(section: str, method: str) -> str:
+    return f"{section}:\n  method: {method}\n  llm: {{backend: openai, model: served}}\n"
+
+
+BAD_INPUTS = {  # name: (YAML text, or a function of tmp_path giving it; what the one line must say)
+    "openai without base_url (explain)": (_openai("explain", "llm"), "explain.llm.base_url: required by the openai"),
+    "openai without base_url (score)": (_openai("score", "detection"), "score.llm.base_url: required by the openai"),
+    "openai without base_url (simulate)": (_openai("simulate", "llm"), "simulate.llm.base_url: required by the openai"),
+    "openai base_url not a URL": ("simulate:\n  method: llm\n  llm: {backend: openai, model: m, base_url: localhost}\n",
+                                  "simulate.llm.base_url: 'localhost' is not an http(s) URL"),
+    "cuda without CUDA": ("execution: {device: cuda}\n", "execution.device is 'cuda' but this machine has no CUDA"),
+    "llm on cuda without CUDA": ("explain:\n  method: llm\n  llm: {model: m, device: cuda}\n",
+                                 "explain.llm.device is 'cuda' but this machine has no CUDA"),
+    "vllm not installed": ("score:\n  method: detection\n  llm: {backend: vllm, model: m}\n",
+                           "score.llm.backend is 'vllm' but vLLM is not installed"),
+    "threads zero": ("execution: {threads: 0}\n", "execution.threads"),
+    "corpus too small": ("corpus: {n_eval: 100000}\n", "too few for corpus.n_eval (100000)"),
+    "checkpoint missing": ("transcoder: {checkpoint: /no/such/ckpt}\n",
+                           "transcoder.checkpoint '/no/such/ckpt': no such directory"),
+    "checkpoint without weights": (lambda p: f"transcoder: {{checkpoint: {_without_weights(p)}}}\n",
+                                   "no sae.safetensors"),
+    "checkpoint malformed": (lambda p: f"transcoder: {{checkpoint: {_garbage_checkpoint(p)}}}\n",
+                             "its cfg.json is not a sparsify config"),
+    "hf path malformed": ("transcoder: {checkpoint: 'hf://only-owner'}\n", "expected hf://<owner>/<repo>"),
+    "hf path missing": ("transcoder: {checkpoint: 'hf://nlrewrite-test/no-such-repo/layers.0.mlp'}\n",
+                        "cannot get its cfg.json from the Hugging Face hub or the local cache"),
+    "checkpoint width": (lambda p: f"transcoder: {{checkpoint: {_checkpoint(p, 64, 128, 8)}}}\n",
+                         "reads vectors of width 64 but the subject's hidden size is 32"),
+    "checkpoint num_latents and k": (lambda p: f"transcoder: {{checkpoint: {_checkpoint(p, 32, 256, 4)}}}\n",
+                                     "set transcoder.num_latents: 256 and transcoder.k: 4"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_refused_up_front(tmp_path, capsys, name):
+    import torch
+
+    text, expected = BAD_INPUTS[name]
+    if "cuda" in name.lower() and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text(tmp_path) if callable(text) else text)
+    storage = tmp_path / "store"
+    code, err = run_cli(["run", "--preset", "micro", "--config", str(cfg), "--storage", str(storage)], capsys)
+    assert code == 2, err
+    assert expected in err and err.count("\n") == 1, err
+    assert not storage.exists()
+
+
+def test_checkpoint_matching_the_config_passes_the_checks(tmp_path):
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.runtime import check_run
+
+    check_run(load_config("micro", overrides={"transcoder": {"checkpoint": _checkpoint(tmp_path, 32, 128, 8)}}))
+
+
+def test_corpus_stage_refuses_a_built_corpus_too_small_before_writing(tmp_path):
+    """A corpus that passes the up-front bound but holds too few sequences once built: ConfigError
+    from the corpus stage, nothing written."""
+    from nlrewrite_core import stages
+    from nlrewrite_core.config import ConfigError, load_config
+    from nlrewrite_core.runtime import check_run, max_sequences
+    from nlrewrite_core.storage import Store
+
+    cfg = load_config("micro", overrides={"corpus": {"n_explain": 5000}})
+    assert max_sequences(cfg.corpus) > 5000 + 16 + 16 + 16
+    check_run(cfg)  # the bound cannot tell
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(ConfigError, match=r"too few for corpus.n_eval \(16\) \+ corpus.n_calib \(16\) \+ "
+                                          r"corpus.n_explain \(5000\)"):
+        stages.run_corpus(store, cfg, stages.plan(cfg))
+    assert not any(p.is_file() for p in (tmp_path / "store").rglob("*"))
+
+
+def test_execution_threads_is_applied():
+    import torch
+
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.runtime import apply_threads
+
+    n = torch.get_num_threads()
+    try:
+        apply_threads(load_config("micro", overrides={"execution": {"threads": 1 if n != 1 else 2}}))
+        assert torch.get_num_threads() == (1 if n != 1 else 2)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_config_error_inside_the_flow_exits_2(prefect_server, tmp_path, capsys):
+    """A corpus that passes the up-front bound but is too small once built: the corpus stage's
+    ConfigError ends `nlrewrite run` with exit 2 and the one line, no file written."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("corpus: {n_explain: 5000}\n")
+    storage = tmp_path / "store"
+    code, err = run_cli(["run", "--preset", "micro", "--config", str(cfg), "--storage", str(storage)], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("nlrewrite: error: the corpus has ")
+    assert "corpus.n_explain (5000)" in err.strip().splitlines()[-1]
+    assert not [p for p in storage.rglob("*") if p.is_file()]

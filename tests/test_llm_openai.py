@@ -15,7 +15,7 @@ from nlrewrite_core.config import LLMConfig
 from nlrewrite_core.llm import LLMError, Prompt, make_llm
 from nlrewrite_core.simulate import llm_predictions
 
-KEY = "sk-test-SECRET-0123456789"
+KEY = "sk-test-7Qx9ZpR2vLm4TnW8yKc3hJ5d"  # no 8-character piece of it occurs by chance
 
 
 class Server:
@@ -29,6 +29,7 @@ class Server:
         self.delay = 0.05
         self.hang = 0.0
         self.echo = None  # (prompt, k) -> completion choice, for requests with echo (prompt logprobs)
+        self.echo_auth = False  # error bodies (and answers) echo the request's Authorization header
 
 
 @pytest.fixture
@@ -50,11 +51,18 @@ def server():
                 status = queue.pop(0) if queue else 200
             try:
                 time.sleep(state.delay + state.hang)
+                auth = self.headers.get("Authorization", "")
                 if status != 200:
                     self.send_response(status)
                     self.send_header("Retry-After", "0")
                     self.end_headers()
-                    self.wfile.write(b'{"error": "busy"}')
+                    if state.echo_auth:  # an adversarial endpoint: the key straddles the 300th character, then cut
+                        err = ("invalid request: " + "x" * 240 + " you sent Authorization: " + auth
+                               + " | key as stored: " + auth[len("Bearer "):][:-2])
+                        assert 280 < err.index(KEY) < 300
+                        self.wfile.write(err.encode())
+                    else:
+                        self.wfile.write(b'{"error": "busy"}')
                     return
                 n_in = len(body["prompt"].split())
                 if body.get("echo") and state.echo is not None:
@@ -65,7 +73,8 @@ def server():
                     choice = {"text": digit, "logprobs": {"tokens": [digit], "top_logprobs": [top]}}
                     n_out = 1
                 else:
-                    choice = {"text": f"reasoning...\n[EXPLANATION]: answer to {n_in} words"}
+                    choice = {"text": f"reasoning...\n[EXPLANATION]: answer to {n_in} words"
+                                      + (f" (your header: {auth})" if state.echo_auth else "")}
                     n_out = 7
                 data = json.dumps({"choices": [choice], "usage": {"prompt_tokens": n_in, "completion_tokens": n_out}})
                 self.send_response(200)
@@ -211,3 +220,130 @@ def test_all_at_once_over_openai_prompt_logprobs_equals_transformers(server, mon
     server.echo = _echo_by(ref, merge_at="unknown\n sat")
     got = llm.slot_logprobs(prompts[:1])[0]
     assert got[1] is None and all(x is not None for i, x in enumerate(got) if i != 1)
+
+
+# ---- no piece of the key anywhere (issue 12) ---------------------------------------------------------------
+def leaks(text: str | bytes) -> list[str]:
+    """Every 8-character piece of KEY found in text."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return [KEY[i:i + 8] for i in range(len(KEY) - 7) if KEY[i:i + 8] in text]
+
+
+def test_scrub_before_cut_and_bearer_values():
+    from nlrewrite_core.redact import excerpt, scrub
+
+    body = "x" * 290 + f"Authorization: Bearer {KEY}"  # the key straddles the 300th character
+    assert leaks(excerpt(body, 300, [KEY])) == [] and excerpt(body, 300, [KEY]).endswith("...")
+    assert leaks(scrub(f"key cut by the server: {KEY[2:-2]}", [KEY])) == []
+    assert scrub("Authorization: Bearer abc.def-123 and api_key='zzz'", []) == "Authorization: Bearer *** and api_key='***'"
+    assert scrub("an ordinary error", [KEY]) == "an ordinary error"
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_key_echoed_in_error_body_never_surfaces(server, monkeypatch, caplog, capfd, status):
+    import io
+
+    console = io.StringIO()  # the library's log lines as any handler gets them (Prefect's own may not propagate)
+    handler = logging.StreamHandler(console)
+    logging.getLogger("nlrewrite_core").addHandler(handler)
+    monkeypatch.setattr(logging.getLogger("nlrewrite_core"), "level", logging.INFO)
+    llm = _llm(server, monkeypatch, max_retries=2)
+    server.echo_auth = True
+    server.fail = {"p": [status] * 3}
+    with pytest.raises(LLMError, match=f"HTTP {status}") as e:
+        llm.generate(["p"])
+    assert "invalid request" in str(e.value)  # the body's useful part is kept
+    assert e.value.retryable is (status == 500)
+    out, err = capfd.readouterr()
+    for text in (str(e.value), repr(e.value), caplog.text, out, err):
+        assert leaks(text) == [], text
+
+
+def test_key_echoed_in_an_answer_is_masked(server, monkeypatch, tmp_path):
+    import pyarrow as pa
+
+    from nlrewrite_core.llm.prompts import parse_explanation
+    from nlrewrite_core.storage import StageWriter, Store
+
+    llm = _llm(server, monkeypatch)
+    server.echo_auth = True
+    answers = llm.generate(["q", "r"])
+    assert all("[EXPLANATION]" in a for a in answers) and leaks("".join(answers)) == []
+    store = Store(str(tmp_path / "store"))  # the answers as an explain stage would store them
+    w = StageWriter(store, "explain", "e" * 24, config=llm.cfg.model_dump(mode="json"), upstream={}, version="1")
+    w.table("explanations", pa.table({"explanation": [parse_explanation(a)[0] for a in answers]}))
+    w.finish(cost={"llm_backend": llm.backend, **llm.usage.since({})})
+    files = [f for f in (tmp_path / "store").rglob("*") if f.is_file()]
+    assert files and all(leaks(f.read_bytes()) == [] for f in files)
+
+
+def test_unreachable_endpoint_one_line_per_failure_kind(monkeypatch, caplog):
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("NLR_TEST_KEY", KEY)
+    llm = make_llm(LLMConfig(backend="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1",
+                             api_key_env="NLR_TEST_KEY", backoff_s=0.01, max_retries=3, max_concurrency=4))
+    caplog.set_level(logging.INFO, logger="nlrewrite_core")
+    with pytest.raises(LLMError, match=r"failed after 4 attempts: connection error \(ConnectError\)") as e:
+        llm.generate([f"prompt {i}" for i in range(200)])
+    assert e.value.retryable and "failures in this call: connection error (ConnectError) x" in str(e.value)
+    lines = [r for r in caplog.records if r.name.startswith("nlrewrite_core.llm")]
+    assert len(lines) == 1 and "connection error" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_key_never_reaches_the_prefect_database(prefect_server, server, monkeypatch, status):
+    """A flow whose task calls an endpoint that echoes the key in its error bodies (a 400; a 500, retried
+    by the backend and by Prefect, then failed): the remote text reaches the console, the flow/task
+    states, logs and events of the Prefect database, and no piece of the key does."""
+    import glob
+    import os
+
+    from prefect import flow, task
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    import io
+
+    console = io.StringIO()  # the library's log lines as any handler gets them (Prefect's own may not propagate)
+    handler = logging.StreamHandler(console)
+    logging.getLogger("nlrewrite_core").addHandler(handler)
+    monkeypatch.setattr(logging.getLogger("nlrewrite_core"), "level", logging.INFO)
+    llm = _llm(server, monkeypatch, max_retries=2)
+    server.echo_auth = True
+    server.fail = {"leak-probe": [status] * 10}
+
+    @task(name="leaky_llm_call", retries=1, retry_delay_seconds=0)
+    def call() -> list[str]:
+        return llm.generate(["leak-probe"])
+
+    @flow(name="leak-probe-flow")
+    def probe() -> list[str]:
+        return call()
+
+    try:
+        state = probe(return_state=True)
+    finally:
+        logging.getLogger("nlrewrite_core").removeHandler(handler)
+    assert state.is_failed() and leaks(state.message or "") == []
+    APILogWorker.instance().drain()  # send the buffered logs and events to the server now
+    EventsWorker.drain_all()
+    db = PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1]
+    deadline = time.time() + 60
+    while True:  # wait until the server has persisted the run's logs and its failure event
+        blob = b"".join(open(f, "rb").read() for f in glob.glob(db + "*") if os.path.isfile(f))
+        expected = [b"invalid request", b"prefect.flow-run.Failed"] + ([b"retrying with backoff"] if status == 500 else [])
+        if all(e in blob for e in expected) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert all(e in blob for e in expected)
+    assert leaks(blob) == []
+    # (Prefect's console shows these same lines and state messages; it is not captured here, because a
+    # capture fixture's stream, once closed, would stay Prefect's console for the rest of the session.)
+    assert ("retrying with backoff" in console.getvalue()) == (status == 500)
+    assert leaks(console.getvalue()) == []

@@ -28,7 +28,17 @@ if TYPE_CHECKING:
 
 
 class LLMError(RuntimeError):
-    """A backend call failed (after its retries). The message never holds an API key."""
+    """A backend call failed (after its retries). The message never holds an API key.
+
+    `retryable`: a later attempt may succeed (the endpoint was unreachable, timed out, or answered
+    429/5xx through every retry); False for answers that will not change (401, 404, a bad request)."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+    def __reduce__(self):  # keep `retryable` through pickling (Prefect states, process pools)
+        return type(self), (str(self), self.retryable)
 
 
 @dataclass(frozen=True)
