@@ -123,8 +123,10 @@ def load_tokens(store: Store, keys: dict[str, str], splits: tuple[str, ...]) -> 
     t = _table(store, "corpus", keys["corpus"], "tokens", filters=pc.field("split").isin(list(splits)))
     t = t.sort_by("seq_id")
     seq_ids = t.column("seq_id").to_numpy()
-    tokens = np.asarray(t.column("tokens").to_pylist(), dtype=np.int64) if len(t) else np.zeros((0, 0), np.int64)
-    return seq_ids, tokens
+    if not len(t):
+        return seq_ids, np.zeros((0, 0), np.int64)
+    flat = t.column("tokens").combine_chunks().flatten().to_numpy()  # no Python lists: 8 bytes per token
+    return seq_ids, flat.astype(np.int64).reshape(len(t), -1)
 
 
 def load_tokenizer(store: Store, keys: dict[str, str]):
@@ -224,14 +226,19 @@ def run_corpus(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
     if ref := _done(store, "corpus", keys):
         return ref
     w = _writer(store, "corpus", cfg, keys)
+    t0 = time.perf_counter()
     table, tokenizer = corpus_lib.build_corpus(cfg.corpus)
+    dt = time.perf_counter() - t0
     w.table("tokens", table)
     w.bytes("tokenizer.json", tokenizer.to_str().encode())
     splits = table.column("split").to_numpy(zero_copy_only=False)
     counts = {s: int((splits == s).sum()) for s in ("train", "explain", "calib", "eval")}
-    log.info("corpus: %d sequences of %d tokens, splits %s", len(table), cfg.corpus.seq_len, counts)
+    n_tokens = len(table) * cfg.corpus.seq_len
+    log.info("corpus: %d sequences of %d tokens from %s in %.1fs (%.0f tokens/s), splits %s", len(table),
+             cfg.corpus.seq_len, cfg.corpus.source, dt, n_tokens / max(dt, 1e-9), counts)
     return w.finish(metrics={"n_sequences": len(table), "splits": counts, "vocab_size": tokenizer.get_vocab_size(),
-                             "n_tokens": len(table) * cfg.corpus.seq_len})
+                             "n_tokens": n_tokens, "source": cfg.corpus.source,
+                             "tokens_per_s": n_tokens / max(dt, 1e-9)})
 
 
 def run_subject(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
