@@ -141,7 +141,8 @@ class SubjectConfig(Section):
         return self
 
 
-class TranscoderConfig(Section):
+class TranscoderConfig(_Extended):
+    _added = ("buffer_tokens", "checkpoint_every")
     layer: int = Field(0, ge=0)
     """Index of the transformer block whose MLP the transcoder replaces. Tiny default 0: in the
     3-layer tiny subject only layer 0's MLP matters enough (zeroing it costs ~74% of clean CE,
@@ -163,9 +164,21 @@ class TranscoderConfig(Section):
     auxk_alpha: float = Field(1 / 32, ge=0)
     """Weight of the AuxK loss that revives dead latents."""
     max_train_tokens: int = Field(400_000, ge=1000)
-    """Cap on the train-split tokens whose MLP input/output are cached for training."""
+    """Cap on the train-split tokens the transcoder trains on (the first by seq_id). Their MLP
+    inputs/outputs are never held all at once: they are recomputed from the subject one buffer at a
+    time (`buffer_tokens`), so memory does not grow with this budget; steps beyond one pass cycle
+    through the tokens again in a new order."""
     seed: int = 0
     """Seed for initialisation and batch order."""
+    buffer_tokens: int = Field(65_536, ge=16)
+    """Tokens in the shuffle buffer: the subject's MLP inputs/outputs for this many tokens (whole
+    sequences, in a seeded random order of the train sequences) are computed at once, shuffled, and
+    cut into `batch_tokens` batches (a remainder below one batch is dropped). Bounds the stage's memory:
+    2 x buffer_tokens x d_model floats."""
+    checkpoint_every: int = Field(500, ge=0)
+    """Steps between training checkpoints in sparsify's layout (the transcoder's cfg.json + sae.safetensors
+    under its hookpoint, optimizer_0.pt, state.pt, rank_0_state.pt) inside the stage's artifact directory;
+    a killed run resumes from the last one with the same result. 0: no checkpoints."""
 
     @model_validator(mode="after")
     def _check(self) -> "TranscoderConfig":
@@ -553,7 +566,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "seq_len": 50, "n_calib": 200, "n_eval": 1000, "n_explain": 4000},
         "subject": {"source": "hub", "hub_id": "EleutherAI/pythia-160m", "num_layers": 12, "hidden_size": 768,
                     "num_heads": 12, "intermediate_size": 3072},
-        "transcoder": {"layer": 6, "num_latents": 32768, "k": 32, "max_train_tokens": 4_000_000},
+        # One pass over 16.4M Pile tokens (2,000 steps x 8,192 tokens), a checkpoint every 250 steps.
+        "transcoder": {"layer": 6, "num_latents": 32768, "k": 32, "max_train_tokens": 16_384_000,
+                       "steps": 2000, "batch_tokens": 8192, "buffer_tokens": 262_144, "checkpoint_every": 250},
         "activations": {"batch_size": 64, "dtype": "float16"},
         "explain": {"method": "llm", "n_examples": 40, "n_bins": 10, "window": 32,
                     "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "chat_format": "llama3"}},

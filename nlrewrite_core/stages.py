@@ -39,7 +39,7 @@ from .storage import ArtifactRef, StageWriter, Store, stage_key
 log = logging.getLogger("nlrewrite")
 
 VERSIONS = {
-    "corpus": "1", "subject": "1", "transcoder": "1", "activations": "1", "explain": "1",
+    "corpus": "1", "subject": "1", "transcoder": "2", "activations": "1", "explain": "1",
     "embed": "1", "score": "1", "simulate": "2", "calibrate": "3", "evaluate": "2", "report": "2",
     "multilayer": "1",
 }
@@ -290,9 +290,14 @@ def run_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
     else:
         _, train = load_tokens(store, keys, ("train",))
         n_seq = max(1, min(len(train), cfg.transcoder.max_train_tokens // train.shape[1]))
-        X, Y = tc_lib.collect_mlp_io(model, layer, train[:n_seq], cfg.evaluate.batch_size, device)
-        sae, metrics = tc_lib.train_transcoder(X, Y, cfg.transcoder)
-        del X, Y
+        train = train[:n_seq].astype(np.int32)  # token ids only: MLP inputs/outputs are streamed
+        # Checkpoints live in the artifact directory (a directory without a manifest survives a restart)
+        # and go once the stage is done.
+        checkpoints = tc_lib.Checkpoints(store, store.artifact_dir("transcoder", keys["transcoder"], "checkpoints"),
+                                         f"layers.{layer}.mlp")
+        sae, metrics = tc_lib.train_streaming(model, layer, train, cfg.transcoder, cfg.evaluate.batch_size, device,
+                                              checkpoints)
+        del train
     sae.eval()
     # The fit on the eval split: FVU, dead latents, and CE (clean, transcoder, zero-ablation, MLP zeroed).
     _, eval_tokens = load_tokens(store, keys, ("eval",))
@@ -307,7 +312,9 @@ def run_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         tc_lib.save_transcoder(sae, tmp)
         w.directory("sae", tmp)
     w.table("fit", pa.table({"metric": list(fit), "value": [float(v) for v in fit.values()]}))
-    return w.finish(metrics={**metrics, **fit})
+    ref = w.finish(metrics={**metrics, **fit})
+    store.remove_dir(store.artifact_dir("transcoder", keys["transcoder"], "checkpoints"))
+    return ref
 
 
 def run_activations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
