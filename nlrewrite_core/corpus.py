@@ -291,11 +291,14 @@ def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _text_of(record: Any, column: str, where: str) -> str:
+def _text_of(record: Any, column: str, where: str) -> Any:
+    """The `column` field of a record (or a batch: a dict of lists); a missing one names the field."""
     if not isinstance(record, dict) or column not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"{where} has no column {column!r} (corpus.text_column); it has {keys}")
     text = record[column]
+    if isinstance(text, list):
+        return text
     if text is not None and not isinstance(text, str):
         raise ValueError(f"{where}: column {column!r} (corpus.text_column) holds {type(text).__name__}, not text")
     return text or ""
@@ -330,12 +333,19 @@ def hf_documents(cfg: CorpusConfig) -> Iterator[str]:
         raise ValueError(f"{where} was not found (a hub id needs hub access; a local path must be a directory "
                          f"written by save_to_disk or holding data files): {e}") from None
     columns = getattr(ds, "column_names", None)
-    if columns is not None and cfg.text_column not in columns:
-        raise ValueError(f"{where} has no column {cfg.text_column!r} (corpus.text_column); it has {sorted(columns)}")
-    for i, row in enumerate(ds):
-        text = _text_of(row, cfg.text_column, f"{where} row {i}")
-        if text.strip():
-            yield text
+    if columns is not None:
+        if cfg.text_column not in columns:
+            raise ValueError(f"{where} has no column {cfg.text_column!r} (corpus.text_column); it has {sorted(columns)}")
+        ds = ds.select_columns([cfg.text_column])
+    # Batches of rows (columnar), not one dict per row: reading is then ~25x faster than row iteration.
+    for i, batch in enumerate(ds.iter(batch_size=DOC_BATCH)):
+        texts = _text_of(batch, cfg.text_column, f"{where} rows {i * DOC_BATCH}..")
+        for text in texts:
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"{where}: column {cfg.text_column!r} (corpus.text_column) holds "
+                                 f"{type(text).__name__}, not text")
+            if text and text.strip():
+                yield text
 
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -462,7 +472,9 @@ def build_corpus(cfg: CorpusConfig) -> tuple[pa.Table, Tokenizer]:
     else:
         hf = load_hf_tokenizer(cfg.tokenizer)
         tokenizer = hf.backend_tokenizer
-        encode, eos = hf_encoder(hf), int(hf.eos_token_id)
+        # The Rust tokenizer's own batch call: the same ids as hf_encoder (tests check it) without
+        # transformers' per-document conversion (~1/3 of the time).
+        encode, eos = tokenizer_encoder(tokenizer), int(hf.eos_token_id)
     n_docs = 0
 
     def counted(it: Iterable[str]) -> Iterator[str]:
