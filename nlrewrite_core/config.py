@@ -155,7 +155,7 @@ class TranscoderConfig(_Extended):
     """An existing sparsify checkpoint (cfg.json + sae.safetensors) to load instead of training: a local
     directory, or hf://<owner>/<repo>[/<hookpoint>] on the Hugging Face hub (sparsify's layout)."""
     steps: int = Field(1500, ge=1)
-    """Optimizer steps on cached MLP inputs/outputs (fixed count)."""
+    """Optimizer steps (fixed count) on MLP inputs/outputs streamed from the subject."""
     batch_tokens: int = Field(1024, ge=16)
     """Tokens per step."""
     lr: float | None = None

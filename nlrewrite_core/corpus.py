@@ -367,7 +367,9 @@ def _filesystem(uri: str, endpoint_url: str | None):
 def match_files(cfg: CorpusConfig) -> list[tuple[Any, str]]:
     """(filesystem, path) of every file matched by ``cfg.paths``, sorted within each pattern.
 
-    Raises ValueError naming the pattern when it matches nothing, or a file of an unsupported type.
+    Local patterns follow ``glob`` (``**`` for any depth); on S3 the keys under the pattern's fixed
+    prefix are matched with ``fnmatch``, where ``*`` also crosses ``/``. Raises ValueError naming the
+    pattern when it matches nothing, or a file of an unsupported type.
     """
     import pyarrow.fs as pafs
 

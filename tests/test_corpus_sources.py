@@ -36,7 +36,7 @@ def files_cfg(paths, **kw) -> CorpusConfig:
     return CorpusConfig(source="files", paths=[str(p) for p in paths], **SPLITS, **kw)
 
 
-def reference(docs: list[str], cfg: CorpusConfig) -> pa.Table:
+def reference(docs: list[str], cfg: CorpusConfig) -> tuple[np.ndarray, np.ndarray]:
     """What the corpus must be: the documents in order, tokenized, cut, split by hash."""
     tok = corpus.train_tokenizer(corpus.DOC_SEPARATOR.join(_sample(docs, cfg.max_chars)), cfg.vocab_size)
     seqs = corpus.cut_sequences(corpus.tokenizer_encoder(tok), docs, corpus.eos_id(tok), cfg.seq_len, cfg.max_tokens)
