@@ -395,7 +395,9 @@ class Checkpoints:
                 (Path(tmp) / name).write_bytes(self.store.read_bytes(f"{d}/{self.hookpoint}/{name}"))
             loaded = SparseCoder.load_from_disk(tmp, device=device)
         sae.load_state_dict(loaded.state_dict())
-        opt.load_state_dict(_torch_load(self.store.read_bytes(f"{d}/optimizer_0.pt"), device))
+        # On CPU: load_state_dict moves the moments to the parameters' device and keeps Adam's step
+        # counters on the CPU, as a non-capturable Adam needs.
+        opt.load_state_dict(_torch_load(self.store.read_bytes(f"{d}/optimizer_0.pt"), "cpu"))
         meta = _torch_load(self.store.read_bytes(f"{d}/state.pt"), "cpu")
         fired = _torch_load(self.store.read_bytes(f"{d}/rank_0_state.pt"), device)["num_tokens_since_fired"]
         log.info("transcoder: resuming from the checkpoint at step %d", step)
