@@ -156,3 +156,56 @@ def test_peak_rss_does_not_grow_with_the_token_budget() -> None:
     print(f"peak RSS {small['maxrss_kb'] / 1024:.0f} MB at 160K tokens, {big['maxrss_kb'] / 1024:.0f} MB at 800K "
           f"(growth {growth_mb:.1f} MB; in memory the activations alone would add {in_memory_mb:.0f} MB)")
     assert growth_mb < 32 and growth_mb < 0.1 * in_memory_mb
+
+
+STAGE_CHILD = """
+import os, signal, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+from nlrewrite_core import stages, transcoder
+from nlrewrite_core.config import load_config
+from nlrewrite_core.storage import Store
+
+class DieAfter(transcoder.Checkpoints):
+    def save(self, sae, opt, state):
+        super().save(sae, opt, state)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+transcoder.Checkpoints = DieAfter  # the stage's own checkpoints: killed right after the first one
+cfg = load_config("micro", overrides={overrides!r})
+stages.run_transcoder(Store({store!r}), cfg, stages.plan(cfg))
+"""
+
+
+def test_stage_resumes_from_its_checkpoint(tmp_path) -> None:
+    """run_transcoder killed after its first checkpoint: the rerun resumes there (the checkpoint survives
+    the stage writer's clean-up of a manifest-less directory) and removes the checkpoints when done."""
+    from nlrewrite_core import stages
+    from nlrewrite_core.config import load_config
+
+    overrides = {"transcoder": {"checkpoint_every": 30}}
+    cfg, store = load_config("micro", overrides=overrides), Store(str(tmp_path / "store"))
+    keys = stages.plan(cfg)
+    stages.run_corpus(store, cfg, keys)
+    stages.run_subject(store, cfg, keys)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    code = STAGE_CHILD.format(overrides=overrides, store=str(tmp_path / "store"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ckpt = store.artifact_dir("transcoder", keys["transcoder"], "checkpoints")
+    assert not store.has_manifest("transcoder", keys["transcoder"]) and store.listdir(ckpt) == ["latest.json", "step-30"]
+    stages.run_transcoder(store, cfg, keys)
+    m = store.read_manifest("transcoder", keys["transcoder"])["metrics"]
+    assert m["resumed_from"] == 30 and m["steps"] == cfg.transcoder.steps and np.isfinite(m["eval_fvu"])
+    assert "checkpoints" not in store.listdir(store.artifact_dir("transcoder", keys["transcoder"]))
+    # the same transcoder, byte for byte, as an uninterrupted run's
+    other = Store(str(tmp_path / "other"))
+    for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder):
+        run(other, cfg, keys)
+
+    def sae_sha(st: Store) -> str:
+        files = st.read_manifest("transcoder", keys["transcoder"])["files"]
+        return next(f["sha256"] for f in files if f["name"] == "sae/sae.safetensors")
+
+    assert sae_sha(store) == sae_sha(other)
+    assert other.read_manifest("transcoder", keys["transcoder"])["metrics"]["resumed_from"] == 0
