@@ -44,10 +44,15 @@ def point_config(preset: str, fraction: Fraction):
 
 def run_stage(stage: str, preset: str, storage: str, fraction: Fraction = Fraction(1)) -> dict:
     """Run one stage (all shards, for simulate) in this process; its result as a dict."""
+    return run_stage_config(stage, point_config(preset, fraction), storage)
+
+
+def run_stage_config(stage: str, cfg, storage: str) -> dict:
+    """Run one stage of a config (all shards, for simulate) in this process; its result as a dict."""
     from nlrewrite_core import stages
     from nlrewrite_core.storage import Store
 
-    cfg, store = point_config(preset, fraction), Store(storage)
+    store = Store(storage)
     keys = stages.plan(cfg)
     cached = store.has_manifest(stage, keys[stage])
     t0 = time.perf_counter()

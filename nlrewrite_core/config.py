@@ -47,11 +47,16 @@ class _Extended(Section):
 
 
 class CorpusConfig(_Extended):
-    _added = ("tokenizer",)
-    source: Literal["python-docs"] = "python-docs"
-    """Text source. `python-docs`: pydoc_data topics plus docstrings of the standard library (ships with Python)."""
+    _added = ("tokenizer", "dataset", "dataset_config", "split", "text_column", "max_tokens", "paths",
+              "endpoint_url")
+    source: Literal["python-docs", "hf", "files"] = "python-docs"
+    """Text source. `python-docs`: pydoc_data topics plus docstrings of the standard library (ships with
+    Python). `hf`: a Hugging Face dataset (`dataset`, `dataset_config`, `split`, `text_column`), streamed
+    with the `datasets` library until `max_tokens`. `files`: local or s3:// globs of .txt (a file is one
+    document), .jsonl and .parquet files (`text_column` of each record/row) in `paths`."""
     max_chars: int = Field(2_000_000, gt=10_000)
-    """Cap on the characters of text used (the text is taken in a fixed order)."""
+    """Cap on the characters of text used (python-docs: the text is taken in a fixed order); for `hf` and
+    `files` with `tokenizer: train`, the characters of the source's first documents the tokenizer is trained on."""
     vocab_size: int = Field(4096, ge=256)
     """Size of the byte-level BPE vocabulary trained on the text."""
     seq_len: int = Field(64, ge=8)
@@ -69,6 +74,40 @@ class CorpusConfig(_Extended):
     on it); otherwise a Hugging Face tokenizer id or local directory (loaded with transformers'
     AutoTokenizer, e.g. EleutherAI/pythia-160m): the subject's own tokenizer, required when the
     subject comes from the hub. Documents are joined with its eos token; `vocab_size` is then unused."""
+    dataset: str | None = None
+    """hf: a hub dataset id (e.g. EleutherAI/the_pile_deduplicated), a local directory written by
+    `datasets`' save_to_disk, or a local directory of parquet/json/csv files (loaded by `datasets`)."""
+    dataset_config: str | None = None
+    """hf: the dataset's configuration (subset) name, if it has several."""
+    split: str = "train"
+    """hf: the dataset split that is streamed (the corpus' own train/explain/calib/eval splits are
+    cut from it by a stable hash of each sequence)."""
+    text_column: str = "text"
+    """hf and files (.jsonl, .parquet): the field holding each document's text."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Token budget: reading stops once this many tokens are cut into sequences (so the budget, not the
+    source's size, bounds time and memory). Required for `hf`; None reads the whole source."""
+    paths: list[str] = []
+    """files: glob patterns (`**` allowed) of local paths or s3://bucket/key URIs; every matching file is
+    read, in sorted order. Each pattern must match at least one file."""
+    endpoint_url: str | None = None
+    """files: a non-AWS S3 endpoint for s3:// paths (MinIO, moto); None uses AWS_ENDPOINT_URL or AWS itself.
+    Credentials come from the standard AWS environment only."""
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "CorpusConfig":
+        if self.source == "hf" and not self.dataset:
+            raise ValueError("corpus.dataset is required when corpus.source is 'hf' (a hub id or a local directory)")
+        if self.source == "hf" and self.max_tokens is None:
+            raise ValueError("corpus.max_tokens is required when corpus.source is 'hf': the token budget bounds "
+                             "how much of the (streamed) dataset is read")
+        if self.source == "files" and not self.paths:
+            raise ValueError("corpus.paths is required when corpus.source is 'files' (globs of .txt/.jsonl/.parquet)")
+        if self.source != "hf" and self.dataset:
+            raise ValueError(f"corpus.dataset is set but corpus.source is {self.source!r}; set corpus.source: hf")
+        if self.source != "files" and self.paths:
+            raise ValueError(f"corpus.paths is set but corpus.source is {self.source!r}; set corpus.source: files")
+        return self
 
 
 class SubjectConfig(Section):
@@ -103,7 +142,8 @@ class SubjectConfig(Section):
         return self
 
 
-class TranscoderConfig(Section):
+class TranscoderConfig(_Extended):
+    _added = ("buffer_tokens", "checkpoint_every")
     layer: int = Field(0, ge=0)
     """Index of the transformer block whose MLP the transcoder replaces. Tiny default 0: in the
     3-layer tiny subject only layer 0's MLP matters enough (zeroing it costs ~74% of clean CE,
@@ -116,7 +156,7 @@ class TranscoderConfig(Section):
     """An existing sparsify checkpoint (cfg.json + sae.safetensors) to load instead of training: a local
     directory, or hf://<owner>/<repo>[/<hookpoint>] on the Hugging Face hub (sparsify's layout)."""
     steps: int = Field(1500, ge=1)
-    """Optimizer steps on cached MLP inputs/outputs (fixed count)."""
+    """Optimizer steps (fixed count) on MLP inputs/outputs streamed from the subject."""
     batch_tokens: int = Field(1024, ge=16)
     """Tokens per step."""
     lr: float | None = None
@@ -125,9 +165,21 @@ class TranscoderConfig(Section):
     auxk_alpha: float = Field(1 / 32, ge=0)
     """Weight of the AuxK loss that revives dead latents."""
     max_train_tokens: int = Field(400_000, ge=1000)
-    """Cap on the train-split tokens whose MLP input/output are cached for training."""
+    """Cap on the train-split tokens the transcoder trains on (the first by seq_id). Their MLP
+    inputs/outputs are never held all at once: they are recomputed from the subject one buffer at a
+    time (`buffer_tokens`), so memory does not grow with this budget; steps beyond one pass cycle
+    through the tokens again in a new order."""
     seed: int = 0
     """Seed for initialisation and batch order."""
+    buffer_tokens: int = Field(65_536, ge=16)
+    """Tokens in the shuffle buffer: the subject's MLP inputs/outputs for this many tokens (whole
+    sequences, in a seeded random order of the train sequences) are computed at once, shuffled, and
+    cut into `batch_tokens` batches (a remainder below one batch is dropped). Bounds the stage's memory:
+    2 x buffer_tokens x d_model floats."""
+    checkpoint_every: int = Field(500, ge=0)
+    """Steps between training checkpoints in sparsify's layout (the transcoder's cfg.json + sae.safetensors
+    under its hookpoint, optimizer_0.pt, state.pt, rank_0_state.pt) inside the stage's artifact directory;
+    a killed run resumes from the last one with the same result. 0: no checkpoints."""
 
     @model_validator(mode="after")
     def _check(self) -> "TranscoderConfig":
@@ -570,11 +622,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # eval sentences, one context each (the last scored position; evaluate.positions: last); quantile
     # normalisation onto the true activations of >= 1M cached non-eval tokens.
     "pythia-160m": {
-        "corpus": {"tokenizer": "EleutherAI/pythia-160m", "max_chars": 20_000_000, "seq_len": 50,
-                   "n_calib": 10_000, "n_eval": 1000, "n_explain": 4000},
+        # The Pile (deduplicated), the distribution Pythia was trained on, streamed until 20M tokens.
+        "corpus": {"source": "hf", "dataset": "EleutherAI/the_pile_deduplicated", "split": "train",
+                   "text_column": "text", "max_tokens": 20_000_000, "tokenizer": "EleutherAI/pythia-160m",
+                   "seq_len": 50, "n_calib": 10_000, "n_eval": 1000, "n_explain": 4000},
         "subject": {"source": "hub", "hub_id": "EleutherAI/pythia-160m", "num_layers": 12, "hidden_size": 768,
                     "num_heads": 12, "intermediate_size": 3072},
-        "transcoder": {"layer": 6, "num_latents": 32768, "k": 32, "max_train_tokens": 4_000_000},
+        # One pass over 16.4M Pile tokens (2,000 steps x 8,192 tokens), a checkpoint every 250 steps.
+        "transcoder": {"layer": 6, "num_latents": 32768, "k": 32, "max_train_tokens": 16_384_000,
+                       "steps": 2000, "batch_tokens": 8192, "buffer_tokens": 262_144, "checkpoint_every": 250},
         "activations": {"batch_size": 64, "dtype": "float16", "sample_tokens": 1_000_000},
         "explain": {"method": "llm", "n_examples": 40, "n_bins": 10, "window": 32,
                     "llm": {"backend": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "chat_format": "llama3"}},

@@ -39,7 +39,7 @@ from .storage import ArtifactRef, StageWriter, Store, stage_key
 log = logging.getLogger("nlrewrite")
 
 VERSIONS = {
-    "corpus": "1", "subject": "1", "transcoder": "1", "activations": "1", "explain": "1",
+    "corpus": "1", "subject": "1", "transcoder": "2", "activations": "1", "explain": "1",
     "embed": "2", "score": "1", "simulate": "3", "calibrate": "4", "evaluate": "3", "report": "3",
     "multilayer": "1",
 }
@@ -136,8 +136,10 @@ def load_tokens(store: Store, keys: dict[str, str], splits: tuple[str, ...]) -> 
     t = _table(store, "corpus", keys["corpus"], "tokens", filters=pc.field("split").isin(list(splits)))
     t = t.sort_by("seq_id")
     seq_ids = t.column("seq_id").to_numpy()
-    tokens = np.asarray(t.column("tokens").to_pylist(), dtype=np.int64) if len(t) else np.zeros((0, 0), np.int64)
-    return seq_ids, tokens
+    if not len(t):
+        return seq_ids, np.zeros((0, 0), np.int64)
+    flat = t.column("tokens").combine_chunks().flatten().to_numpy()  # no Python lists: 8 bytes per token
+    return seq_ids, flat.astype(np.int64).reshape(len(t), -1)
 
 
 def load_tokenizer(store: Store, keys: dict[str, str]):
@@ -238,14 +240,19 @@ def run_corpus(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Artifa
     if ref := _done(store, "corpus", keys):
         return ref
     w = _writer(store, "corpus", cfg, keys)
+    t0 = time.perf_counter()
     table, tokenizer = corpus_lib.build_corpus(cfg.corpus)
+    dt = time.perf_counter() - t0
     w.table("tokens", table)
     w.bytes("tokenizer.json", tokenizer.to_str().encode())
     splits = table.column("split").to_numpy(zero_copy_only=False)
     counts = {s: int((splits == s).sum()) for s in ("train", "explain", "calib", "eval")}
-    log.info("corpus: %d sequences of %d tokens, splits %s", len(table), cfg.corpus.seq_len, counts)
+    n_tokens = len(table) * cfg.corpus.seq_len
+    log.info("corpus: %d sequences of %d tokens from %s in %.1fs (%.0f tokens/s), splits %s", len(table),
+             cfg.corpus.seq_len, cfg.corpus.source, dt, n_tokens / max(dt, 1e-9), counts)
     return w.finish(metrics={"n_sequences": len(table), "splits": counts, "vocab_size": tokenizer.get_vocab_size(),
-                             "n_tokens": len(table) * cfg.corpus.seq_len})
+                             "n_tokens": n_tokens, "source": cfg.corpus.source,
+                             "tokens_per_s": n_tokens / max(dt, 1e-9)})
 
 
 def run_subject(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
@@ -300,9 +307,14 @@ def run_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
     else:
         _, train = load_tokens(store, keys, ("train",))
         n_seq = max(1, min(len(train), cfg.transcoder.max_train_tokens // train.shape[1]))
-        X, Y = tc_lib.collect_mlp_io(model, layer, train[:n_seq], cfg.evaluate.batch_size, device)
-        sae, metrics = tc_lib.train_transcoder(X, Y, cfg.transcoder)
-        del X, Y
+        train = train[:n_seq].astype(np.int32)  # token ids only: MLP inputs/outputs are streamed
+        # Checkpoints live in the artifact directory (a directory without a manifest survives a restart)
+        # and go once the stage is done.
+        checkpoints = tc_lib.Checkpoints(store, store.artifact_dir("transcoder", keys["transcoder"], "checkpoints"),
+                                         f"layers.{layer}.mlp")
+        sae, metrics = tc_lib.train_streaming(model, layer, train, cfg.transcoder, cfg.evaluate.batch_size, device,
+                                              checkpoints)
+        del train
     sae.eval()
     # The fit on the eval split: FVU, dead latents, and CE (clean, transcoder, zero-ablation, MLP zeroed).
     _, eval_tokens = load_tokens(store, keys, ("eval",))
@@ -317,7 +329,9 @@ def run_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         tc_lib.save_transcoder(sae, tmp)
         w.directory("sae", tmp)
     w.table("fit", pa.table({"metric": list(fit), "value": [float(v) for v in fit.values()]}))
-    return w.finish(metrics={**metrics, **fit})
+    ref = w.finish(metrics={**metrics, **fit})
+    store.remove_dir(store.artifact_dir("transcoder", keys["transcoder"], "checkpoints"))
+    return ref
 
 
 def run_activations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:

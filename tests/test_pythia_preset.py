@@ -1,5 +1,6 @@
-"""The pythia-160m preset, wired end to end offline: a tiny random GPT-NeoX and its own tokenizer,
-saved with save_pretrained into a local dir, stand in for EleutherAI/pythia-160m."""
+"""The pythia-160m preset, end to end offline: a random GPT-NeoX of Pythia's architecture at reduced width
+and a tokenizer in Pythia's format (tests/pythia_tiny.py) stand in for EleutherAI/pythia-160m, a local
+`datasets` copy of text for the Pile, a tiny local Llama for the LLMs."""
 
 from __future__ import annotations
 
@@ -9,36 +10,15 @@ import torch
 
 from nlrewrite_core import corpus as corpus_lib
 from nlrewrite_core import stages
-from nlrewrite_core.config import ConfigError, SubjectConfig, load_config
+from nlrewrite_core.config import ConfigError, load_config
 from nlrewrite_core.storage import Store
+
+from llm_tiny import build_tiny_llama
+from pythia_tiny import build_pythia_like, documents, save_text_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SMALL_CORPUS = {"max_chars": 200_000, "seq_len": 32, "n_eval": 8, "n_calib": 8, "n_explain": 16}
-
-
-def build_tiny_neox(path) -> str:
-    """A random-weight GPT-NeoX and a BPE tokenizer (eos `<|endoftext|>` is id 1, not 0 as in the
-    tokenizer trained by the corpus stage) saved with save_pretrained to `path`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
-
-    from nlrewrite_core import subject
-
-    text = corpus_lib.collect_text(load_config("micro", overrides={"corpus": {"max_chars": 50_000}}).corpus)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=333, special_tokens=["<pad>", corpus_lib.EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus_lib.split_documents(text), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=corpus_lib.EOS, pad_token="<pad>")
-    torch.manual_seed(123)
-    cfg = subject.model_config(SubjectConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-                               len(fast) + 7, 128)  # padded embedding matrix, like Pythia's 50304 > 50277
-    GPTNeoXForCausalLM(cfg).save_pretrained(path)
-    fast.save_pretrained(path)
-    return str(path)
+SMALL_CORPUS = {"seq_len": 32, "n_eval": 8, "n_calib": 2, "n_explain": 16}
 
 
 def test_preset_validates_and_plans():
@@ -74,39 +54,62 @@ def test_hub_subject_needs_its_tokenizer():
         load_config("micro", overrides={"subject": {"source": "hub", "hub_id": "x"}})
 
 
-def test_pythia_preset_on_local_tiny_neox(tmp_path):
+def test_pythia_preset_end_to_end_offline(tmp_path):
+    """Every stage of the pythia-160m preset, evaluation and report included, at reduced width: a random
+    GPT-NeoX of Pythia's architecture and depth-8 hook point (layer 6), a tokenizer in Pythia's format, a
+    local `datasets` copy of a text corpus for the Pile (streamed to a token budget), and a tiny local
+    Llama through the `transformers` backend for the explainer, the detection scorer and the simulator."""
     from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
-    local = build_tiny_neox(tmp_path / "tiny-neox")
+    docs = documents(600)
+    local = build_pythia_like(tmp_path / "pythia-like", texts=docs)
+    dataset = save_text_dataset(tmp_path / "pile-like", docs)
+    llm_dir = str(build_tiny_llama(tmp_path / "tiny-llama"))
+    llm = {"backend": "transformers", "model": llm_dir, "device": "cpu", "max_new_tokens": 8, "batch_size": 64}
     cfg = load_config("pythia-160m", overrides={
-        "corpus": {**SMALL_CORPUS, "tokenizer": local},
+        "corpus": {**SMALL_CORPUS, "dataset": dataset, "tokenizer": local, "max_tokens": 40_000},
         "subject": {"hub_id": local},
-        "transcoder": {"layer": 1, "num_latents": 32, "k": 4, "steps": 20, "batch_tokens": 128,
-                       "max_train_tokens": 4_000},
-        "explain": {"method": "ngram", "n_examples": 6},
-        "score": {"method": "embedding", "n_pos": 4, "n_neg": 4},
-        "simulate": {"method": "embedding", "window": 8},
+        "transcoder": {"num_latents": 16, "k": 4, "steps": 30, "batch_tokens": 128, "max_train_tokens": 8_000,
+                       "buffer_tokens": 1024, "checkpoint_every": 10},
+        # The preset's LLM explainer runs below; a random tiny Llama explains nothing, so the scorer and the
+        # simulator read ngram explanations (the evaluation needs explained latents).
+        "explain": {"method": "ngram", "n_examples": 4},
+        "score": {"n_pos": 4, "n_neg": 4, "llm": llm},
+        "simulate": {"window": 16, "llm": {**llm, "top_logprobs": 400}},
+        "calibrate": {"methods": ["none", "quantile"]},
+        "evaluate": {"fractions": [0.5, 1.0], "random_seeds": [0], "n_bootstrap": 50, "sample_sizes": [],
+                     "oracle_fp_rates": [0.0, 0.01], "oracle_fn_rates": [0.0]},
         "execution": {"device": "cpu"},
     })
+    assert (cfg.transcoder.layer, cfg.corpus.source, cfg.simulate.eval_positions) == (6, "hf", "last")
     keys = stages.plan(cfg)
     store = Store(str(tmp_path / "store"))
-    for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder, stages.run_activations):
+    for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder, stages.run_activations,
+                stages.run_explain, stages.run_score):
+        run(store, cfg, keys)
+    cfg_llm = cfg.model_copy(update={"explain": load_config("pythia-160m", overrides={"explain": {
+        "n_examples": 4, "window": 16, "max_retries": 0, "llm": llm}}).explain})
+    keys_llm = stages.plan(cfg_llm)
+    stages.run_explain(store, cfg_llm, keys_llm)
+    e = store.read_manifest("explain", keys_llm["explain"])
+    assert e["cost"]["llm_backend"] == "transformers" and e["cost"]["tokens_in"] > 0
+    for shard in range(len(stages.shard_ranges(cfg.transcoder.num_latents, cfg.simulate.shard_latents))):
+        stages.run_simulate_shard(store, cfg, keys, shard)
+    stages.finish_simulate(store, cfg, keys)
+    for run in (stages.run_calibrate, stages.run_evaluate, stages.run_report):
         run(store, cfg, keys)
 
-    # corpus: the local tokenizer's ids, documents separated by its eos (id 1), stored as tokenizer.json
+    # corpus: the dataset streamed to its token budget, the local tokenizer's ids (eos = 0, Pythia's)
     hf = AutoTokenizer.from_pretrained(local)
+    assert type(hf).__name__ == "GPTNeoXTokenizer" and hf.eos_token_id == 0
     _, tokens = stages.load_tokens(store, keys, ("train", "explain", "calib", "eval"))
-    assert tokens.shape[1] == 32 and tokens.max() < len(hf) and (tokens == hf.eos_token_id).any()
-    assert hf.eos_token_id == 1 and not (tokens == 0).any()  # not the trained tokenizer's layout (eos = 0)
-    expected = corpus_lib.tokenize_sequences_hf(hf, corpus_lib.collect_text(cfg.corpus), 32)
+    expected = corpus_lib.cut_sequences(corpus_lib.hf_encoder(hf), docs, 0, 32, max_tokens=40_000)
+    assert tokens.shape == (40_000 // 32, 32) and tokens.max() < len(hf)
     assert {r.tobytes() for r in expected.astype(np.int64)} == {r.tobytes() for r in tokens}
     stored = stages.load_tokenizer(store, keys)
-    assert stored.to_str() == hf.backend_tokenizer.to_str()
-    row = tokens[0].tolist()
-    assert stored.decode(row) == hf.decode(row)
-    doc = corpus_lib.split_documents(corpus_lib.collect_text(cfg.corpus))[0]
-    assert stored.encode(doc, add_special_tokens=False).ids == hf(doc, add_special_tokens=False)["input_ids"]
-    assert hf.decode(hf(doc, add_special_tokens=False)["input_ids"]) == doc  # round trip
+    assert stored.to_str() == hf.backend_tokenizer.to_str() and stored.decode(tokens[0].tolist()) == hf.decode(tokens[0])
+    corpus_m = store.read_manifest("corpus", keys["corpus"])["metrics"]
+    assert corpus_m["source"] == "hf" and corpus_m["tokens_per_s"] > 0
 
     # subject: the local model, weights unchanged
     original = GPTNeoXForCausalLM.from_pretrained(local).state_dict()
@@ -115,8 +118,16 @@ def test_pythia_preset_on_local_tiny_neox(tmp_path):
     m = store.read_manifest("subject", keys["subject"])["metrics"]
     assert m["hub_id"] == local and m["tokenizer"] == local and np.isfinite(m["eval_ce"])
 
-    assert store.read_manifest("transcoder", keys["transcoder"])["metrics"]["layer"] == 1
-    acts = store.read_manifest("activations", keys["activations"])["metrics"]
-    assert acts["num_latents"] == 32 and acts["rows"] > 0
-    stages.run_explain(store, cfg, keys)
-    assert store.has_manifest("explain", keys["explain"])
+    # transcoder: streamed training on layer 6, checkpoints gone once the stage is done
+    tm = store.read_manifest("transcoder", keys["transcoder"])["metrics"]
+    assert tm["layer"] == 6 and tm["steps"] == 30 and tm["train_tokens"] <= 8_000 and np.isfinite(tm["eval_fvu"])
+    assert "checkpoints" not in store.listdir(store.artifact_dir("transcoder", keys["transcoder"]))
+
+    # the LLM stages ran on the transformers backend; evaluation measured CE of every condition
+    assert store.read_manifest("score", keys["score"])["cost"]["tokens_in"] > 0
+    assert store.read_manifest("simulate", keys["simulate"])["cost"]["tokens_in"] > 0
+    ce = stages._table(store, "evaluate", keys["evaluate"], "ce").to_pylist()
+    conditions = {r["condition"] for r in ce}
+    assert {"clean", "transcoder", "zero_ablation", "simulated"} <= conditions
+    assert all(np.isfinite(r["ce_mean"]) for r in ce) and {r["positions"] for r in ce} >= {"last"}
+    assert store.has_manifest("report", keys["report"])
