@@ -438,6 +438,7 @@ def plot_sample_size(sizes: pd.DataFrame | None, path: Path, zero: float | None 
     styles = ["-", "--", ":", "-."]
     # Two ablations (the `varied` column): calib predictions (x: calib contexts, the true sample
     # fixed; solid markers) and the true sample (x: its tokens, calib fixed; hollow markers).
+    thr = sizes["threshold"].iloc[0] if "threshold" in sizes else None
     if "varied" in sizes:
         true_sizes = sizes[sizes["varied"] == "true_sample"]
         sizes = sizes[sizes["varied"] != "true_sample"]
@@ -476,7 +477,6 @@ def plot_sample_size(sizes: pd.DataFrame | None, path: Path, zero: float | None 
     right.set_ylim(-0.03, 1.03)
     right.set_xlabel("calib contexts the maps were fit on")
     right.set_ylabel("mean per-latent metric")
-    thr = sizes["threshold"].iloc[0] if "threshold" in sizes else None
     right.set_title(f"specificity / sensitivity (active if calibrated > {thr})", fontsize=9)
     right.grid(True, which="both", alpha=0.3)
     right.legend(fontsize=6)
