@@ -17,7 +17,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from nlrewrite_core import stages
 from nlrewrite_core.config import RewriteConfig, load_config
-from nlrewrite_core.storage import MANIFEST, ArtifactRef, Store
+from nlrewrite_core.storage import MANIFEST, ArtifactRef, Store, check_name
 from tasks import stages as t
 from tasks.context import RunContext
 from tasks.stages import ensure, shard_sub
@@ -161,6 +161,9 @@ def rewrite(preset: str = "tiny", config_file: str | None = None, storage: str =
 
 
 def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_url: str | None) -> dict[str, Any]:
+    check_name(cfg.preset, "config field preset")
+    if run_id is not None:
+        check_name(run_id, "run id")
     store = Store(storage, endpoint_url=endpoint_url)
     store.check()  # a missing bucket or rejected credentials fail here, before any work
     keys = stages.plan(cfg)
