@@ -205,7 +205,8 @@ def query(store: Store, run_id: str, sql: str, memory_limit: str = DUCKDB_MEMORY
         _, views = connect(store, run_id, con)
         lock_down(con)
         if verify:
-            named = {n.lower() for n in con.get_table_names(sql, qualified=False)}
+            named = {n.lower() for st in duckdb.extract_statements(sql)
+                     for n in con.get_table_names(st.query, qualified=False)}
             for stage, key in sorted({views[v] for v in views if v in named}):
                 if problems := store.verify(stage, key):
                     raise ArtifactDamaged(f"{problems[0]}; run `nlrewrite verify {run_id} --repair` then "
