@@ -2,6 +2,10 @@
 
 DuckDB's httpfs extension cannot be installed offline, so each table is a pyarrow dataset on the
 store's filesystem, registered in DuckDB (`stage_dataset`: the one place that tells local from S3).
+That is also what lets `query` lock DuckDB down: pyarrow, not DuckDB, opens the files (local or
+S3), so after the views are registered DuckDB's external access is disabled and its configuration
+locked, and the views still scan lazily, batch by batch (memory stays bounded by DuckDB's
+memory_limit plus pyarrow's read batches; nothing is materialised).
 """
 
 from __future__ import annotations
@@ -75,21 +79,34 @@ def stage_dataset(store: Store, stage: str, key: str, name: str) -> ds.Dataset:
 
 
 def connect(store: Store, run_id: str, con: duckdb.DuckDBPyConnection | None = None
-            ) -> tuple[duckdb.DuckDBPyConnection, dict[str, tuple[str, str]]]:
-    """A DuckDB connection (`con`, or a new one) with one view per table of the run; returns it and
-    {view: (stage, key)} of the registered views. An unreadable manifest raises ArtifactInvalid."""
+            ) -> tuple[duckdb.DuckDBPyConnection, dict[str, tuple[str, str]], dict[str, str]]:
+    """A DuckDB connection (`con`, or a new one) with one view per table of the run; returns it,
+    {view: (stage, key)} of the views and {view: problem} of those whose files cannot be read
+    (not registered). An unreadable manifest raises ArtifactInvalid."""
     run = load_run(store, run_id)
     con = con if con is not None else duckdb.connect()
     views: dict[str, tuple[str, str]] = {}
+    broken: dict[str, str] = {}
     for view, (stage, name) in TABLES.items():
         key = run["keys"].get(stage)
         if key is None or not store.has_manifest(stage, key):
             continue
         files = table_files(store, stage, key, name)
         if files:
-            con.register(view, _dataset(files, store))
             views[view] = (stage, key)
-    return con, views
+            try:
+                con.register(view, _dataset(files, store))
+            except (OSError, pa.ArrowException) as e:  # a file that is not Parquet (any more)
+                broken[view] = (store.verify(stage, key) or [" ".join(str(e).split())])[0]
+    return con, views, broken
+
+
+class ArtifactDamaged(RuntimeError):
+    """A queried table's files do not match their manifest."""
+
+
+def damaged_message(problem: str, run_id: str) -> str:
+    return f"{problem}; run `nlrewrite verify {run_id} --repair` then `nlrewrite run` to recompute it"
 
 
 class QueryRefused(ValueError):
@@ -185,10 +202,6 @@ def top_activations(store: Store, key: str, split: str, seq_ids: np.ndarray, max
         return con.sql(sql).to_arrow_table()
 
 
-class ArtifactDamaged(RuntimeError):
-    """A queried table's files do not match their manifest."""
-
-
 def query(store: Store, run_id: str, sql: str, memory_limit: str = DUCKDB_MEMORY_LIMIT,
           verify: bool = True) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Run read-only SQL against a run's views; returns (column names, rows).
@@ -202,15 +215,16 @@ def query(store: Store, run_id: str, sql: str, memory_limit: str = DUCKDB_MEMORY
     with bounded_connection(memory_limit) as con:
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")
-        _, views = connect(store, run_id, con)
+        _, views, broken = connect(store, run_id, con)
         lock_down(con)
+        named = {n.lower() for st in duckdb.extract_statements(sql)
+                 for n in con.get_table_names(st.query, qualified=False)}
+        for view in sorted(named & set(broken)):
+            raise ArtifactDamaged(damaged_message(broken[view], run_id))
         if verify:
-            named = {n.lower() for st in duckdb.extract_statements(sql)
-                     for n in con.get_table_names(st.query, qualified=False)}
             for stage, key in sorted({views[v] for v in views if v in named}):
                 if problems := store.verify(stage, key):
-                    raise ArtifactDamaged(f"{problems[0]}; run `nlrewrite verify {run_id} --repair` then "
-                                          "`nlrewrite run` to recompute it")
+                    raise ArtifactDamaged(damaged_message(problems[0], run_id))
         cur = con.execute(sql)
         cols = [d[0] for d in cur.description] if cur.description else []
         return cols, cur.fetchall()
