@@ -123,8 +123,6 @@ def ensure(task_fn, stage: str, run: RunContext, store: Store, **kwargs: Any) ->
     key = run.stage_keys[stage]
     if not store.has_manifest(stage, key, sub):
         get_run_logger().warning("%s: cached result points at a missing manifest; recomputing", stage)
-    elif store.reuse(stage, key, sub) is None:  # damaged files: reuse named them in one warning
-        pass
-    else:
+    elif store.reuse(stage, key, sub) is not None:  # intact (damage is named by reuse, in one warning)
         return ref
     return task_fn.with_options(refresh_cache=True)(run, **kwargs)
