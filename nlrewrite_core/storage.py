@@ -19,8 +19,10 @@ Concurrency: any number of writers of one stage key may run at once on one root 
 deletes another's files. Locally each StageWriter writes into its own staging directory
 (``.staging-<name>-<host>-<pid>-<id>`` next to the stage directory) and publishes it with one
 atomic rename; when the stage directory already holds a manifest the first publisher wins and the
-later copy is discarded. On S3 every object is uploaded whole and the manifest last; writers of
-one key write the same bytes (stages are deterministic), so the last manifest matches the files.
+later copy is discarded. On S3 every object is uploaded whole and the manifest last, with a
+conditional PUT (If-None-Match): the first manifest stays, never overwritten, so no reader sees a
+manifest torn between two writers; writers of one key upload the same bytes (stages are
+deterministic), so that manifest matches the files.
 """
 
 from __future__ import annotations
@@ -95,6 +97,15 @@ _VERIFIED_LOCK = threading.Lock()
 def _remember(path: str, size: int, version: int | str, sha: str) -> None:
     with _VERIFIED_LOCK:
         _VERIFIED[path] = (size, version, sha)
+
+
+def default_cache_dir() -> Path:
+    """Where an S3 root's directories (model weights) are downloaded for libraries that need a
+    path, kept between runs on purpose: $NLREWRITE_CACHE_DIR, else $XDG_CACHE_HOME/nlrewrite, else
+    ~/.cache/nlrewrite (not the temporary directory: nothing temporary outlives a run)."""
+    if env := os.environ.get("NLREWRITE_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nlrewrite"
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -191,7 +202,7 @@ class Store:
             self.fs: pafs.FileSystem = pafs.S3FileSystem(**kwargs)
             self.base = root[len("s3://"):].rstrip("/")
             self.root = root.rstrip("/")
-            self.cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "nlrewrite-cache")
+            self.cache_dir = Path(cache_dir or default_cache_dir())
         else:
             self.fs = pafs.LocalFileSystem()
             self.base = str(Path(root).resolve())
@@ -337,9 +348,43 @@ class Store:
         return StorageFull(f"storage {self.root}: no space left on the device ({e.strerror or e})"
                            + (f" while writing {path}" if path else "") + "; free space or choose another --storage")
 
+    def _client(self):
+        if self._s3 is None:
+            self._s3 = self.s3_client()
+        return self._s3
+
     def read_bytes(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
+        """A whole file. On S3 one GET (one version of the object even while another writer
+        replaces it; pyarrow's ranged reads could mix two). FileNotFoundError when it is missing."""
+        if not self.is_s3:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        from botocore.exceptions import ClientError
+
+        bucket, key = path.split("/", 1)
+        try:
+            return self._client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"s3://{path}") from None
+            raise
+
+    def put_if_absent(self, path: str, data: bytes) -> bool:
+        """S3: create the object only if no object has that key (a conditional PUT, If-None-Match);
+        False when one exists. An endpoint without conditional writes gets a plain PUT."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = path.split("/", 1)
+        try:
+            self._client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code"))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            if code not in ("NotImplemented", "501"):
+                raise
+            self.write_bytes(path, data)
+        return True
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
@@ -457,11 +502,9 @@ class Store:
             return (st.st_size, st.st_mtime_ns) if not os.path.isdir(path) else None
         from botocore.exceptions import ClientError
 
-        if self._s3 is None:
-            self._s3 = self.s3_client()
         bucket, key = path.split("/", 1)
         try:
-            head = self._s3.head_object(Bucket=bucket, Key=key)
+            head = self._client().head_object(Bucket=bucket, Key=key)
         except ClientError as e:
             if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -615,6 +658,11 @@ class StageWriter:
 
     def finish(self, metrics: dict[str, Any] | None = None, cost: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None) -> ArtifactRef:
+        for f in self.files:  # entries a stage added itself (streamed files) get their size too
+            if f.get("size") is None:
+                stamp = self.store.stamp(f"{self.dir}/{f['file']}") or self.store.stamp(f"{self.final}/{f['file']}")
+                if stamp is not None:
+                    f["size"] = stamp[0]
         manifest = {
             "stage": self.stage,
             "key": self.key,
@@ -626,10 +674,13 @@ class StageWriter:
             "cost": {"wall_s": round(time.perf_counter() - self.t0, 3), **(cost or {})},
             **(extra or {}),
         }
+        data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         with self._aborting():
-            self.store.write_json(f"{self.dir}/{MANIFEST}", manifest)
             if not self.store.is_s3:
+                self.store.write_bytes(f"{self.dir}/{MANIFEST}", data)
                 self._publish()
+            elif not self.store.put_if_absent(f"{self.dir}/{MANIFEST}", data):
+                log.info("%s %s: another writer published it first; keeping that copy", self.stage, self.key)
         for f in self.files:  # what this process wrote needs no hashing when it is reused
             path = f"{self.final}/{f['file']}"
             stamp = self.store.stamp(path)

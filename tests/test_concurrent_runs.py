@@ -32,7 +32,7 @@ def run_three(storage: str, endpoint_url: str, tmp_path: Path) -> list[str]:
         tmpdir = tmp_path / f"tmp{i}"
         tmpdir.mkdir()
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TMPDIR": str(tmpdir),
-               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NLREWRITE_CACHE_DIR": str(tmp_path / f"cache{i}")}
         procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, storage, f"conc-{i}", endpoint_url], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
