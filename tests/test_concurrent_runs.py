@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import moto_s3
 from nlrewrite_core.storage import MANIFEST, STAGING, Store
 
@@ -78,9 +76,3 @@ def test_three_concurrent_runs_on_one_s3_root(prefect_server, micro_run, tmp_pat
         outs = run_three("s3://nlr-conc/root", url, tmp_path)
         assert len({o.splitlines()[-1] for o in outs}) == 1
         check_same_as_alone(Store("s3://nlr-conc/root", endpoint_url=url), Store(ref_root), result["keys"])
-
-
-@pytest.fixture(autouse=True)
-def _one_at_a_time():
-    """These start three heavy processes: never alongside other heavy work in this session."""
-    yield
