@@ -135,6 +135,15 @@ def test_query_on_s3_refuses_attacks_and_changes_nothing(s3_run, capsys, sql, ex
     assert {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="nlr-art")["Contents"]} == before
 
 
+def test_verify_on_s3(s3_run, capsys):
+    root, url, result = s3_run
+    code, out, err = cli(["verify", "micro-test", "--storage", root, "--endpoint-url", url, "--format", "csv"], capsys)
+    assert code == 0, err
+    rows = [line.split(",") for line in out.splitlines()[1:]]
+    assert {r[0] for r in rows} >= set(result["keys"]) and all(r[2] == "ok" for r in rows)
+    assert SECRET not in out + err
+
+
 @pytest.mark.parametrize("cmd", [
     ["artifacts", "ls", "micro-test"],
     ["query", "micro-test", "select 1"],
