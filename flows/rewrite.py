@@ -18,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from flows.patch_evaluate import patch_evaluate, publish, run_record
 from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig, load_config
-from nlrewrite_core.storage import MANIFEST, ArtifactRef, Store
+from nlrewrite_core.storage import MANIFEST, ArtifactRef, Store, check_name
 from tasks import stages as t
 from tasks.context import RunContext
 from tasks.stages import ensure, shard_sub
@@ -162,6 +162,9 @@ def rewrite(preset: str = "tiny", config_file: str | None = None, storage: str =
 
 
 def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_url: str | None) -> dict[str, Any]:
+    check_name(cfg.preset, "config field preset")
+    if run_id is not None:
+        check_name(run_id, "run id")
     store = Store(storage, endpoint_url=endpoint_url)
     store.check()  # a missing bucket or rejected credentials fail here, before any work
     runtime.check_run(cfg)  # devices, backends, checkpoint, corpus size: before the first stage

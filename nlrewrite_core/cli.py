@@ -1,16 +1,20 @@
 """The `nlrewrite` command line: `run` the pipeline, `evaluate` a finished run again with other
-patching/evaluation settings, `query` a run's tables with SQL, list or pull a run's `artifacts`.
+patching/evaluation settings, `query` a run's tables with SQL, list or pull a run's `artifacts`,
+`verify` a run's artifacts against their manifests.
 
-Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run; for `run`
-also a CUDA device or LLM backend this machine lacks, a transcoder checkpoint that is missing,
-malformed or does not fit, a corpus too small for its splits: nlrewrite_core.runtime) exits with
-status 2 and one message naming the field or file and the fix, before anything is written.
+Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run, unsafe
+run id, a statement `query` does not run; for `run` also a CUDA device or LLM backend this machine
+lacks, a transcoder checkpoint that is missing, malformed or does not fit, a corpus too small for
+its splits: nlrewrite_core.runtime) exits with status 2 and one message naming the field or file
+and the fix, before anything is written. A storage failure (full disk, damaged artifact) exits 1
+with one line naming the storage root or the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import math
 import os
@@ -124,8 +128,26 @@ def open_store(storage: str, endpoint_url: str | None, must_exist: bool = True):
     return store
 
 
+def check_run_id(run_id: str | None) -> None:
+    """A run id names a directory under <root>/runs: only a safe character set (no '/', no '..')."""
+    from .storage import UnsafeName, check_name
+
+    if run_id is not None:
+        try:
+            check_name(run_id, "--run-id" if run_id else "run id")
+        except UnsafeName as e:
+            raise UsageError(str(e)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from .storage import UnsafeName, check_name
+
+    check_run_id(args.run_id)
     cfg: RewriteConfig = load_config(args.preset, args.config)
+    try:  # the default run id starts with the config's `preset` field, which a YAML file may set
+        check_name(cfg.preset, "config field preset")
+    except UnsafeName as e:
+        raise UsageError(str(e)) from None
     check_storage(args.storage)
     if args.storage.startswith("s3://"):
         open_store(args.storage, args.endpoint_url)  # fail fast, before Prefect starts
@@ -140,8 +162,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # PREFECT_API_URL, or a temporary server that dies with this process (also on kill -9).
     # A ConfigError raised inside the flow (the corpus stage's split sizes on the built corpus) exits 2 too.
     with prefect_api():
-        result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
-                         storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
+        try:
+            result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
+                             storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write outside Store.write_bytes (streamed files)
+                from .storage import Store
+
+                raise Store(args.storage, endpoint_url=args.endpoint_url).full_error(e, e.filename or "") from None
+            raise
     print_result(cfg, result)
     return 0
 
@@ -184,16 +213,17 @@ def print_result(cfg: RewriteConfig, result: dict[str, Any]) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from .query import RunNotFound, query
+    from .query import QueryRefused, RunNotFound, query
 
+    check_run_id(args.run_id)
     store = open_store(args.storage, args.endpoint_url)
     try:
-        cols, rows = query(store, args.run_id, args.sql)
-    except RunNotFound as e:
+        cols, rows = query(store, args.run_id, args.sql, memory_limit=args.memory_limit)
+    except (RunNotFound, QueryRefused) as e:
         raise UsageError(str(e)) from None
     except Exception as e:  # duckdb errors: bad SQL, unknown table
         if type(e).__module__.startswith("duckdb") or "duckdb" in type(e).__module__:
-            raise UsageError(f"SQL error: {e}") from None
+            raise UsageError("SQL error: " + " ".join(str(e).split())) from None
         raise
     print(format_table(cols, rows, args.format))
     return 0
@@ -202,6 +232,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def _run_stages(store, run_id: str, stage: list[str] | None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     from .query import RunNotFound, load_run
 
+    check_run_id(run_id)
     try:
         run = load_run(store, run_id)
     except RunNotFound as e:
@@ -248,6 +279,47 @@ def cmd_artifacts_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify every artifact of a run (each file's sha256, size and rows against its manifest,
+    sub-artifacts such as simulation shards included), rehashing everything. With --repair the
+    manifest of each damaged (sub-)artifact is removed: the next `nlrewrite run` recomputes exactly
+    those. Exit 0 when all are intact (or repaired), 1 when damage was found and left."""
+    import time
+
+    store = open_store(args.storage, args.endpoint_url)
+    _, stages = _run_stages(store, args.run_id, args.stage)
+    rows: list[list[Any]] = []
+    damaged: list[tuple[str, str, str]] = []
+    total_bytes, t0 = 0, time.perf_counter()
+    for stage, key in stages:
+        for sub in ["", *store.sub_artifacts(stage, key)]:
+            t1 = time.perf_counter()
+            problems = store.verify(stage, key, sub, rehash=True)
+            n_files, size = 0, 0
+            if not problems:
+                m = store.read_manifest(stage, key, sub)
+                n_files, size = len(m["files"]), sum(f.get("size") or 0 for f in m["files"])
+                total_bytes += size if not sub else 0  # a shard's files are counted in the stage's list
+            else:
+                damaged.append((stage, key, sub))
+                for p in problems:
+                    print(f"damaged: {p}", file=sys.stderr)
+            rows.append([stage + (f"/{sub}" if sub else ""), key, "ok" if not problems else
+                         f"DAMAGED ({len(problems)})", n_files, size, round(time.perf_counter() - t1, 3)])
+    print(format_table(["artifact", "key", "status", "files", "bytes", "seconds"], rows, args.format))
+    print(f"verified {len(rows)} artifacts of run {args.run_id} ({total_bytes} bytes) in "
+          f"{time.perf_counter() - t0:.2f}s: {len(damaged)} damaged", file=sys.stderr)
+    if damaged and args.repair:
+        for stage, key, sub in damaged:
+            store.invalidate(stage, key, sub)
+            if sub:  # the stage's own manifest lists the shard's files
+                store.invalidate(stage, key)
+        print(f"repaired: removed the manifests of {len(damaged)} damaged artifacts; `nlrewrite run` with the "
+              "run's config recomputes them", file=sys.stderr)
+        return 0
+    return 1 if damaged else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nlrewrite", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -274,7 +346,18 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--storage", default="./nlrewrite-data")
     q.add_argument("--endpoint-url")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument("--memory-limit", default="2GB", help="DuckDB memory limit (beyond it sorts and joins spill to "
+                   "a temporary directory)")
     q.set_defaults(func=cmd_query)
+    v = sub.add_parser("verify", help="check every artifact of a run against its manifest (sha256, size, rows)")
+    v.add_argument("run_id")
+    v.add_argument("--repair", action="store_true",
+                   help="remove the manifests of damaged artifacts so that the next `nlrewrite run` recomputes them")
+    v.add_argument("--storage", default="./nlrewrite-data", help="local directory or s3://bucket/prefix")
+    v.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
+    v.add_argument("--stage", action="append", help="only this stage (repeatable)")
+    v.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    v.set_defaults(func=cmd_verify)
     a = sub.add_parser("artifacts", help="list or download a run's artifacts (local or S3)")
     asub = a.add_subparsers(dest="artifacts_command", required=True)
     ls = asub.add_parser("ls", help="list a run's artifact files")
@@ -295,12 +378,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .query import ArtifactDamaged
+    from .storage import StorageError, UnsafeName
+
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UsageError) as e:
+    except (ConfigError, UsageError, UnsafeName) as e:
         print("nlrewrite: error: " + str(e).replace("\n", " "), file=sys.stderr)  # always one line
         return 2
+    except (StorageError, ArtifactDamaged) as e:  # full disk, damaged artifact: one line naming the root or file
+        print("nlrewrite: error: " + str(e).replace("\n", " "), file=sys.stderr)
+        return 1
     except LLMError as e:  # an LLM endpoint that failed for good (after its retries): the reason, one line
         print("nlrewrite: error: " + str(e).replace("\n", " "), file=sys.stderr)
         return 1

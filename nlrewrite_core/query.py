@@ -2,6 +2,10 @@
 
 DuckDB's httpfs extension cannot be installed offline, so each table is a pyarrow dataset on the
 store's filesystem, registered in DuckDB (`stage_dataset`: the one place that tells local from S3).
+That is also what lets `query` lock DuckDB down: pyarrow, not DuckDB, opens the files (local or
+S3), so after the views are registered DuckDB's external access is disabled and its configuration
+locked, and the views still scan lazily, batch by batch (memory stays bounded by DuckDB's
+memory_limit plus pyarrow's read batches; nothing is materialised).
 """
 
 from __future__ import annotations
@@ -74,18 +78,79 @@ def stage_dataset(store: Store, stage: str, key: str, name: str) -> ds.Dataset:
     return _dataset(table_files(store, stage, key, name), store)
 
 
-def connect(store: Store, run_id: str) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with one view per table of the run."""
+def connect(store: Store, run_id: str, con: duckdb.DuckDBPyConnection | None = None
+            ) -> tuple[duckdb.DuckDBPyConnection, dict[str, tuple[str, str]], dict[str, str]]:
+    """A DuckDB connection (`con`, or a new one) with one view per table of the run; returns it,
+    {view: (stage, key)} of the views and {view: problem} of those whose files cannot be read
+    (not registered). An unreadable manifest raises ArtifactInvalid."""
     run = load_run(store, run_id)
-    con = duckdb.connect()
+    con = con if con is not None else duckdb.connect()
+    views: dict[str, tuple[str, str]] = {}
+    broken: dict[str, str] = {}
     for view, (stage, name) in TABLES.items():
         key = run["keys"].get(stage)
         if key is None or not store.has_manifest(stage, key):
             continue
         files = table_files(store, stage, key, name)
         if files:
-            con.register(view, _dataset(files, store))
-    return con
+            views[view] = (stage, key)
+            try:
+                con.register(view, _dataset(files, store))
+            except (OSError, pa.ArrowException) as e:  # a file that is not Parquet (any more)
+                broken[view] = (store.verify(stage, key) or [" ".join(str(e).split())])[0]
+    return con, views, broken
+
+
+class ArtifactDamaged(RuntimeError):
+    """A queried table's files do not match their manifest."""
+
+
+def damaged_message(problem: str, run_id: str) -> str:
+    return f"{problem}; run `nlrewrite verify {run_id} --repair` then `nlrewrite run` to recompute it"
+
+
+class QueryRefused(ValueError):
+    """A statement `nlrewrite query` does not run (anything but a read)."""
+
+
+READ_ONLY = "SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN"
+
+
+def _explained(statement: str) -> str:
+    """The statement an EXPLAIN [ANALYZE] statement explains (comments skipped, by DuckDB's tokenizer)."""
+    words = [(pos, tok) for pos, tok in duckdb.tokenize(statement) if tok != duckdb.token_type.comment]
+    i = 1  # words[0] is EXPLAIN
+    if i < len(words) and statement[words[i][0]:].lower().startswith("analyze"):
+        i += 1
+    return statement[words[i][0]:] if i < len(words) else ""
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse (QueryRefused) any SQL that is not one or more read statements, as DuckDB's own parser
+    sees them: SELECT and what parses as one (WITH, FROM-first, VALUES, DESCRIBE, SHOW, SUMMARIZE),
+    and EXPLAIN [ANALYZE] of those. COPY, ATTACH, INSTALL, LOAD, SET, PRAGMA, CALL, CREATE, PIVOT... are
+    refused. (The connection also has external access disabled and its configuration locked, so a
+    read cannot reach a file either: this check gives the clear message.) Syntax errors raise
+    duckdb's ParserException."""
+    statements = duckdb.extract_statements(sql)
+    if not statements:
+        raise QueryRefused(f"no SQL statement given; run a read ({READ_ONLY})")
+    for st in statements:
+        kind = st.type
+        if kind == duckdb.StatementType.EXPLAIN:
+            inner = duckdb.extract_statements(_explained(st.query))
+            kind = inner[0].type if len(inner) == 1 else duckdb.StatementType.INVALID
+        if kind != duckdb.StatementType.SELECT:
+            text = " ".join(st.query.split())
+            raise QueryRefused(f"only read statements run here ({READ_ONLY}); refused {st.type.name}: "
+                               f"{text[:60]}{'...' if len(text) > 60 else ''}")
+
+
+def lock_down(con: duckdb.DuckDBPyConnection) -> None:
+    """No file, network or extension access from SQL any more (the registered views keep reading
+    through pyarrow), and no SET can undo it."""
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 # Bounds DuckDB's own memory for the stage queries below: larger intermediates spill to a temp dir.
@@ -137,9 +202,29 @@ def top_activations(store: Store, key: str, split: str, seq_ids: np.ndarray, max
         return con.sql(sql).to_arrow_table()
 
 
-def query(store: Store, run_id: str, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run SQL against a run's views; returns (column names, rows)."""
-    con = connect(store, run_id)
-    cur = con.execute(sql)
-    cols = [d[0] for d in cur.description] if cur.description else []
-    return cols, cur.fetchall()
+def query(store: Store, run_id: str, sql: str, memory_limit: str = DUCKDB_MEMORY_LIMIT,
+          verify: bool = True) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run read-only SQL against a run's views; returns (column names, rows).
+
+    The SQL must be reads only (`check_read_only`, else QueryRefused). The views are registered
+    first, then the connection is locked down (`lock_down`) and its memory capped at `memory_limit`
+    (sorts and joins beyond it spill to a temporary directory removed on exit). With `verify`, the
+    stages of the views the SQL names are verified against their manifests first (Store.verify:
+    streaming sha256; ArtifactDamaged names the file)."""
+    check_read_only(sql)
+    with bounded_connection(memory_limit) as con:
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+        _, views, broken = connect(store, run_id, con)
+        lock_down(con)
+        named = {n.lower() for st in duckdb.extract_statements(sql)
+                 for n in con.get_table_names(st.query, qualified=False)}
+        for view in sorted(named & set(broken)):
+            raise ArtifactDamaged(damaged_message(broken[view], run_id))
+        if verify:
+            for stage, key in sorted({views[v] for v in views if v in named}):
+                if problems := store.verify(stage, key):
+                    raise ArtifactDamaged(damaged_message(problems[0], run_id))
+        cur = con.execute(sql)
+        cols = [d[0] for d in cur.description] if cur.description else []
+        return cols, cur.fetchall()

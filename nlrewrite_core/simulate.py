@@ -82,11 +82,38 @@ CALIBRATED_OPTIONS: dict[str, Any] = {
 """Calibrated eval predictions keep float32 values (what evaluate patches in); ids delta-encoded."""
 
 
+class _HashingSink:
+    """A write-only file object that hashes (sha256) and counts the bytes on their way to `sink`:
+    the file's manifest hash without reading it back (on S3 that would download the whole file)."""
+
+    def __init__(self, sink: Any):
+        self.sink, self.sha, self.size, self.closed = sink, hashlib.sha256(), 0, False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.sha.update(view)
+        self.sink.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:  # the owner closes the real sink
+        self.closed = True
+
+
 class BlockWriter:
     """Streams tables into one Parquet file, a row group per call to `write`, never holding more
     than one block. The file appears whole or not at all: a local file is written under a
     temporary name and renamed; on S3 the upload completes on close. `close()` returns
-    (rows, sha256, bytes)."""
+    (rows, sha256, bytes), hashed as the bytes are written."""
 
     def __init__(self, fs, path: str, schema: pa.Schema = STORED_SCHEMA, local: bool = True, **options: Any):
         self.fs, self.path, self.local = fs, path, local
@@ -98,7 +125,8 @@ class BlockWriter:
             self.sink = fs.open_output_stream(path)
         opts = {**(PARQUET_OPTIONS if schema == STORED_SCHEMA else
                    CALIBRATED_OPTIONS if schema == CALIBRATED_SCHEMA else {"compression": "zstd"}), **options}
-        self.writer = pq.ParquetWriter(self.sink, schema, **opts)
+        self.hashing = _HashingSink(self.sink)
+        self.writer = pq.ParquetWriter(self.hashing, schema, **opts)
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
@@ -114,12 +142,7 @@ class BlockWriter:
             os.replace(self.tmp, self.path)
         else:
             self.sink.close()
-        h, size = hashlib.sha256(), 0
-        with self.fs.open_input_stream(self.path) as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-                size += len(chunk)
-        return self.rows, h.hexdigest(), size
+        return self.rows, self.hashing.sha.hexdigest(), self.hashing.size
 
     def abort(self) -> None:
         try:

@@ -112,11 +112,12 @@ def _writer(store: Store, stage: str, cfg: RewriteConfig, keys: dict[str, str], 
                        version=VERSIONS[stage], sub=sub)
 
 
-def _done(store: Store, stage: str, keys: dict[str, str]) -> ArtifactRef | None:
-    if store.has_manifest(stage, keys[stage]):
-        log.info("%s: found manifest for key %s, nothing to do", stage, keys[stage])
-        return store.ref(stage, keys[stage])
-    return None
+def _done(store: Store, stage: str, keys: dict[str, str], sub: str = "") -> ArtifactRef | None:
+    """The stage's ref when its manifest is there and every file it lists is intact (Store.reuse:
+    sha256, size, rows); None when it must be computed (a damaged one is named in one warning)."""
+    if ref := store.reuse(stage, keys[stage], sub):
+        log.info("%s: found manifest for key %s%s, nothing to do", stage, keys[stage], f"/{sub}" if sub else "")
+    return ref
 
 
 def _device(cfg: RewriteConfig) -> str:
@@ -350,26 +351,27 @@ def run_activations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> A
     n_tokens: dict[str, int] = {}
     parts: list[pa.Table] = []  # only (split, latent, act) for the statistics: 3 narrow columns
     rows, t0 = 0, time.perf_counter()
-    tmp_path = Path(tempfile.mkdtemp()) / "activations.parquet"
-    with pq.ParquetWriter(tmp_path, schema, compression="zstd") as writer:
-        for split in (*CACHED_SPLITS, *(("sample",) if cfg.activations.sample_tokens else ())):
-            seq_ids, tokens = load_tokens(store, keys, (split if split != "sample" else "train",))
-            if split == "sample":  # the train split's last sequences: the true sample's extra tokens
-                n_seq = min(len(tokens), cfg.activations.sample_tokens // max(tokens.shape[1], 1))
-                seq_ids, tokens = seq_ids[len(seq_ids) - n_seq:], tokens[len(tokens) - n_seq:]
-            n_tokens[split] = tokens.size
-            for batch in acts_lib.iter_latents(model, sae, layer, tokens, seq_ids, cfg.activations.batch_size, device):
-                b = pa.Table.from_batches([batch]).append_column("split", pa.array([split] * batch.num_rows))
-                acts_lib.check_storable(b.column("act").to_numpy(), cfg.activations.dtype)
-                writer.write_table(b.cast(schema))
-                parts.append(b.select(["split", "latent", "act"]))
-                rows += batch.num_rows
-    dt = time.perf_counter() - t0
-    total_tokens = sum(n_tokens.values())
-    log.info("activations: %d tokens, %d non-zero latents in %.1fs (%.0f tokens/s)", total_tokens, rows, dt,
-             total_tokens / max(dt, 1e-9))
-    w.bytes("activations.parquet", tmp_path.read_bytes(), rows=rows)
-    tmp_path.unlink()
+    with tempfile.TemporaryDirectory(prefix="nlrewrite-activations-") as tmp:  # removed however the stage ends
+        tmp_path = Path(tmp) / "activations.parquet"
+        with pq.ParquetWriter(tmp_path, schema, compression="zstd") as writer:
+            for split in (*CACHED_SPLITS, *(("sample",) if cfg.activations.sample_tokens else ())):
+                seq_ids, tokens = load_tokens(store, keys, (split if split != "sample" else "train",))
+                if split == "sample":  # the train split's last sequences: the true sample's extra tokens
+                    n_seq = min(len(tokens), cfg.activations.sample_tokens // max(tokens.shape[1], 1))
+                    seq_ids, tokens = seq_ids[len(seq_ids) - n_seq:], tokens[len(tokens) - n_seq:]
+                n_tokens[split] = tokens.size
+                for batch in acts_lib.iter_latents(model, sae, layer, tokens, seq_ids, cfg.activations.batch_size,
+                                                   device):
+                    b = pa.Table.from_batches([batch]).append_column("split", pa.array([split] * batch.num_rows))
+                    acts_lib.check_storable(b.column("act").to_numpy(), cfg.activations.dtype)
+                    writer.write_table(b.cast(schema))
+                    parts.append(b.select(["split", "latent", "act"]))
+                    rows += batch.num_rows
+        dt = time.perf_counter() - t0
+        total_tokens = sum(n_tokens.values())
+        log.info("activations: %d tokens, %d non-zero latents in %.1fs (%.0f tokens/s)", total_tokens, rows, dt,
+                 total_tokens / max(dt, 1e-9))
+        w.bytes("activations.parquet", tmp_path.read_bytes(), rows=rows)
     stats = acts_lib.latent_stats(pa.concat_tables(parts), n_tokens, sae.num_latents)
     w.table("latent_stats", stats)
     return w.finish(metrics={"rows": rows, "n_tokens": n_tokens, "tokens_per_s": total_tokens / max(dt, 1e-9),
@@ -633,10 +635,8 @@ def _run_simulate_shard_llm(store: Store, cfg: RewriteConfig, keys: dict[str, st
 def run_simulate_shard(store: Store, cfg: RewriteConfig, keys: dict[str, str], shard: int) -> ArtifactRef:
     """Predictions of every calib and eval context for one shard's latents."""
     sub = f"shard-{shard:05d}"
-    if store.has_manifest("simulate", keys["simulate"], sub):
-        m = store.read_manifest("simulate", keys["simulate"], sub)
-        return ArtifactRef(stage="simulate", key=keys["simulate"], uri=store.uri("artifacts", "simulate", keys["simulate"], sub),
-                           rows={f["name"]: f["rows"] for f in m["files"] if f["rows"] is not None})
+    if ref := _done(store, "simulate", keys, sub):
+        return ref
     num_latents = _num_latents(store, keys)
     lo, hi = shard_ranges(num_latents, cfg.simulate.shard_latents)[shard]
     w = _writer(store, "simulate", cfg, keys, sub=sub)

@@ -8,19 +8,42 @@ Layout::
 Writes are atomic: a local file is written under a temporary name and renamed; an S3 object is
 uploaded whole. A stage directory's ``_manifest.json`` is written last: a directory without a
 manifest does not exist.
+
+Integrity: a manifest records each file's sha256, size and rows. `Store.reuse` (what every stage
+calls before computing) verifies them, streaming each file through sha256; a missing file, a
+mismatch or an unreadable manifest makes the stage "not done" (one warning naming the file, the
+manifest is removed, the stage is recomputed). A file verified once is not hashed again in the
+same process while its size and mtime are unchanged.
+
+Concurrency: any number of writers of one stage key may run at once on one root and no writer
+deletes another's files. Locally each StageWriter writes into its own staging directory
+(``.staging-<name>-<host>-<pid>-<id>`` next to the stage directory) and publishes it with one
+atomic rename; when the stage directory already holds a manifest the first publisher wins and the
+later copy is discarded. On S3 every object is uploaded whole and the manifest last, with a
+conditional PUT (If-None-Match): the first manifest stays, never overwritten, so no reader sees a
+manifest torn between two writers; writers of one key upload the same bytes (stages are
+deterministic), so that manifest matches the files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -28,7 +51,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+log = logging.getLogger("nlrewrite")
+
 MANIFEST = "_manifest.json"
+STAGING = ".staging-"
+"""Prefix of a local writer's staging directory (never part of an artifact)."""
+HASH_CHUNK = 8 << 20
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Run ids and preset names: letters, digits, '.', '_', '-', starting with a letter or digit."""
 S3_MAX_ATTEMPTS = int(os.environ.get("NLREWRITE_S3_MAX_ATTEMPTS", "10"))
 """Attempts per S3 request (pyarrow and boto3 retry transient errors with exponential backoff)."""
 
@@ -37,6 +67,85 @@ class StorageError(RuntimeError):
     """The storage root cannot be used (missing bucket, rejected credentials, unreachable endpoint).
 
     Messages name the root and the cause, never a credential."""
+
+
+class StorageFull(StorageError):
+    """The device holding the storage root is full (ENOSPC, EDQUOT)."""
+
+
+class ArtifactInvalid(StorageError):
+    """A manifest that cannot be read (not JSON, not a manifest); the message names the file."""
+
+
+class UnsafeName(ValueError):
+    """A run id, preset name or path part outside the safe character set (could leave the root)."""
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` if it is a safe name (SAFE_NAME) for a path component, else UnsafeName naming `what`."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        raise UnsafeName(f"{what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                         "or digit")
+    return value
+
+
+_VERIFIED: dict[str, tuple[int, int | str, str]] = {}
+"""path -> (size, mtime_ns or S3 ETag, sha256) of files verified (or written) by this process."""
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _remember(path: str, size: int, version: int | str, sha: str) -> None:
+    with _VERIFIED_LOCK:
+        _VERIFIED[path] = (size, version, sha)
+
+
+def default_cache_dir() -> Path:
+    """Where an S3 root's directories (model weights) are downloaded for libraries that need a
+    path, kept between runs on purpose: $NLREWRITE_CACHE_DIR, else $XDG_CACHE_HOME/nlrewrite, else
+    ~/.cache/nlrewrite (not the temporary directory: nothing temporary outlives a run)."""
+    if env := os.environ.get("NLREWRITE_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nlrewrite"
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write, flush and fsync one local file (the single place local bytes hit the disk)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _writer_id() -> str:
+    """<host>-<pid> of this process, as it appears in its staging directories' names."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_stagings(parent: str, name: str) -> None:
+    """Remove staging directories of `name` left by writers of this host whose process is gone
+    (killed mid-stage). Another host's, or a live process's, are never touched."""
+    prefix = f"{STAGING}{name}-{_writer_id().rsplit('-', 1)[0]}-"
+    try:
+        entries = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    for e in entries:
+        if not e.startswith(prefix):
+            continue
+        pid = e[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, e), ignore_errors=True)
 
 
 class ArtifactRef(BaseModel):
@@ -61,6 +170,10 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class Store:
     """Artifact store rooted at a local directory or an S3 URI.
 
@@ -73,6 +186,7 @@ class Store:
         root = str(root)
         self.is_s3 = root.startswith("s3://")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        self._s3: Any = None
         if self.is_s3:
             kwargs: dict[str, Any] = {}
             if self.endpoint_url:
@@ -88,7 +202,7 @@ class Store:
             self.fs: pafs.FileSystem = pafs.S3FileSystem(**kwargs)
             self.base = root[len("s3://"):].rstrip("/")
             self.root = root.rstrip("/")
-            self.cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "nlrewrite-cache")
+            self.cache_dir = Path(cache_dir or default_cache_dir())
         else:
             self.fs = pafs.LocalFileSystem()
             self.base = str(Path(root).resolve())
@@ -165,7 +279,7 @@ class Store:
         root = Path(path)
         if root.is_dir():
             for f in sorted(root.rglob("*")):
-                if f.is_file() and ".tmp-" not in f.name:
+                if f.is_file() and ".tmp-" not in f.name and STAGING not in f.relative_to(root).as_posix():
                     st = f.stat()
                     out.append({"key": f.relative_to(root).as_posix(), "size": st.st_size, "etag": "",
                                 "last_modified": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(st.st_mtime))})
@@ -195,7 +309,11 @@ class Store:
 
     # ---- paths ---------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
-        """Filesystem path (without scheme) of a location under the root."""
+        """Filesystem path (without scheme) of a location under the root; a part with a '..' or '.'
+        component (which could leave the root) raises UnsafeName."""
+        for p in parts:
+            if p and any(c in (".", "..") for c in p.strip("/").split("/")):
+                raise UnsafeName(f"path part {p!r} would leave the storage root {self.root}")
         return "/".join([self.base, *[p.strip("/") for p in parts if p]])
 
     def uri(self, *parts: str) -> str:
@@ -209,22 +327,64 @@ class Store:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Write a whole file atomically (temp name + rename locally; one PUT on S3)."""
+        """Write a whole file atomically (temp name + rename locally; one PUT on S3). A full disk
+        raises StorageFull naming the root, and leaves no temporary file."""
         if self.is_s3:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
             return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _write_file(tmp, data)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise self.full_error(e, path) if is_disk_full(e) else e
+
+    def full_error(self, e: OSError, path: str = "") -> StorageFull:
+        """The one-line error for a full device under this root."""
+        return StorageFull(f"storage {self.root}: no space left on the device ({e.strerror or e})"
+                           + (f" while writing {path}" if path else "") + "; free space or choose another --storage")
+
+    def _client(self):
+        if self._s3 is None:
+            self._s3 = self.s3_client()
+        return self._s3
 
     def read_bytes(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
+        """A whole file. On S3 one GET (one version of the object even while another writer
+        replaces it; pyarrow's ranged reads could mix two). FileNotFoundError when it is missing."""
+        if not self.is_s3:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        from botocore.exceptions import ClientError
+
+        bucket, key = path.split("/", 1)
+        try:
+            return self._client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"s3://{path}") from None
+            raise
+
+    def put_if_absent(self, path: str, data: bytes) -> bool:
+        """S3: create the object only if no object has that key (a conditional PUT, If-None-Match);
+        False when one exists. An endpoint without conditional writes gets a plain PUT."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = path.split("/", 1)
+        try:
+            self._client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code"))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            if code not in ("NotImplemented", "501"):
+                raise
+            self.write_bytes(path, data)
+        return True
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
@@ -271,34 +431,159 @@ class Store:
             return Path(path)
         dest = self.cache_dir / hashlib.sha256(path.encode()).hexdigest()[:16]
         if not (dest / ".complete").exists():
-            tmp = Path(tempfile.mkdtemp(dir=self.cache_dir.mkdir(parents=True, exist_ok=True) or self.cache_dir))
-            infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            for info in infos:
-                if info.type == pafs.FileType.File:
-                    rel = info.path[len(path):].lstrip("/")
-                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (tmp / rel).write_bytes(self.read_bytes(info.path))
-            (tmp / ".complete").write_text("")
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f"{dest.name}.tmp-"))
+            try:
+                infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                for info in infos:
+                    if info.type == pafs.FileType.File:
+                        rel = info.path[len(path):].lstrip("/")
+                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        (tmp / rel).write_bytes(self.read_bytes(info.path))
+                (tmp / ".complete").write_text("")
+                if dest.exists() and not (dest / ".complete").exists():
+                    shutil.rmtree(dest, ignore_errors=True)  # an incomplete copy (older code)
+                with contextlib.suppress(OSError):  # a concurrent process's complete copy wins
+                    os.rename(tmp, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
     # ---- manifests ---------------------------------------------------------------------------
+    def manifest_path(self, stage: str, key: str, sub: str = "") -> str:
+        return self.artifact_dir(stage, key, sub) + "/" + MANIFEST
+
     def has_manifest(self, stage: str, key: str, sub: str = "") -> bool:
-        return self.exists(self.artifact_dir(stage, key, sub) + "/" + MANIFEST)
+        """Whether the manifest file exists (cheap; `reuse` also checks what it lists)."""
+        return self.exists(self.manifest_path(stage, key, sub))
+
+    def _manifest(self, stage: str, key: str, sub: str = "") -> tuple[dict[str, Any], bytes]:
+        path = self.manifest_path(stage, key, sub)
+        data = self.read_bytes(path)
+        try:
+            manifest = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            what = "empty" if not data.strip() else f"not JSON ({e.msg if hasattr(e, 'msg') else e})"
+            raise ArtifactInvalid(f"{self.uri_of(path)}: manifest is {what}") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("file"), str) and isinstance(f.get("sha256"), str)
+                and ".." not in f["file"].split("/") for f in files):
+            raise ArtifactInvalid(f"{self.uri_of(path)}: not a manifest (needs a 'files' list of "
+                                  "{file, sha256} entries)")
+        return manifest, data
 
     def read_manifest(self, stage: str, key: str, sub: str = "") -> dict[str, Any]:
-        return self.read_json(self.artifact_dir(stage, key, sub) + "/" + MANIFEST)
+        """The parsed manifest; FileNotFoundError without one, ArtifactInvalid (naming the file) when it
+        cannot be read as a manifest."""
+        return self._manifest(stage, key, sub)[0]
 
-    def ref(self, stage: str, key: str) -> ArtifactRef:
-        """The ref of a finished artifact (raises FileNotFoundError if it has no manifest)."""
-        path = self.artifact_dir(stage, key) + "/" + MANIFEST
-        data = self.read_bytes(path)
-        manifest = json.loads(data)
+    def uri_of(self, path: str) -> str:
+        """The URI (with scheme) of a path under this root, for messages."""
+        return ("s3://" if self.is_s3 else "") + path
+
+    def ref(self, stage: str, key: str, sub: str = "") -> ArtifactRef:
+        """The ref of a finished artifact (FileNotFoundError without a manifest, ArtifactInvalid
+        for an unreadable one)."""
+        manifest, data = self._manifest(stage, key, sub)
         rows = {f["name"]: f["rows"] for f in manifest["files"] if f.get("rows") is not None}
-        return ArtifactRef(stage=stage, key=key, uri=self.uri("artifacts", stage, key), rows=rows,
+        return ArtifactRef(stage=stage, key=key, uri=self.uri("artifacts", stage, key, sub), rows=rows,
                            manifest_sha256=sha256_bytes(data))
+
+    def stamp(self, path: str) -> tuple[int, int | str] | None:
+        """(size, version) of a stored file, None when it is missing: the version is the mtime in ns
+        locally, the ETag on S3 (S3's mtime has one-second resolution; the ETag changes with the
+        content). A file whose stamp is unchanged since this process verified it is not hashed again."""
+        if not self.is_s3:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return None
+            return (st.st_size, st.st_mtime_ns) if not os.path.isdir(path) else None
+        from botocore.exceptions import ClientError
+
+        bucket, key = path.split("/", 1)
+        try:
+            head = self._client().head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return int(head["ContentLength"]), str(head["ETag"]).strip('"')
+
+    def file_sha256(self, path: str) -> tuple[str, int]:
+        """(sha256, bytes) of a stored file, streamed in HASH_CHUNK pieces (never whole in memory)."""
+        h, n = hashlib.sha256(), 0
+        with self.fs.open_input_stream(path) as f:
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+                n += len(chunk)
+        return h.hexdigest(), n
+
+    def verify(self, stage: str, key: str, sub: str = "", *, rehash: bool = False) -> list[str]:
+        """Problems of a finished artifact, one line each naming the file ([] when it is intact):
+        a missing or unreadable manifest, a listed file that is missing, or whose size, sha256 or
+        Parquet row count differs from the manifest. Files this process verified or wrote, with
+        unchanged size and mtime, are not hashed again unless `rehash`."""
+        try:
+            manifest = self.read_manifest(stage, key, sub)
+        except FileNotFoundError:
+            return [f"{self.uri_of(self.manifest_path(stage, key, sub))}: missing"]
+        except ArtifactInvalid as e:
+            return [str(e)]
+        base = self.artifact_dir(stage, key, sub)
+        problems: list[str] = []
+        for f in manifest["files"]:
+            path = f"{base}/{f['file']}"
+            where = self.uri_of(path)
+            stamp = self.stamp(path)
+            if stamp is None:
+                problems.append(f"{where}: missing")
+                continue
+            if f.get("size") is not None and stamp[0] != f["size"]:
+                problems.append(f"{where}: {stamp[0]} bytes, the manifest says {f['size']}")
+                continue
+            if not rehash and _VERIFIED.get(path) == (*stamp, f["sha256"]):
+                continue
+            sha, _ = self.file_sha256(path)
+            if sha != f["sha256"]:
+                problems.append(f"{where}: sha256 {sha[:12]}... differs from the manifest's {f['sha256'][:12]}...")
+                continue
+            if f.get("rows") is not None and path.endswith(".parquet"):
+                try:
+                    rows = pq.ParquetFile(self.fs.open_input_file(path)).metadata.num_rows
+                except (OSError, pa.ArrowException) as e:
+                    problems.append(f"{where}: not readable as Parquet ({type(e).__name__})")
+                    continue
+                if rows != f["rows"]:
+                    problems.append(f"{where}: {rows} rows, the manifest says {f['rows']}")
+                    continue
+            _remember(path, *stamp, sha)
+        return problems
+
+    def invalidate(self, stage: str, key: str, sub: str = "") -> None:
+        """Remove a stage's manifest: the stage is "not done" and the next run recomputes it."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.manifest_path(stage, key, sub))
+
+    def reuse(self, stage: str, key: str, sub: str = "") -> ArtifactRef | None:
+        """The ref of a finished, intact artifact, or None when it must be (re)computed: no manifest
+        (silently), or a problem found by `verify` (one warning naming the file; the manifest is
+        removed so that every later check agrees)."""
+        if not self.has_manifest(stage, key, sub):
+            return None
+        problems = self.verify(stage, key, sub)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            log.warning("%s %s%s: %s%s; recomputing it", stage, key, f"/{sub}" if sub else "", problems[0], more)
+            self.invalidate(stage, key, sub)
+            return None
+        return self.ref(stage, key, sub)
+
+    def sub_artifacts(self, stage: str, key: str) -> list[str]:
+        """Sub-artifacts (e.g. simulation shards: directories with their own manifest) of a stage."""
+        base = self.artifact_dir(stage, key)
+        return [n for n in self.listdir(base) if not n.startswith(".") and self.exists(f"{base}/{n}/{MANIFEST}")]
 
 
 class StageWriter:
@@ -309,40 +594,75 @@ class StageWriter:
         w = StageWriter(store, "corpus", key, config=..., upstream=...)
         w.table("tokens", table)
         ref = w.finish(metrics={...})
+
+    Files go to `w.dir`: a staging directory private to this writer on a local root (published
+    by one rename in `finish`, removed if the writer is dropped unfinished), the stage directory
+    itself on S3 (objects appear whole; the manifest last). Nothing of another writer is deleted.
     """
 
     def __init__(self, store: Store, stage: str, key: str, *, config: dict[str, Any],
                  upstream: dict[str, str], version: str, sub: str = ""):
         self.store, self.stage, self.key, self.sub = store, stage, key, sub
-        self.dir = store.artifact_dir(stage, key, sub)
+        self.final = store.artifact_dir(stage, key, sub)
         self.config, self.upstream, self.version = config, upstream, version
         self.files: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
-        # A previous, killed attempt may have left files without a manifest: they are not trusted.
-        if not store.has_manifest(stage, key, sub):
-            for name in store.listdir(self.dir):
-                if not store.has_manifest(stage, key, f"{sub}/{name}".strip("/")):
-                    p = f"{self.dir}/{name}"
-                    if store.fs.get_file_info(p).type == pafs.FileType.File:
-                        store.fs.delete_file(p)
+        if store.is_s3:
+            self.dir = self.final
+            return
+        parent, name = os.path.split(self.final)
+        _remove_dead_stagings(parent, name)
+        self.dir = f"{parent}/{STAGING}{name}-{_writer_id()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.makedirs(self.dir)
+        except OSError as e:
+            raise store.full_error(e, self.dir) if is_disk_full(e) else e
+        # An unfinished writer (an exception mid-stage) leaves nothing: its staging directory goes
+        # when the writer is collected, or at exit.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
+
+    def abort(self) -> None:
+        """Drop this writer's staged files (local; on S3 objects already uploaded stay, unlisted)."""
+        if not self.store.is_s3:
+            self._cleanup()
+
+    @contextlib.contextmanager
+    def _aborting(self) -> Iterator[None]:
+        """A failed write (a full disk...) ends the writer: its staged files go at once."""
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            raise
+
+    def _entry(self, name: str, file: str, rows: int | None, sha: str, size: int) -> None:
+        self.files.append({"name": name, "file": file, "rows": rows, "sha256": sha, "size": size})
 
     def table(self, name: str, table: pa.Table) -> None:
-        sha = self.store.write_parquet(f"{self.dir}/{name}.parquet", table)
-        self.files.append({"name": name, "file": f"{name}.parquet", "rows": table.num_rows, "sha256": sha})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.bytes(f"{name}.parquet", buf.getvalue(), rows=table.num_rows)
 
     def bytes(self, name: str, data: bytes, rows: int | None = None) -> None:
         """Write a whole file into the artifact."""
-        self.store.write_bytes(f"{self.dir}/{name}", data)
-        self.files.append({"name": name.removesuffix(".parquet"), "file": name, "rows": rows, "sha256": sha256_bytes(data)})
+        with self._aborting():
+            self.store.write_bytes(f"{self.dir}/{name}", data)
+        self._entry(name.removesuffix(".parquet"), name, rows, sha256_bytes(data), len(data))
 
     def directory(self, name: str, local_dir: str | Path) -> None:
         """Copy a local directory (e.g. a `save_pretrained` output) into the artifact."""
-        shas = self.store.upload_dir(local_dir, f"{self.dir}/{name}")
+        with self._aborting():
+            shas = self.store.upload_dir(local_dir, f"{self.dir}/{name}")
         for rel, sha in shas.items():
-            self.files.append({"name": f"{name}/{rel}", "file": f"{name}/{rel}", "rows": None, "sha256": sha})
+            self._entry(f"{name}/{rel}", f"{name}/{rel}", None, sha, (Path(local_dir) / rel).stat().st_size)
 
     def finish(self, metrics: dict[str, Any] | None = None, cost: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None) -> ArtifactRef:
+        for f in self.files:  # entries a stage added itself (streamed files) get their size too
+            if f.get("size") is None:
+                stamp = self.store.stamp(f"{self.dir}/{f['file']}") or self.store.stamp(f"{self.final}/{f['file']}")
+                if stamp is not None:
+                    f["size"] = stamp[0]
         manifest = {
             "stage": self.stage,
             "key": self.key,
@@ -354,8 +674,41 @@ class StageWriter:
             "cost": {"wall_s": round(time.perf_counter() - self.t0, 3), **(cost or {})},
             **(extra or {}),
         }
-        self.store.write_json(f"{self.dir}/{MANIFEST}", manifest)
+        data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        with self._aborting():
+            if not self.store.is_s3:
+                self.store.write_bytes(f"{self.dir}/{MANIFEST}", data)
+                self._publish()
+            elif not self.store.put_if_absent(f"{self.dir}/{MANIFEST}", data):
+                log.info("%s %s: another writer published it first; keeping that copy", self.stage, self.key)
+        for f in self.files:  # what this process wrote needs no hashing when it is reused
+            path = f"{self.final}/{f['file']}"
+            stamp = self.store.stamp(path)
+            if stamp is not None and stamp[0] == f.get("size", stamp[0]):
+                _remember(path, *stamp, f["sha256"])
         if self.sub:
             return ArtifactRef(stage=self.stage, key=self.key, uri=self.store.uri("artifacts", self.stage, self.key, self.sub),
                                rows={f["name"]: f["rows"] for f in self.files if f["rows"] is not None})
         return self.store.ref(self.stage, self.key)
+
+    def _publish(self) -> None:
+        """Move the staging directory into place: one rename when the stage directory is absent
+        (or empty); when it holds a manifest, another writer published first and this copy is
+        dropped; otherwise (a directory of sub-artifacts, e.g. simulation shards) the files are
+        renamed in one by one and the manifest last."""
+        try:
+            os.rename(self.dir, self.final)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if os.path.exists(f"{self.final}/{MANIFEST}"):
+            log.info("%s %s: another writer published it first; keeping that copy", self.stage, self.key)
+        else:
+            staged = Path(self.dir)
+            for f in sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MANIFEST):
+                target = Path(self.final) / f.relative_to(staged)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, target)
+            os.replace(staged / MANIFEST, Path(self.final) / MANIFEST)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -130,13 +130,16 @@ def shard_sub(shard: int) -> str:
 
 
 def ensure(task_fn, stage: str, run: RunContext, store: Store, **kwargs: Any) -> ArtifactRef:
-    """Run a stage task; if Prefect's cache answered but the manifest is gone, run it for real.
+    """Run a stage task; if Prefect's cache answered but the manifest is gone, or a file it lists
+    is damaged (Store.reuse verifies every file's sha256), run it for real.
 
-    The manifest, not Prefect's cache record, decides whether a stage is done.
+    The manifest and the files it lists, not Prefect's cache record, decide whether a stage is done.
     """
     ref = task_fn(run, **kwargs)
     sub = shard_sub(kwargs["shard"]) if "shard" in kwargs else ""
-    if not store.has_manifest(stage, run.stage_keys[stage], sub):
+    key = run.stage_keys[stage]
+    if not store.has_manifest(stage, key, sub):
         get_run_logger().warning("%s: cached result points at a missing manifest; recomputing", stage)
-        ref = task_fn.with_options(refresh_cache=True)(run, **kwargs)
-    return ref
+    elif store.reuse(stage, key, sub) is not None:  # intact (damage is named by reuse, in one warning)
+        return ref
+    return task_fn.with_options(refresh_cache=True)(run, **kwargs)

@@ -116,6 +116,34 @@ def test_query_on_s3_matches_local(s3_run, micro_run, capsys):
     assert int(n) == int(n_distinct) > 0
 
 
+@pytest.mark.parametrize("sql, expected", [
+    ("copy (select 'x' as condition) to 's3://nlr-art/runs1/artifacts/evaluate/{key}/ce.parquet'", "refused COPY"),
+    ("select * from read_parquet('s3://nlr-art/runs1/artifacts/evaluate/{key}/ce.parquet')", "SQL error"),
+    ("select content from read_text('{home}/.bashrc')", "SQL error"),
+    ("install httpfs", "refused LOAD"),
+    ("set enable_external_access = true", "refused SET"),
+])
+def test_query_on_s3_refuses_attacks_and_changes_nothing(s3_run, capsys, sql, expected):
+    """With external access disabled the S3 views still read (pyarrow opens the objects, not
+    DuckDB: test_query_on_s3_matches_local), and no statement reaches anything else."""
+    root, url, result = s3_run
+    client = boto3.client("s3", endpoint_url=url)
+    before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="nlr-art")["Contents"]}
+    code, out, err = cli(["query", "micro-test", sql.format(key=result["keys"]["evaluate"], home=Path.home()),
+                          "--storage", root, "--endpoint-url", url], capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="nlr-art")["Contents"]} == before
+
+
+def test_verify_on_s3(s3_run, capsys):
+    root, url, result = s3_run
+    code, out, err = cli(["verify", "micro-test", "--storage", root, "--endpoint-url", url, "--format", "csv"], capsys)
+    assert code == 0, err
+    rows = [line.split(",") for line in out.splitlines()[1:]]
+    assert {r[0] for r in rows} >= set(result["keys"]) and all(r[2] == "ok" for r in rows)
+    assert SECRET not in out + err
+
+
 @pytest.mark.parametrize("cmd", [
     ["artifacts", "ls", "micro-test"],
     ["query", "micro-test", "select 1"],

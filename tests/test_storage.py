@@ -38,14 +38,20 @@ def test_local_manifest_written_last_and_no_temp_files(tmp_path):
     assert m["config"] == {"x": 1} and m["upstream"] == {"up": "u1"}
 
 
-def test_half_written_stage_is_not_done_and_is_cleaned(tmp_path):
+def test_half_written_stage_is_not_done_and_its_files_are_left_alone(tmp_path):
+    """A directory without a manifest is not done; its files may be another writer's in flight, so a
+    new writer never deletes them: it publishes its own files over them, the manifest last."""
     store = Store(tmp_path)
     d = tmp_path / "artifacts" / "demo" / "k1"
     d.mkdir(parents=True)
     (d / "stale.parquet").write_bytes(b"half")
-    assert not store.has_manifest("demo", "k1")
+    (d / "t.parquet").write_bytes(b"half")
+    assert not store.has_manifest("demo", "k1") and store.reuse("demo", "k1") is None
     write_stage(store)
-    assert not (d / "stale.parquet").exists()
+    assert (d / "stale.parquet").read_bytes() == b"half"  # not ours: untouched, and not in the manifest
+    assert [f["file"] for f in store.read_manifest("demo", "k1")["files"]] == ["t.parquet"]
+    assert store.verify("demo", "k1", rehash=True) == []
+    assert sorted(p.name for p in d.parent.iterdir()) == ["k1"]  # no staging directory left
 
 
 @pytest.fixture(scope="module")
