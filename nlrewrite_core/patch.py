@@ -12,6 +12,7 @@ Pure library (no Prefect): the CLI calls it before Prefect starts, the flow call
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,6 +20,8 @@ from pydantic import ValidationError
 from . import stages
 from .config import PRESETS, ConfigError, RewriteConfig, _format_validation_error, deep_merge, load_config
 from .storage import Store
+
+log = logging.getLogger("nlrewrite")
 
 PATCH_STAGES = ("calibrate", "evaluate", "report", "multilayer")
 """The stages the patch-evaluate flow computes; every other stage of a run is upstream of them."""
@@ -68,9 +71,15 @@ def upstream_artifacts(cfg: RewriteConfig, keys: dict[str, str]) -> list[tuple[s
 
 
 def artifact_ok(store: Store, stage: str, key: str) -> bool:
-    """Whether an upstream artifact is done and sound. The one place a stronger check (the manifest's
-    files and their sha256, read back) plugs in; today: its manifest exists."""
-    return store.has_manifest(stage, key)
+    """Whether an upstream artifact is done and sound: its manifest exists and every file it lists has
+    its recorded size, sha256 and rows (Store.verify). Nothing is removed or rewritten here: a damaged
+    upstream stage is reported, and `nlrewrite run` (or `nlrewrite verify --repair`) redoes it."""
+    if not store.has_manifest(stage, key):
+        return False
+    problems = store.verify(stage, key)
+    if problems:
+        log.warning("%s %s: %s", stage, key, problems[0])
+    return not problems
 
 
 def rerun_command(run_record: dict[str, Any], store: Store, endpoint_url: str | None) -> str:
