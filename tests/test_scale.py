@@ -61,8 +61,8 @@ def test_streaming_calibration_equals_in_memory(method, shard):
         perm = np.random.default_rng(a).permutation(len(t))
         block = C.shard_block(t.column("context_id").to_numpy()[perm], t.column("latent").to_numpy()[perm],
                               t.column("pred").to_numpy()[perm], calib_cids, eval_cids)
-        ok, missing = block.complete_latents()
-        assert len(missing) == 0 and np.array_equal(ok, lat)
+        assert (block.failed_fraction() == 0).all() and np.array_equal(block.latents, lat)
+        ok = block.latents
         pc_, pe_ = block.columns(ok)
         maps = C.fit_calibration(method, pc_, sparse.dense(ok), 33, latents=ok)
         tables.append(C.maps_to_table(maps))
@@ -82,8 +82,41 @@ def test_shard_block_rejects_duplicates_and_marks_missing():
     with pytest.raises(ValueError, match="two predictions"):
         C.shard_block(np.r_[c, c[:1]], np.r_[l, l[:1]], np.r_[p, p[:1]], cids[:4], cids[4:])
     block = C.shard_block(c[1:], l[1:], p[1:], cids[:4], cids[4:])  # (context 0, latent 3) failed
-    ok, missing = block.complete_latents()
-    assert ok.tolist() == [9] and missing.tolist() == [3]
+    assert block.latents.tolist() == [3, 9] and block.failed_fraction().tolist() == [1 / 6, 0.0]
+    assert np.isnan(block.calib[0, 0]) and np.isfinite(block.calib[:, 1]).all()
+
+
+def test_streaming_calibration_fits_around_failed_predictions():
+    """A latent below simulate.max_failed_fraction is fit without its failed contexts and its failed eval
+    contexts get no calibrated row; above it, the latent is excluded; both are counted."""
+    calib_cids, eval_cids, latents, pred, true = _problem(n_lat=4)
+    n_c = len(calib_cids)
+    pred[3, 1] = np.nan  # one failed calib prediction of latent 1 (1/420 of its contexts)
+    pred[n_c + 2, 1] = np.nan  # and one failed eval prediction
+    pred[: n_c // 2, 2] = np.nan  # half of latent 2's calib contexts failed
+    cids = np.concatenate([calib_cids, eval_cids])
+    rows = [(c, latents[j], pred[i, j]) for j in range(4) for i, c in enumerate(cids) if not np.isnan(pred[i, j])]
+    import pyarrow as pa
+    t = pa.table({"context_id": np.array([r[0] for r in rows]), "latent": np.array([r[1] for r in rows]),
+                  "pred": np.array([r[2] for r in rows], dtype=np.float32)})
+    r, c = np.nonzero(true)
+    sparse = C.SparseColumns(r, latents[c], true[r, c], n_c)
+    written = []
+    res = C.stream_calibration([t], ["quantile", "isotonic"], 33, calib_cids, eval_cids, sparse, written.append,
+                               max_failed_fraction=0.05)
+    assert np.concatenate(res.excluded).tolist() == [latents[2]]
+    assert np.concatenate(res.with_failures).tolist() == [latents[1]] and res.n_failed_kept == 2
+    out = pa.concat_tables(written)
+    lat1 = out.filter(pa.compute.equal(out["latent"], int(latents[1])))
+    assert len(lat1) == 2 * (len(eval_cids) - 1) and int(eval_cids[2]) not in lat1["context_id"].to_pylist()
+    keep = ~np.isnan(pred[:n_c, 1])
+    alone = C.fit_calibration("quantile", pred[:n_c][keep][:, [1]], true[keep][:, [1]], 33)
+    streamed = C.maps_from_table(pa.concat_tables(res.maps["quantile"]), "quantile")
+    row = int(np.flatnonzero(streamed.latents == latents[1])[0])
+    probe = np.linspace(-1, 6, 50, dtype=np.float32)[:, None]
+    np.testing.assert_array_equal(C.apply_calibration(streamed, probe, latents=latents[[1]]),
+                                  C.apply_calibration(alone, probe))
+    assert row >= 0
 
 
 @pytest.mark.parametrize("n_ctx,n_lat,shard_latents,context_block", [
@@ -176,9 +209,10 @@ def test_micro_run_shards_rerun_and_streaming_calibration(micro_run):
     cal = stages._table(store, "calibrate", keys["calibrate"], "calibrated")
     _, cp, ct = _dense_split(store, keys, "calib", seq_len, n_lat)
     ecids, ep, _ = _dense_split(store, keys, "eval", seq_len, n_lat)
-    live = np.flatnonzero(~(np.isnan(cp).any(0) | np.isnan(ep).any(0)))
+    live = np.flatnonzero(~(np.isnan(cp).all(0) | np.isnan(ep).all(0)))
+    sample, _ = stages.true_sample(store, keys, seq_len)  # what `quantile` maps onto (calibrate.true_sample: cache)
     for method in cfg.calibrate.methods:
-        maps = C.fit_calibration(method, cp[:, live], ct[:, live], cfg.calibrate.n_knots, latents=live)
+        maps = C.fit_calibration(method, cp[:, live], ct[:, live], cfg.calibrate.n_knots, latents=live, sample=sample)
         want = C.apply_calibration(maps, ep[:, live], latents=live)
         t = cal.filter(pc.field("method") == method)
         got = stages.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
