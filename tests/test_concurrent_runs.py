@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import moto_s3
 from nlrewrite_core.storage import MANIFEST, STAGING, Store
 
@@ -29,8 +30,11 @@ def run_three(storage: str, endpoint_url: str, tmp_path: Path) -> list[str]:
     for i in range(3):
         tmpdir = tmp_path / f"tmp{i}"
         tmpdir.mkdir()
+        # The same torch thread count as this process, where the reference run was made: training is
+        # bit-identical only at equal thread counts.
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TMPDIR": str(tmpdir),
-               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NLREWRITE_CACHE_DIR": str(tmp_path / f"cache{i}")}
+               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads()),
+               "NLREWRITE_CACHE_DIR": str(tmp_path / f"cache{i}")}
         procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, storage, f"conc-{i}", endpoint_url], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
