@@ -68,6 +68,9 @@ def micro_run(prefect_server, tmp_path_factory):
     """The `rewrite` flow on the micro preset, run once for the session: (storage dir, result)."""
     from flows.rewrite import rewrite
 
+    import torch
+
     storage = str(tmp_path_factory.mktemp("store"))
     result = rewrite(preset="micro", storage=storage, run_id="micro-test")
+    result["torch_threads"] = torch.get_num_threads()  # runs compared byte for byte with it must use the same
     return storage, result

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from conftest import moto_s3
 from nlrewrite_core.storage import MANIFEST, STAGING, Store
 
@@ -22,7 +21,7 @@ print("KEYS", sorted(r["keys"].items()))
 """
 
 
-def run_three(storage: str, endpoint_url: str, tmp_path: Path) -> list[str]:
+def run_three(storage: str, endpoint_url: str, tmp_path: Path, threads: int) -> list[str]:
     """Start three runs on `storage` at once (each with a private TMPDIR); returns their stdouts."""
     from prefect.settings import PREFECT_API_URL
 
@@ -30,10 +29,10 @@ def run_three(storage: str, endpoint_url: str, tmp_path: Path) -> list[str]:
     for i in range(3):
         tmpdir = tmp_path / f"tmp{i}"
         tmpdir.mkdir()
-        # The same torch thread count as this process, where the reference run was made: training is
+        # The torch thread count of the reference run (the session's micro run): training is
         # bit-identical only at equal thread counts.
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TMPDIR": str(tmpdir),
-               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads()),
+               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
                "NLREWRITE_CACHE_DIR": str(tmp_path / f"cache{i}")}
         procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, storage, f"conc-{i}", endpoint_url], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -65,7 +64,7 @@ def check_same_as_alone(store: Store, reference: Store, keys: dict[str, str]) ->
 def test_three_concurrent_runs_on_one_local_root(prefect_server, micro_run, tmp_path):
     ref_root, result = micro_run
     root = tmp_path / "root"
-    outs = run_three(str(root), "", tmp_path)
+    outs = run_three(str(root), "", tmp_path, result["torch_threads"])
     assert len({o.splitlines()[-1] for o in outs}) == 1
     check_same_as_alone(Store(root), Store(ref_root), result["keys"])
     assert not [p for p in root.rglob("*") if ".tmp-" in p.name or p.name.startswith(STAGING)]
@@ -77,6 +76,6 @@ def test_three_concurrent_runs_on_one_s3_root(prefect_server, micro_run, tmp_pat
            "AWS_DEFAULT_REGION": "us-east-1"}
     ref_root, result = micro_run
     with moto_s3(env, ("nlr-conc",)) as url:
-        outs = run_three("s3://nlr-conc/root", url, tmp_path)
+        outs = run_three("s3://nlr-conc/root", url, tmp_path, result["torch_threads"])
         assert len({o.splitlines()[-1] for o in outs}) == 1
         check_same_as_alone(Store("s3://nlr-conc/root", endpoint_url=url), Store(ref_root), result["keys"])
