@@ -21,7 +21,7 @@ def timed_run(preset: str, storage: str, env_home: str) -> tuple[float, str]:
 
     env = {**os.environ, "PREFECT_HOME": env_home}
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "nlrewrite_core.cli", "run", "--preset", preset, "--storage", storage],
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", preset, "--storage", storage],
                          capture_output=True, text=True, env=env, check=True)
     return time.perf_counter() - t0, out.stdout
 

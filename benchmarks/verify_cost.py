@@ -35,7 +35,7 @@ def main() -> None:
 
         from flows.rewrite import rewrite
         from nlrewrite_core import storage
-        from nlrewrite_core.cli import main as cli
+        from flows.cli import main as cli
 
         spent = [0.0]
         real_verify = storage.Store.verify

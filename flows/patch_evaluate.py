@@ -20,7 +20,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
     create_table_artifact, update_progress_artifact
 
 from nlrewrite_core import patch
-from nlrewrite_core.storage import Store
+from nlrewrite_core.storage import DEFAULT_ROOT, Store
 from tasks import stages as t
 from tasks.context import RunContext
 from tasks.stages import ensure
@@ -69,7 +69,7 @@ def evaluate_layers(run: RunContext, store: Store) -> list[dict[str, Any]]:
 
 
 @flow(name="patch-evaluate", log_prints=True)
-def patch_evaluate(run_id: str, storage: str = "./nlrewrite-data", endpoint_url: str | None = None,
+def patch_evaluate(run_id: str, storage: str = DEFAULT_ROOT, endpoint_url: str | None = None,
                    overrides: dict[str, Any] | None = None, new_run_id: str | None = None) -> dict[str, Any]:
     """Calibrate, evaluate and report a finished run again with overrides of the calibrate, evaluate and
     report sections (new fractions, calibration methods, bootstrap samples...); nothing upstream runs."""

@@ -18,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from flows.patch_evaluate import patch_evaluate, publish, run_record
 from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig, load_config
-from nlrewrite_core.storage import MANIFEST, ArtifactRef, Store, check_name
+from nlrewrite_core.storage import DEFAULT_ROOT, MANIFEST, ArtifactRef, Store, check_name
 from tasks import stages as t
 from tasks.context import RunContext
 from tasks.stages import ensure, shard_sub
@@ -151,7 +151,7 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress) -> None:
 
 
 @flow(name="rewrite", log_prints=True)
-def rewrite(preset: str = "tiny", config_file: str | None = None, storage: str = "./nlrewrite-data",
+def rewrite(preset: str = "tiny", config_file: str | None = None, storage: str = DEFAULT_ROOT,
             run_id: str | None = None, endpoint_url: str | None = None,
             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rewrite part of a transformer in natural language and measure the cost (the whole DAG)."""

@@ -53,6 +53,9 @@ from pydantic import BaseModel
 
 log = logging.getLogger("nlrewrite")
 
+DEFAULT_ROOT = "./nlrewrite-data"
+"""The storage root when none is given (the CLI's --storage, the flows' `storage`), relative to the
+working directory."""
 MANIFEST = "_manifest.json"
 STAGING = ".staging-"
 """Prefix of a local writer's staging directory (never part of an artifact)."""

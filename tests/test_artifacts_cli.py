@@ -16,7 +16,7 @@ import boto3
 import pytest
 
 from conftest import moto_s3
-from nlrewrite_core.cli import main
+from flows.cli import main
 from nlrewrite_core.storage import Store
 
 SECRET = "nlrSECRETzq7Xv9Kp2Lm4Wn8Rt6Yb3Hc5Jd1Fg0"  # distinctive: grepped for in everything below

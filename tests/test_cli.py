@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nlrewrite_core.cli import main
+from flows.cli import main
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -104,7 +104,7 @@ def test_query_latent_metrics_columns(micro_run, capsys):
 
 
 def test_headline_rows_average_random_seeds_and_filter_positions():
-    from nlrewrite_core.cli import headline_rows
+    from flows.cli import headline_rows
 
     def row(cond, sel="all", frac=None, cal="", seed=-1, ce=4.0, positions="all"):
         return {"condition": cond, "selection": sel, "fraction": frac, "calibration": cal, "seed": seed,

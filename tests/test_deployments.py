@@ -56,7 +56,15 @@ def test_deployments_entrypoints_exist_and_import():
     assert {"run_id", "storage", "endpoint_url", "overrides"} <= set(pe.parameters.properties)
     assert pe.parameters.required == ["run_id"]  # the finished run: given with every run
     assert names["simulate-shard/gpu"]["work_pool"]["name"] == "gpu"
-    assert {"preset", "config_file", "storage"} <= set(names["rewrite/full"]["parameters"])
+    assert {"preset", "config_file"} <= set(names["rewrite/full"]["parameters"])
+    # the storage root's default is the library's (written once), not repeated in the YAML
+    from nlrewrite_core.storage import DEFAULT_ROOT
+
+    for d in names.values():
+        fl = load_entrypoint(d["entrypoint"])
+        assert "storage" not in (d.get("parameters") or {}), d["name"]
+        if "storage" in fl.parameters.properties and d["name"] != "gpu":
+            assert fl.parameters.properties["storage"]["default"] == DEFAULT_ROOT, d["name"]
     # the fan-out default names a declared deployment
     assert ExecutionConfig().deployment in names
 

@@ -339,7 +339,7 @@ def test_deployment_run_on_s3_with_fanout(cluster, full_run, keys, capsys, monke
         assert f"full/artifacts/{stage}/{key}/{MANIFEST}" in objs, stage
     assert "full/runs/e2e-full/run.json" in objs
     # `nlrewrite query` on the S3 root
-    from nlrewrite_core.cli import main
+    from flows.cli import main
 
     for k, v in {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)

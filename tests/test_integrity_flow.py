@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nlrewrite_core import storage
-from nlrewrite_core.cli import main
+from flows.cli import main
 from nlrewrite_core.storage import MANIFEST, STAGING, Store
 
 

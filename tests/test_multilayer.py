@@ -108,7 +108,7 @@ def test_flow_runs_multilayer_only_when_configured(micro_run, tmp_path, capsys):
                     "select count(*) from multilayer where condition = 'zero_ablation' and delta_zero_mean = 0")
     assert rows[0][0] == 2 * 2  # two subsets x two position sets
     # patch-evaluate on this run needs layer 1's upstream too: without its simulation it refuses, naming it
-    from nlrewrite_core.cli import main
+    from flows.cli import main
     from nlrewrite_core.storage import MANIFEST
 
     layer1 = multilayer.layer_keys(load_config("micro", overrides=EXTRA))[1]

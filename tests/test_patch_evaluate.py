@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nlrewrite_core.cli import main
+from flows.cli import main
 from nlrewrite_core.config import ConfigError, load_config
 from nlrewrite_core.patch import PATCH_STAGES, patch_config, rerun_command
 from nlrewrite_core.query import query

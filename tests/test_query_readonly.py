@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from nlrewrite_core.cli import main
+from flows.cli import main
 from nlrewrite_core.query import QueryRefused, check_read_only
 
 

@@ -48,7 +48,7 @@ def test_kill_9_of_nlrewrite_run_takes_its_server_along(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     log = open(tmp_path / "run.log", "wb")
-    run = subprocess.Popen([sys.executable, "-m", "nlrewrite_core.cli", "run", "--preset", "micro", "--storage",
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--preset", "micro", "--storage",
                             str(tmp_path / "store")], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline, server = time.time() + 180, None

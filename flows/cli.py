@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, ConfigError, RewriteConfig, load_config
-from .llm import LLMError
+from nlrewrite_core.config import PRESETS, ConfigError, RewriteConfig, load_config
+from nlrewrite_core.llm import LLMError
+from nlrewrite_core.storage import DEFAULT_ROOT
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -115,7 +116,7 @@ def headline_rows(ce: list[dict[str, Any]], positions: str, calibrations: tuple[
 def open_store(storage: str, endpoint_url: str | None, must_exist: bool = True):
     """A Store for the CLI; an S3 root is checked with one request (missing bucket, rejected or
     missing credentials, unreachable endpoint: exit 2 with a message that never shows a credential)."""
-    from .storage import StorageError, Store
+    from nlrewrite_core.storage import StorageError, Store
 
     check_storage(storage)
     if not storage.startswith("s3://") and must_exist and not Path(storage).is_dir():
@@ -130,7 +131,7 @@ def open_store(storage: str, endpoint_url: str | None, must_exist: bool = True):
 
 def check_run_id(run_id: str | None) -> None:
     """A run id names a directory under <root>/runs: only a safe character set (no '/', no '..')."""
-    from .storage import UnsafeName, check_name
+    from nlrewrite_core.storage import UnsafeName, check_name
 
     if run_id is not None:
         try:
@@ -140,7 +141,7 @@ def check_run_id(run_id: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .storage import UnsafeName, check_name
+    from nlrewrite_core.storage import UnsafeName, check_name
 
     check_run_id(args.run_id)
     cfg: RewriteConfig = load_config(args.preset, args.config)
@@ -153,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         open_store(args.storage, args.endpoint_url)  # fail fast, before Prefect starts
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    from .runtime import check_run
+    from nlrewrite_core.runtime import check_run
 
     check_run(cfg)  # the machine and the files the config names: CUDA, backends, checkpoint, corpus size
     from flows.rewrite import rewrite  # imports Prefect: only after validation
@@ -167,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                              storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write outside Store.write_bytes (streamed files)
-                from .storage import Store
+                from nlrewrite_core.storage import Store
 
                 raise Store(args.storage, endpoint_url=args.endpoint_url).full_error(e, e.filename or "") from None
             raise
@@ -176,9 +177,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import read_config_file
-    from .patch import prepare
-    from .runtime import check_run
+    from nlrewrite_core.config import read_config_file
+    from nlrewrite_core.patch import prepare
+    from nlrewrite_core.runtime import check_run
 
     overrides = read_config_file(args.config) if args.config else {}
     store = open_store(args.storage, args.endpoint_url)
@@ -213,7 +214,7 @@ def print_result(cfg: RewriteConfig, result: dict[str, Any]) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from .query import QueryRefused, RunNotFound, query
+    from nlrewrite_core.query import QueryRefused, RunNotFound, query
 
     check_run_id(args.run_id)
     store = open_store(args.storage, args.endpoint_url)
@@ -230,7 +231,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def _run_stages(store, run_id: str, stage: list[str] | None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    from .query import RunNotFound, load_run
+    from nlrewrite_core.query import RunNotFound, load_run
 
     check_run_id(run_id)
     try:
@@ -263,7 +264,7 @@ def cmd_artifacts_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_artifacts_pull(args: argparse.Namespace) -> int:
-    from .storage import Store
+    from nlrewrite_core.storage import Store
 
     store = open_store(args.storage, args.endpoint_url)
     run, stages = _run_stages(store, args.run_id, args.stage)
@@ -326,7 +327,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the pipeline (every finished stage is reused from cache)")
     r.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
     r.add_argument("--config", help="YAML file overriding any config field")
-    r.add_argument("--storage", default="./nlrewrite-data", help="local directory or s3://bucket/prefix")
+    r.add_argument("--storage", default=DEFAULT_ROOT, help="local directory or s3://bucket/prefix")
     r.add_argument("--run-id", help="name of the run (default: <preset>-<content key>)")
     r.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
     r.set_defaults(func=cmd_run)
@@ -335,7 +336,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("run_id", help="the finished run (its runs/RUN_ID/run.json)")
     e.add_argument("--config", metavar="FILE.yaml",
                    help="YAML file overriding the calibrate, evaluate or report sections only")
-    e.add_argument("--storage", default="./nlrewrite-data", help="local directory or s3://bucket/prefix")
+    e.add_argument("--storage", default=DEFAULT_ROOT, help="local directory or s3://bucket/prefix")
     e.add_argument("--run-id", dest="new_run_id", metavar="NEW",
                    help="name of the new run (default: <preset>-<content key>, as `nlrewrite run` names it)")
     e.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
@@ -343,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="SQL over a run's tables (DuckDB)")
     q.add_argument("run_id")
     q.add_argument("sql")
-    q.add_argument("--storage", default="./nlrewrite-data")
+    q.add_argument("--storage", default=DEFAULT_ROOT)
     q.add_argument("--endpoint-url")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
     q.add_argument("--memory-limit", default="2GB", help="DuckDB memory limit (beyond it sorts and joins spill to "
@@ -353,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("run_id")
     v.add_argument("--repair", action="store_true",
                    help="remove the manifests of damaged artifacts so that the next `nlrewrite run` recomputes them")
-    v.add_argument("--storage", default="./nlrewrite-data", help="local directory or s3://bucket/prefix")
+    v.add_argument("--storage", default=DEFAULT_ROOT, help="local directory or s3://bucket/prefix")
     v.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
     v.add_argument("--stage", action="append", help="only this stage (repeatable)")
     v.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -366,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     pull.add_argument("run_id")
     pull.add_argument("dest")
     for sp in (ls, pull):
-        sp.add_argument("--storage", default="./nlrewrite-data", help="local directory or s3://bucket/prefix")
+        sp.add_argument("--storage", default=DEFAULT_ROOT, help="local directory or s3://bucket/prefix")
         sp.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
         sp.add_argument("--stage", action="append", help="only this stage (repeatable)")
     ls.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -378,8 +379,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .query import ArtifactDamaged
-    from .storage import StorageError, UnsafeName
+    from nlrewrite_core.query import ArtifactDamaged
+    from nlrewrite_core.storage import StorageError, UnsafeName
 
     args = parser().parse_args(argv)
     try:
