@@ -28,6 +28,7 @@ from . import corpus as corpus_lib
 from . import embedding as emb_lib
 from . import evaluate as eval_lib
 from . import explain as explain_lib
+from . import progress
 from . import query as query_lib
 from . import score as score_lib
 from . import simulate as sim_lib
@@ -117,6 +118,7 @@ def _done(store: Store, stage: str, keys: dict[str, str], sub: str = "") -> Arti
     sha256, size, rows); None when it must be computed (a damaged one is named in one warning)."""
     if ref := store.reuse(stage, keys[stage], sub):
         log.info("%s: found manifest for key %s%s, nothing to do", stage, keys[stage], f"/{sub}" if sub else "")
+        progress.stage_event(stage, "cached", sub)
     return ref
 
 

@@ -51,6 +51,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from . import progress
+
 log = logging.getLogger("nlrewrite")
 
 DEFAULT_ROOT = "./nlrewrite-data"
@@ -610,6 +612,7 @@ class StageWriter:
         self.config, self.upstream, self.version = config, upstream, version
         self.files: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
+        progress.stage_event(stage, "running", sub)
         if store.is_s3:
             self.dir = self.final
             return
@@ -689,6 +692,7 @@ class StageWriter:
             stamp = self.store.stamp(path)
             if stamp is not None and stamp[0] == f.get("size", stamp[0]):
                 _remember(path, *stamp, f["sha256"])
+        progress.stage_event(self.stage, "done", self.sub, time.perf_counter() - self.t0)
         if self.sub:
             return ArtifactRef(stage=self.stage, key=self.key, uri=self.store.uri("artifacts", self.stage, self.key, self.sub),
                                rows={f["name"]: f["rows"] for f in self.files if f["rows"] is not None})
