@@ -28,10 +28,6 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-STAGES = ["corpus", "subject", "transcoder", "activations", "explain", "embed", "score", "simulate", "calibrate",
-          "evaluate", "report"]
-
-
 def point_config(preset: str, fraction: Fraction):
     """The preset with `fraction` of its transcoder latents (1: the preset itself)."""
     from nlrewrite_core.config import load_config
@@ -56,18 +52,13 @@ def run_stage_config(stage: str, cfg, storage: str) -> dict:
     keys = stages.plan(cfg)
     cached = store.has_manifest(stage, keys[stage])
     t0 = time.perf_counter()
-    if stage == "simulate":
-        n = len(stages.shard_ranges(stages._num_latents(store, keys), cfg.simulate.shard_latents))
-        for shard in range(n):
-            stages.run_simulate_shard(store, cfg, keys, shard)
-        stages.finish_simulate(store, cfg, keys)
-    else:
-        getattr(stages, f"run_{stage}")(store, cfg, keys)
+    stages.run_all(store, cfg, keys, only=[stage])  # every shard of a sharded stage, then its collection
     seconds = time.perf_counter() - t0
     m = store.read_manifest(stage, keys[stage]).get("metrics", {})
     extra = {}
     if stage == "simulate" and not cached:
-        shard_ms = [store.read_manifest("simulate", keys["simulate"], f"shard-{i:05d}")["metrics"] for i in range(n)]
+        shard_ms = [store.read_manifest("simulate", keys["simulate"], stages.shard_sub(i))["metrics"]
+                    for i in range(stages.n_shards(store, cfg, keys))]
         rows = sum(s["n_predictions"] for s in shard_ms)
         extra = {"predictions": rows, "bytes_per_prediction": sum(s.get("bytes", 0) for s in shard_ms) / max(rows, 1)}
     if stage == "calibrate":
@@ -81,23 +72,23 @@ def ce_throughput(preset: str, storage: str, fraction: Fraction = Fraction(1), r
     import pyarrow.compute as pc
 
     from nlrewrite_core import evaluate as ev
-    from nlrewrite_core import stages
+    from nlrewrite_core import artifacts, stages
     from nlrewrite_core.storage import Store
 
     cfg, store = point_config(preset, fraction), Store(storage)
     keys = stages.plan(cfg)
-    model, sae = stages.load_subject(store, keys, "cpu"), stages.load_sae(store, keys, "cpu")
-    seq_ids, tokens = stages.load_tokens(store, keys, ("eval",))
+    model, sae = artifacts.load_subject(store, keys, "cpu"), artifacts.load_sae(store, keys, "cpu")
+    seq_ids, tokens = artifacts.load_tokens(store, keys, ("eval",))
     seq_len, bs = cfg.corpus.seq_len, cfg.evaluate.batch_size
     position = ev.scored_last_position(seq_len) if cfg.simulate.eval_positions == "last" else None
     per_row = 1 if position is not None else seq_len
-    cids = stages.sim_context_ids(cfg, "eval", seq_ids)
-    cal = stages._table(store, "calibrate", keys["calibrate"], "calibrated")
+    cids = artifacts.sim_context_ids(cfg, "eval", seq_ids)
+    cal = artifacts.read_table(store, "calibrate", keys["calibrate"], "calibrated")
     method = "quantile" if "quantile" in cfg.calibrate.methods else cfg.calibrate.methods[0]
     t = cal.filter(pc.field("method") == method)
     live = np.unique(t.column("latent").to_numpy())
-    values = stages.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(), t.column("pred").to_numpy(),
-                          stages.context_index(cids), (len(cids), sae.num_latents))[:, live]
+    values = artifacts.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(), t.column("pred").to_numpy(),
+                          artifacts.context_index(cids), (len(cids), sae.num_latents))[:, live]
     del cal, t
     make = ev.patch_rows(sae, values, live, per_row, f"{method} predictions")
 
@@ -138,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, t_all = [], time.perf_counter()
     points = [Fraction(p) for p in a.points.split(",")]
+    from nlrewrite_core import stages
+
     for point in points:
-        for stage in STAGES + ["ce_throughput"]:
+        for stage in [s.name for s in stages.order(point_config(a.preset, point))] + ["ce_throughput"]:
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--preset", a.preset, "--storage", a.storage,
                                   "--_stage", stage, "--_point", str(point)], stdout=subprocess.PIPE, text=True)
@@ -154,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     # Growth exponent per stage, time ~ latents^b (least squares on log-log), over the points where
     # the stage ran (not cached: a stage independent of the latent count runs at the first point only).
     exponents = {}
-    for stage in STAGES:
+    for stage in dict.fromkeys(r["stage"] for r in rows):
         pts = [(float(Fraction(r["point"])), r["seconds"]) for r in rows if r["stage"] == stage and not r["cached"]]
         if len(pts) >= 2:
             x, y = np.log([p for p, _ in pts]), np.log([max(t, 1e-3) for _, t in pts])

@@ -1,7 +1,8 @@
 """Scale benchmark (issue 6): time and peak RSS of the simulate and calibrate stages at fractions
 of the paper's shape (32,768 latents x 10,000 calib contexts = 327M calib predictions), run
 through the same library code as the pipeline's stages (simulate_shard_blocks + BlockWriter, as in
-stages.run_simulate_shard; calibrate.stream_calibration, as in stages.run_calibrate).
+nlrewrite_core.stages.simulate.simulate_shard; calibrate.stream_calibration, as in
+nlrewrite_core.stages.calibrate.calibrate_predictions).
 
 The upstream artifacts are synthetic, at the `paper-shape` preset's shapes: unit-norm context and
 explanation embeddings (dim 384, all-MiniLM-L6-v2's), per-latent max activations, and sparse true
@@ -37,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nlrewrite_core.stages import shard_ranges  # noqa: E402  (after the path set-up)
 
 PAPER_LATENTS, PAPER_K, PAPER_CALIB, DIM = 32768, 32, 10_000, 384
 SHARD_LATENTS, CONTEXT_BLOCK, N_KNOTS = 512, 8192, 257
@@ -110,8 +113,7 @@ def stage_simulate(d: Path, n_latents: int, n_eval: int, n_calib: int = PAPER_CA
     S.simulate_block = timed_block
     rows = size = 0
     fs = pafs.LocalFileSystem()
-    # stages.shard_ranges (not imported: stages imports torch, whose memory is not the stage's)
-    ranges = [(a, min(a + SHARD_LATENTS, n_latents)) for a in range(0, n_latents, SHARD_LATENTS)]
+    ranges = shard_ranges(n_latents, SHARD_LATENTS)  # the registry imports no torch: its memory is not the stage's
     for i, (lo, hi) in enumerate(ranges):
         w = S.BlockWriter(fs, str(d / "simulate" / f"shard-{i:05d}" / "predictions.parquet"))
         for block in S.simulate_shard_blocks(cids, win, tok, np.arange(lo, hi), expl[lo:hi], max_act[lo:hi], 0.5,

@@ -28,7 +28,7 @@ def train_once(storage: str, mode: str, budget: int) -> dict:
     import numpy as np
     import torch
 
-    from nlrewrite_core import stages
+    from nlrewrite_core import artifacts, stages
     from nlrewrite_core import transcoder as tc
     from nlrewrite_core.config import load_config
     from nlrewrite_core.storage import Store
@@ -36,11 +36,11 @@ def train_once(storage: str, mode: str, budget: int) -> dict:
     torch.set_num_threads(1)
     cfg = load_config("tiny", overrides={"transcoder": {"max_train_tokens": budget, "checkpoint_every": 0}})
     store, keys = Store(storage), stages.plan(cfg)
-    stages.run_corpus(store, cfg, keys)
-    stages.run_subject(store, cfg, keys)
-    model = stages.load_subject(store, keys)
+    stages.run("corpus", store, cfg, keys)
+    stages.run("subject", store, cfg, keys)
+    model = artifacts.load_subject(store, keys)
     layer, bs = cfg.transcoder.layer, cfg.evaluate.batch_size
-    _, train = stages.load_tokens(store, keys, ("train",))
+    _, train = artifacts.load_tokens(store, keys, ("train",))
     train = train[: max(1, min(len(train), budget // train.shape[1]))].astype(np.int32)
     t0 = time.perf_counter()
     if mode == "in_memory":
@@ -50,7 +50,7 @@ def train_once(storage: str, mode: str, budget: int) -> dict:
     else:
         sae, m = tc.train_streaming(model, layer, train, cfg.transcoder, bs)
     seconds = time.perf_counter() - t0
-    _, eval_tokens = stages.load_tokens(store, keys, ("eval",))
+    _, eval_tokens = artifacts.load_tokens(store, keys, ("eval",))
     Xe, Ye = tc.collect_mlp_io(model, layer, eval_tokens, bs)
     fit = tc.evaluate_fit(sae, Xe, Ye)
     ce = tc.transcoder_ce(model, layer, sae, eval_tokens, bs)

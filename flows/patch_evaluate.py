@@ -19,9 +19,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, \
     create_table_artifact, update_progress_artifact
 
-from nlrewrite_core import patch
+from nlrewrite_core import patch, stages
 from nlrewrite_core.storage import DEFAULT_ROOT, Store
-from tasks import stages as t
 from tasks.context import RunContext
 from tasks.stages import ensure
 
@@ -47,10 +46,10 @@ def publish(run: RunContext, store: Store, result: dict[str, Any]) -> None:
     create_link_artifact(report if store.is_s3 else f"file://{report}", link_text="report.html", key="rewrite-report")
 
 
-def evaluate_layers(run: RunContext, store: Store) -> list[dict[str, Any]]:
+def multilayer_stage(run: RunContext, store: Store) -> list[dict[str, Any]]:
     """The multilayer stage: each extra layer's calibration (its upstream stages were made by `rewrite`),
     then CE with 1..n layers rewritten at once."""
-    from nlrewrite_core import multilayer
+    from nlrewrite_core.stages import multilayer
 
     cfg = run.config
     if cfg.multilayer.simulate:
@@ -58,9 +57,8 @@ def evaluate_layers(run: RunContext, store: Store) -> list[dict[str, Any]]:
         for layer in cfg.multilayer.layers:
             lrun = run.model_copy(update={"config": multilayer.layer_config(cfg, layer),
                                           "stage_keys": per_layer[layer]})
-            ensure(t.calibrate_predictions.with_options(task_run_name=f"calibrate_predictions-layer{layer}"),
-                   "calibrate", lrun, store)
-    ensure(t.evaluate_layers, "multilayer", run, store)
+            ensure("calibrate", lrun, store, task_run_name=f"{stages.get('calibrate').function}-layer{layer}")
+    ensure("multilayer", run, store)
     rows = store.read_parquet(f"{store.artifact_dir('multilayer', run.stage_keys['multilayer'])}/multilayer.parquet"
                               ).to_pylist()
     create_table_artifact(_rounded([r for r in rows if r["positions"] == cfg.evaluate.positions]),
@@ -70,28 +68,37 @@ def evaluate_layers(run: RunContext, store: Store) -> list[dict[str, Any]]:
 
 @flow(name="patch-evaluate", log_prints=True)
 def patch_evaluate(run_id: str, storage: str = DEFAULT_ROOT, endpoint_url: str | None = None,
-                   overrides: dict[str, Any] | None = None, new_run_id: str | None = None) -> dict[str, Any]:
+                   overrides: dict[str, Any] | None = None, new_run_id: str | None = None,
+                   until: str | None = None) -> dict[str, Any]:
     """Calibrate, evaluate and report a finished run again with overrides of the calibrate, evaluate and
-    report sections (new fractions, calibration methods, bootstrap samples...); nothing upstream runs."""
+    report sections (new fractions, calibration methods, bootstrap samples...); nothing upstream runs.
+    `until` stops after that stage (a run with no report)."""
     for name in ("nlrewrite", "nlrewrite_core"):
         logging.getLogger(name).setLevel(logging.INFO)
     logger = get_run_logger()
     store = Store(storage, endpoint_url=endpoint_url)
     store.check()  # a missing bucket or rejected credentials fail here, before any work
     _, cfg, keys, new_id = patch.prepare(store, run_id, overrides, new_run_id, endpoint_url)
+    todo = [s.name for s in stages.order(cfg, until) if s.name in stages.PATCH_STAGES]
     reused = patch.upstream_artifacts(cfg, keys)  # all checked by prepare()
     logger.info("patch-evaluate: run %s from run %s, %d upstream artifacts reused as they are: %s", new_id, run_id,
                 len(reused), ", ".join(s if layer is None else f"{s}(layer {layer})" for s, _, layer in reused))
     run = RunContext(run_id=new_id, storage=storage, endpoint_url=endpoint_url, config=cfg, stage_keys=keys)
-    stage_tasks = [("calibrate", t.calibrate_predictions), ("evaluate", t.evaluate_rewrite), ("report", t.write_report)]
-    total = len(stage_tasks) + (1 if cfg.multilayer.layers else 0)
+    total = len(todo)
     progress = create_progress_artifact(0.0, key="patch-evaluate-stages",
                                         description=f"patch-evaluate: stages done / {total}")
-    for i, (stage, fn) in enumerate(stage_tasks):
-        ensure(fn, stage, run, store)
+    multilayer_rows = None
+    for i, stage in enumerate(todo):
+        if stage == "multilayer":
+            multilayer_rows = multilayer_stage(run, store)
+        else:
+            ensure(stage, run, store)
         update_progress_artifact(progress, 100.0 * (i + 1) / total)
-    multilayer_rows = evaluate_layers(run, store) if cfg.multilayer.layers else None
-    update_progress_artifact(progress, 100.0)
+    if "report" not in todo:  # `until` stopped before the report: the run is not finished
+        store.write_json(store.path("runs", new_id, "run.json"), run_record(run, store, until=until))
+        logger.info("run %s: stages up to %s done", new_id, until)
+        return {"run_id": new_id, "keys": keys, "until": until, "stages": todo,
+                "run_json": store.uri("runs", new_id, "run.json")}
 
     ce = store.read_parquet(f"{store.artifact_dir('evaluate', keys['evaluate'])}/ce.parquet").to_pylist()
     report = store.uri("artifacts", "report", keys["report"], "html", "report.html")

@@ -1,6 +1,8 @@
-"""The `rewrite` flow: corpus -> subject -> transcoder -> activations -> explain -> embed -> score
--> simulate (shards) -> calibrate -> evaluate -> report, every stage cached by its content key.
-The last three (and the multilayer stage) are the `patch-evaluate` subflow (flows/patch_evaluate.py)."""
+"""The `rewrite` flow: the stages of the registry (nlrewrite_core.stages.STAGES) in DAG order, corpus ->
+subject -> transcoder -> activations -> explain -> embed -> score -> simulate (shards) -> calibrate ->
+evaluate -> report, every stage cached by its content key. The stages downstream of the simulation
+(stages.PATCH_STAGES: calibrate, evaluate, report, multilayer) are the `patch-evaluate` subflow
+(flows/patch_evaluate.py). `until` stops after a stage: a prefix of the DAG."""
 
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from flows.patch_evaluate import patch_evaluate, publish, run_record
 from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig, load_config
 from nlrewrite_core.storage import DEFAULT_ROOT, MANIFEST, ArtifactRef, Store, check_name
-from tasks import stages as t
 from tasks.context import RunContext
 from tasks.stages import ensure, shard_sub
 
@@ -42,8 +43,7 @@ def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
     """Run every simulation shard (skipping finished ones), with a progress artifact, in-process
     (`execution.fanout: local`) or as `simulate-shard` deployment runs (`deployment`)."""
     logger = get_run_logger()
-    num_latents = stages._num_latents(store, run.stage_keys)
-    n_shards = len(stages.shard_ranges(num_latents, run.config.simulate.shard_latents))
+    n_shards = stages.n_shards(store, run.config, run.stage_keys)
     done = n_shards - len(missing_shards(run, store, n_shards))
     progress = create_progress_artifact(100.0 * done / n_shards, key="simulate-shards",
                                         description=f"simulate: shards done / {n_shards}")
@@ -51,13 +51,13 @@ def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
         fan_out(run, store, n_shards, progress)
     else:
         for i in range(n_shards):
-            ensure(t.simulate_shard, "simulate", run, store, shard=i)
+            ensure("simulate", run, store, shard=i)
             update_progress_artifact(progress, 100.0 * (i + 1) / n_shards)
             logger.info("simulate: %d / %d shards done", i + 1, n_shards)
     missing = missing_shards(run, store, n_shards)  # verify every shard before calibration
     if missing:
         raise RuntimeError(f"simulate: shards {missing} have no manifest after fan-out")
-    return ensure(t.collect_shards, "simulate", run, store)
+    return ensure("simulate", run, store)
 
 
 def _cancel_stale_shard_runs(client, deployment_id, run: RunContext, parent_id: str | None) -> int:
@@ -153,50 +153,57 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress) -> None:
 @flow(name="rewrite", log_prints=True)
 def rewrite(preset: str = "tiny", config_file: str | None = None, storage: str = DEFAULT_ROOT,
             run_id: str | None = None, endpoint_url: str | None = None,
-            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rewrite part of a transformer in natural language and measure the cost (the whole DAG)."""
+            overrides: dict[str, Any] | None = None, until: str | None = None) -> dict[str, Any]:
+    """Rewrite part of a transformer in natural language and measure the cost (the whole DAG, or its
+    stages up to and including `until`)."""
     for name in ("nlrewrite", "nlrewrite_core"):
         logging.getLogger(name).setLevel(logging.INFO)
     cfg = load_config(preset, config_file, overrides)
-    return run_pipeline(cfg, storage, run_id, endpoint_url)
+    return run_pipeline(cfg, storage, run_id, endpoint_url, until)
 
 
-def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_url: str | None) -> dict[str, Any]:
+def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_url: str | None,
+                 until: str | None = None) -> dict[str, Any]:
     check_name(cfg.preset, "config field preset")
     if run_id is not None:
         check_name(run_id, "run id")
+    todo = stages.order(cfg, until)  # an unknown stage, or one this config lacks: refused before any work
     store = Store(storage, endpoint_url=endpoint_url)
     store.check()  # a missing bucket or rejected credentials fail here, before any work
     runtime.check_run(cfg)  # devices, backends, checkpoint, corpus size: before the first stage
     runtime.apply_threads(cfg)
     keys = stages.plan(cfg)
-    run_id = run_id or f"{cfg.preset}-{keys['report'][:10]}"
+    run_id = run_id or stages.default_run_id(cfg, keys)
     run = RunContext(run_id=run_id, storage=storage, endpoint_url=endpoint_url, config=cfg, stage_keys=keys)
     logger = get_run_logger()
     logger.info("run %s: storage %s", run_id, store.root)
-    stage_tasks = [("corpus", t.build_corpus), ("subject", t.train_subject), ("transcoder", t.train_transcoder),
-                   ("activations", t.cache_activations), ("explain", t.explain_latents), ("embed", t.embed_contexts),
-                   ("score", t.score_explanations)]
-    stage_tasks = [(stage, fn) for stage, fn in stage_tasks if stage in keys]  # embed: only for embedding methods
-    total = len(stage_tasks) + 4
+    upstream = [s for s in todo if s.name not in stages.PATCH_STAGES]
+    total = len(todo)
     progress = create_progress_artifact(0.0, key="rewrite-stages", description=f"rewrite: stages done / {total}")
-    refs: dict[str, ArtifactRef] = {}
-    for i, (stage, fn) in enumerate(stage_tasks):
-        refs[stage] = ensure(fn, stage, run, store)
+    for i, stage in enumerate(upstream):
+        if stage.sharded:
+            simulate_all(run, store)
+        else:
+            ensure(stage.name, run, store)
         update_progress_artifact(progress, 100.0 * (i + 1) / total)
-    refs["simulate"] = simulate_all(run, store)
-    update_progress_artifact(progress, 100.0 * (len(stage_tasks) + 1) / total)
-    if cfg.multilayer.layers:
+    if len(upstream) == len(todo):  # `until` stopped before calibration: no evaluation, no report
+        store.write_json(store.path("runs", run_id, "run.json"), run_record(run, store, until=until))
+        update_progress_artifact(progress, 100.0)
+        logger.info("run %s: stages up to %s done", run_id, until)
+        return {"run_id": run_id, "keys": keys, "until": until, "stages": [s.name for s in todo],
+                "run_json": store.uri("runs", run_id, "run.json")}
+    if cfg.multilayer.layers and until in (None, "multilayer"):
         layer_pipelines(run, store)
     # calibrate -> evaluate -> report (-> multilayer): the patch-evaluate subflow on this run, one code path
     # with `nlrewrite evaluate`; it reads the run's record, so that is written first (the subflow completes it).
     store.write_json(store.path("runs", run_id, "run.json"), run_record(run, store))
-    out = patch_evaluate(run_id=run_id, storage=storage, endpoint_url=endpoint_url, new_run_id=run_id)
+    out = patch_evaluate(run_id=run_id, storage=storage, endpoint_url=endpoint_url, new_run_id=run_id, until=until)
     if out["keys"] != keys:
         raise RuntimeError(f"patch-evaluate planned keys {out['keys']} for run {run_id}, rewrite planned {keys}")
     update_progress_artifact(progress, 100.0)
-    publish(run, store, out)
-    logger.info("run %s done: report %s", run_id, out["report"])
+    if "report" in out:
+        publish(run, store, out)
+        logger.info("run %s done: report %s", run_id, out["report"])
     return out
 
 
@@ -204,23 +211,20 @@ def layer_pipelines(run: RunContext, store: Store) -> None:
     """Several layers at once: each extra layer's own pipeline up to the simulation (the ordinary stage
     tasks on that layer's config, content-addressed and cached like the main layer's). Their calibration
     and the `multilayer` stage run in the patch-evaluate subflow."""
-    from nlrewrite_core import multilayer
+    from nlrewrite_core.stages import multilayer
 
     logger = get_run_logger()
     cfg = run.config
     per_layer = multilayer.layer_keys(cfg)
     for layer in cfg.multilayer.layers:
         lrun = run.model_copy(update={"config": multilayer.layer_config(cfg, layer), "stage_keys": per_layer[layer]})
-        tasks = [("transcoder", t.train_transcoder)]
-        if cfg.multilayer.simulate:
-            tasks += [("activations", t.cache_activations), ("explain", t.explain_latents),
-                      ("embed", t.embed_contexts), ("score", t.score_explanations)]
-        for stage, fn in tasks:
-            if stage not in per_layer[layer]:
+        for stage in stages.order(lrun.config, "simulate" if cfg.multilayer.simulate else "transcoder"):
+            if stage.name not in multilayer.LAYER_STAGES:  # corpus, subject: the run's own
                 continue
-            ensure(fn.with_options(task_run_name=f"{fn.name}-layer{layer}"), stage, lrun, store)
-        if cfg.multilayer.simulate:
-            simulate_all(lrun, store)
+            if stage.sharded:
+                simulate_all(lrun, store)
+            else:
+                ensure(stage.name, lrun, store, task_run_name=f"{stage.function}-layer{layer}")
         logger.info("multilayer: layer %d's pipeline up to the simulation done", layer)
 
 

@@ -17,7 +17,6 @@ from prefect import flow, get_run_logger
 from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig
 from nlrewrite_core.storage import Store
-from tasks import stages as t
 from tasks.context import RunContext
 from tasks.stages import ensure
 
@@ -28,7 +27,7 @@ def run_shards(run: RunContext, store: Store, shards: list[int]) -> dict[str, An
     t0 = time.perf_counter()
     rows = 0
     for i, shard in enumerate(shards):
-        ref = ensure(t.simulate_shard, "simulate", run, store, shard=shard)
+        ref = ensure("simulate", run, store, shard=shard)
         rows += ref.rows.get("predictions", 0)
         logger.info("simulate-shard: %d / %d shards of this run done (shard %d)", i + 1, len(shards), shard)
     return {"shards": shards, "rows": rows, "wall_s": round(time.perf_counter() - t0, 3)}
@@ -47,6 +46,6 @@ def simulate_shard_range(config: dict[str, Any], storage: str, shards: list[int]
     store = Store(storage, endpoint_url=endpoint_url)
     store.check()
     runtime.apply_threads(cfg)
-    run = RunContext(run_id=run_id or f"{cfg.preset}-{keys['report'][:10]}", storage=storage,
+    run = RunContext(run_id=run_id or stages.default_run_id(cfg, keys), storage=storage,
                      endpoint_url=endpoint_url, config=cfg, stage_keys=keys)
     return run_shards(run, store, list(shards))

@@ -23,8 +23,7 @@ from .storage import Store
 
 log = logging.getLogger("nlrewrite")
 
-PATCH_STAGES = ("calibrate", "evaluate", "report", "multilayer")
-"""The stages the patch-evaluate flow computes; every other stage of a run is upstream of them."""
+PATCH_STAGES = stages.PATCH_STAGES
 
 PATCH_SECTIONS = ("calibrate", "evaluate", "report", "multilayer", "execution")
 """Config sections an override may change: those of the patch stages, and `execution` (where the work
@@ -60,7 +59,7 @@ def upstream_artifacts(cfg: RewriteConfig, keys: dict[str, str]) -> list[tuple[s
     `multilayer.simulate`, its activations ... simulate). `layer` is None for the run's own stages."""
     out: list[tuple[str, str, int | None]] = [(s, k, None) for s, k in keys.items() if s not in PATCH_STAGES]
     if cfg.multilayer.layers:
-        from . import multilayer
+        from .stages import multilayer
 
         per_layer = multilayer.layer_keys(cfg)
         for layer in cfg.multilayer.layers:
@@ -115,11 +114,6 @@ def check_upstream(store: Store, cfg: RewriteConfig, keys: dict[str, str], run_r
     return ups
 
 
-def default_run_id(cfg: RewriteConfig, keys: dict[str, str]) -> str:
-    """The name `nlrewrite run` would give a run of this config (same keys, same name)."""
-    return f"{cfg.preset}-{keys['report'][:10]}"
-
-
 def prepare(store: Store, run_id: str, overrides: dict[str, Any] | None, new_run_id: str | None = None,
             endpoint_url: str | None = None, origin: str = "overrides"
             ) -> tuple[dict[str, Any], RewriteConfig, dict[str, str], str]:
@@ -134,7 +128,7 @@ def prepare(store: Store, run_id: str, overrides: dict[str, Any] | None, new_run
     cfg = patch_config(record, overrides, origin)
     keys = stages.plan(cfg)
     check_upstream(store, cfg, keys, record, endpoint_url)
-    new_run_id = new_run_id or default_run_id(cfg, keys)
+    new_run_id = new_run_id or stages.default_run_id(cfg, keys)
     if new_run_id == run_id and keys != record.get("keys", keys):
         raise ConfigError(f"the new run id {new_run_id!r} is the finished run itself, whose record would be "
                           f"overwritten by other results; choose another (--run-id)")

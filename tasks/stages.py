@@ -1,4 +1,6 @@
-"""One Prefect task per stage. Tasks are verbs; the work is in nlrewrite_core.stages.
+"""One Prefect task per stage, made from the stage registry (nlrewrite_core.stages.STAGES). Tasks are
+verbs: each task is named after its stage function (build_corpus, train_subject, ..., simulate_shard
+and collect_shards for the sharded simulate stage) and only calls it.
 
 Each task's cache key is its stage's content key, so Prefect's cache and the manifests agree;
 the library function also checks the manifest first, so a cache miss never redoes finished work.
@@ -18,6 +20,7 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 
 from nlrewrite_core import stages
+from nlrewrite_core.stages import Stage, shard_sub
 from nlrewrite_core.storage import ArtifactRef, Store
 from nlrewrite_core.transient import is_transient
 
@@ -49,94 +52,47 @@ def retry_on_transient(_task: Task, _task_run: TaskRun, state: State) -> bool:
     return isinstance(exc, BaseException) and is_transient(exc)
 
 
-def stage_task(stage: str, name: str, retries: int = 0, run_name: str | None = None):
-    """A Prefect task decorator with the stage's cache key, result persistence, and `retries` retries
-    of transient errors only (`retry_on_transient`)."""
-    return task(name=name, cache_key_fn=stage_cache_key(stage), persist_result=True,
+def stage_task(stage: Stage, shard: bool = False) -> Task:
+    """The Prefect task of a stage (or of one shard of a sharded stage): named after its stage function,
+    cached by the stage's key, its result persisted, `stage.retries` retries of transient errors only."""
+    name = stage.shard_function if shard else stage.function
+    assert name is not None
+    retries = stage.retries
+
+    if shard:
+        def run_shard(run: RunContext, shard: int) -> ArtifactRef:
+            return stages.run(stage.name, run.store(), run.config, run.stage_keys, shard)
+        fn: Callable[..., ArtifactRef] = run_shard
+    else:
+        def run_stage(run: RunContext) -> ArtifactRef:
+            return stages.run(stage.name, run.store(), run.config, run.stage_keys)
+        fn = run_stage
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"The {stage.name} stage" + (" (one shard)" if shard else "") + f": nlrewrite_core.stages.{stage.module or stage.name}.{name}."
+    return task(fn, name=name, cache_key_fn=stage_cache_key(stage.name), persist_result=True,
                 cache_expiration=timedelta(days=365), retries=retries, retry_delay_seconds=[5, 30, 120][:retries],
-                retry_condition_fn=retry_on_transient, task_run_name=run_name or name)
+                retry_condition_fn=retry_on_transient, task_run_name=f"{name}-{{shard}}" if shard else name)
 
 
-@stage_task("corpus", "build_corpus")
-def build_corpus(run: RunContext) -> ArtifactRef:
-    return stages.run_corpus(run.store(), run.config, run.stage_keys)
+TASKS: dict[str, Task] = {s.name: stage_task(s) for s in stages.STAGES}
+"""Each stage's task, by stage name (a sharded stage's task collects its shards)."""
+SHARD_TASKS: dict[str, Task] = {s.name: stage_task(s, shard=True) for s in stages.STAGES if s.sharded}
+"""Each sharded stage's one-shard task, by stage name."""
 
 
-@stage_task("subject", "train_subject")
-def train_subject(run: RunContext) -> ArtifactRef:
-    return stages.run_subject(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("transcoder", "train_transcoder")
-def train_transcoder(run: RunContext) -> ArtifactRef:
-    return stages.run_transcoder(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("activations", "cache_activations")
-def cache_activations(run: RunContext) -> ArtifactRef:
-    return stages.run_activations(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("explain", "explain_latents", retries=2)
-def explain_latents(run: RunContext) -> ArtifactRef:
-    return stages.run_explain(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("embed", "embed_contexts")
-def embed_contexts(run: RunContext) -> ArtifactRef:
-    return stages.run_embed(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("score", "score_explanations", retries=2)
-def score_explanations(run: RunContext) -> ArtifactRef:
-    return stages.run_score(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("simulate", "simulate_shard", retries=2, run_name="simulate_shard-{shard}")
-def simulate_shard(run: RunContext, shard: int) -> ArtifactRef:
-    return stages.run_simulate_shard(run.store(), run.config, run.stage_keys, shard)
-
-
-@stage_task("simulate", "collect_shards")
-def collect_shards(run: RunContext) -> ArtifactRef:
-    return stages.finish_simulate(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("calibrate", "calibrate_predictions")
-def calibrate_predictions(run: RunContext) -> ArtifactRef:
-    return stages.run_calibrate(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("evaluate", "evaluate_rewrite")
-def evaluate_rewrite(run: RunContext) -> ArtifactRef:
-    return stages.run_evaluate(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("report", "write_report")
-def write_report(run: RunContext) -> ArtifactRef:
-    return stages.run_report(run.store(), run.config, run.stage_keys)
-
-
-@stage_task("multilayer", "evaluate_layers")
-def evaluate_layers(run: RunContext) -> ArtifactRef:
-    from nlrewrite_core import multilayer
-
-    return multilayer.run_multilayer(run.store(), run.config, run.stage_keys)
-
-
-def shard_sub(shard: int) -> str:
-    """Sub-directory of one simulation shard inside the simulate artifact."""
-    return f"shard-{shard:05d}"
-
-
-def ensure(task_fn, stage: str, run: RunContext, store: Store, **kwargs: Any) -> ArtifactRef:
-    """Run a stage task; if Prefect's cache answered but the manifest is gone, or a file it lists
-    is damaged (Store.reuse verifies every file's sha256), run it for real.
+def ensure(stage: str, run: RunContext, store: Store, shard: int | None = None, task_run_name: str | None = None
+           ) -> ArtifactRef:
+    """Run a stage's task (or one shard's); if Prefect's cache answered but the manifest is gone, or a
+    file it lists is damaged (Store.reuse verifies every file's sha256), run it for real.
 
     The manifest and the files it lists, not Prefect's cache record, decide whether a stage is done.
     """
+    task_fn = TASKS[stage] if shard is None else SHARD_TASKS[stage]
+    if task_run_name:
+        task_fn = task_fn.with_options(task_run_name=task_run_name)
+    kwargs: dict[str, Any] = {} if shard is None else {"shard": shard}
     ref = task_fn(run, **kwargs)
-    sub = shard_sub(kwargs["shard"]) if "shard" in kwargs else ""
+    sub = shard_sub(shard) if shard is not None else ""
     key = run.stage_keys[stage]
     if not store.has_manifest(stage, key, sub):
         get_run_logger().warning("%s: cached result points at a missing manifest; recomputing", stage)

@@ -218,7 +218,7 @@ def test_corpus_stage_refuses_a_built_corpus_too_small_before_writing(tmp_path):
     store = Store(str(tmp_path / "store"))
     with pytest.raises(ConfigError, match=r"too few for corpus.n_eval \(16\) \+ corpus.n_calib \(16\) \+ "
                                           r"corpus.n_explain \(5000\)"):
-        stages.run_corpus(store, cfg, stages.plan(cfg))
+        stages.run("corpus", store, cfg, stages.plan(cfg))
     assert not any(p.is_file() for p in (tmp_path / "store").rglob("*"))
 
 

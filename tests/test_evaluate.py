@@ -429,7 +429,7 @@ def test_micro_run_eval_positions_last(micro_run):
     import pandas as pd
 
     from flows.rewrite import rewrite
-    from nlrewrite_core import stages
+    from nlrewrite_core import artifacts, stages
     from nlrewrite_core.config import load_config
     from nlrewrite_core.query import query
     from nlrewrite_core.storage import Store
@@ -441,23 +441,23 @@ def test_micro_run_eval_positions_last(micro_run):
     store, keys, base_keys = Store(storage), stages.plan(cfg), stages.plan(load_config("micro"))
     assert all(keys[s] == base_keys[s] for s in ("corpus", "subject", "transcoder", "activations", "explain"))
     assert keys["embed"] != base_keys["embed"]
-    seq_ids, _ = stages.load_tokens(store, keys, ("eval",))
-    n_lat = stages._num_latents(store, keys)
+    seq_ids, _ = artifacts.load_tokens(store, keys, ("eval",))
+    n_lat = artifacts.num_latents(store, keys)
 
     def frame(sql):
         cols, rows = query(store, "micro-last", sql)
         return pd.DataFrame(rows, columns=cols)
 
-    cal = stages._table(store, "calibrate", keys["calibrate"], "calibrated")
+    cal = artifacts.read_table(store, "calibrate", keys["calibrate"], "calibrated")
     want = seq_ids * cfg.corpus.seq_len + cfg.corpus.seq_len - 2
     assert np.array_equal(np.unique(cal.column("context_id").to_numpy()), np.sort(want))
     # Calibration is fit on the position set that is evaluated: the simulated calib contexts are the
     # last scored position of each calib sentence too (the embedded contexts, and the shards' rows).
-    calib_seq, _ = stages.load_tokens(store, keys, ("calib",))
+    calib_seq, _ = artifacts.load_tokens(store, keys, ("calib",))
     calib_want = np.sort(calib_seq * cfg.corpus.seq_len + cfg.corpus.seq_len - 2)
-    emb = stages._table(store, "embed", keys["embed"], "contexts", columns=["context_id", "split"]).to_pandas()
+    emb = artifacts.read_table(store, "embed", keys["embed"], "contexts", columns=["context_id", "split"]).to_pandas()
     assert np.array_equal(np.sort(emb.loc[emb["split"] == "calib", "context_id"].to_numpy()), calib_want)
-    shard_ctx = np.unique(stages.read_predictions(store, keys, columns=["context_id"]).column("context_id").to_numpy())
+    shard_ctx = np.unique(artifacts.read_predictions(store, keys, columns=["context_id"]).column("context_id").to_numpy())
     assert np.array_equal(shard_ctx, np.union1d(calib_want, want))
     assert store.read_manifest("calibrate", keys["calibrate"])["metrics"]["n_calib_contexts"] == len(calib_want)
     n_methods = len(cfg.calibrate.methods)

@@ -63,8 +63,9 @@ def test_embedding_scores_by_latent_block_equal_one_block(micro_run, tmp_path, m
     blocks of 7 latents equal those computed in one block, latent for latent."""
     import shutil
 
-    from nlrewrite_core import stages
+    from nlrewrite_core import artifacts, stages
     from nlrewrite_core.config import load_config
+    from nlrewrite_core.stages import score as score_stage
     from nlrewrite_core.storage import Store
 
     storage, _ = micro_run
@@ -74,13 +75,13 @@ def test_embedding_scores_by_latent_block_equal_one_block(micro_run, tmp_path, m
     copy = tmp_path / "store"
     shutil.copytree(storage, copy)
     store = Store(str(copy))
-    stages.run_embed(store, cfg, keys)  # the embedding scorer's embed stage also embeds the explain split
+    stages.run("embed", store, cfg, keys)  # the embedding scorer's embed stage also embeds the explain split
     tables = []
-    for block in (stages.SCORE_BLOCK, 7):
+    for block in (score_stage.SCORE_BLOCK, 7):
         shutil.rmtree(copy / "artifacts" / "score" / keys["score"], ignore_errors=True)
-        monkeypatch.setattr(stages, "SCORE_BLOCK", block)
-        stages.run_score(store, cfg, keys)
-        tables.append(stages._table(store, "score", keys["score"], "scores"))
+        monkeypatch.setattr(score_stage, "SCORE_BLOCK", block)
+        stages.run("score", store, cfg, keys)
+        tables.append(artifacts.read_table(store, "score", keys["score"], "scores"))
     assert len(tables[0]) > 7 and tables[1].equals(tables[0])
     assert set(tables[0].column("scorer").to_pylist()) == {"embedding-detection"}
 
@@ -182,7 +183,7 @@ def test_lexical_score_stage_reads_no_embeddings(micro_run, tmp_path, monkeypatc
     import shutil
     import sys
 
-    from nlrewrite_core import stages
+    from nlrewrite_core import artifacts, stages
     from nlrewrite_core.config import load_config
     from nlrewrite_core.storage import Store
 
@@ -194,7 +195,7 @@ def test_lexical_score_stage_reads_no_embeddings(micro_run, tmp_path, monkeypatc
     assert "embed" not in ups and "token_weight" not in section
     assert Store(storage).read_manifest("score", keys["score"])["upstream"] == {u: keys[u] for u in ups}
     # ... and the embed stage (for the embedding simulator) embeds no explain-split window
-    embedded = stages._table(Store(storage), "embed", keys["embed"], "contexts", columns=["split"])
+    embedded = artifacts.read_table(Store(storage), "embed", keys["embed"], "contexts", columns=["split"])
     assert set(embedded.column("split").to_pylist()) == {"calib", "eval"}
     copy = tmp_path / "store"
     shutil.copytree(storage, copy)
@@ -205,11 +206,14 @@ def test_lexical_score_stage_reads_no_embeddings(micro_run, tmp_path, monkeypatc
         def __getattr__(self, name):
             raise AssertionError(f"the lexical scorer used embedding.{name}")
 
-    monkeypatch.setattr(stages, "emb_lib", NoEmbedding())
+    from nlrewrite_core.stages import score as score_stage
+
+    for module in (score_stage, artifacts):  # the score stage and the readers it could call
+        monkeypatch.setattr(module, "emb_lib", NoEmbedding())
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)
-    stages.run_score(Store(str(copy)), cfg, keys)
-    got = stages._table(Store(str(copy)), "score", keys["score"], "scores")
-    want = stages._table(Store(storage), "score", keys["score"], "scores")
+    stages.run("score", Store(str(copy)), cfg, keys)
+    got = artifacts.read_table(Store(str(copy)), "score", keys["score"], "scores")
+    want = artifacts.read_table(Store(storage), "score", keys["score"], "scores")
     assert got.equals(want) and set(got.column("scorer").to_pylist()) == {"lexical-detection"}
     assert np.isfinite(np.array(got.column("score").to_pylist(), dtype=float)).sum() > 10
 

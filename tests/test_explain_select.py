@@ -13,7 +13,7 @@ import pytest
 
 from conftest import moto_s3
 from nlrewrite_core import explain as explain_lib
-from nlrewrite_core import stages
+from nlrewrite_core import artifacts, stages
 from nlrewrite_core.config import ConfigError, ExplainConfig, load_config
 from nlrewrite_core.query import top_activations
 from nlrewrite_core.storage import StageWriter, Store
@@ -70,7 +70,7 @@ def test_selection_matches_numpy_reference(tmp_path, act_type, max_candidates):
     store = Store(str(tmp_path))
     table = synthetic_cache(act_type)
     key = write_cache(store, table)
-    shown, _ = stages.explain_halves(np.arange(30))
+    shown, _ = artifacts.explain_halves(np.arange(30))
     got = top_activations(store, key, "explain", shown, max_candidates)
     assert got.schema.names == ["seq_id", "pos", "latent", "act"]
     assert [f.type for f in got.schema] == [pa.int64(), pa.int32(), pa.int32(), pa.float32()]
@@ -93,7 +93,7 @@ def test_selection_on_s3_equals_local(tmp_path):
     env = {"AWS_ACCESS_KEY_ID": "AKIANLREWRITESELECT0", "AWS_SECRET_ACCESS_KEY": "not-a-secret",
            "AWS_DEFAULT_REGION": "us-east-1"}
     table = synthetic_cache()
-    shown, _ = stages.explain_halves(np.arange(30))
+    shown, _ = artifacts.explain_halves(np.arange(30))
     local = Store(str(tmp_path))
     want = top_activations(local, write_cache(local, table), "explain", shown, 4)
     with moto_s3(env, ("nlr-select",)) as url:
@@ -109,8 +109,8 @@ def test_no_cap_gives_the_former_rows_in_the_explainers_order(tmp_path):
     store = Store(str(tmp_path))
     table = synthetic_cache()
     key = write_cache(store, table)
-    shown, _ = stages.explain_halves(np.arange(30))
-    old = stages._table(store, "activations", key, "activations",
+    shown, _ = artifacts.explain_halves(np.arange(30))
+    old = artifacts.read_table(store, "activations", key, "activations",
                         filters=(pc.field("split") == "explain") & pc.field("seq_id").isin(shown.tolist()))
     new = top_activations(store, key, "explain", shown, 0)
 
@@ -152,15 +152,14 @@ def test_micro_stage_explanations_unchanged_without_cap(tmp_path):
     cfg = load_config("micro", overrides=small)
     keys = stages.plan(cfg)
     store = Store(str(tmp_path / "store"))
-    for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder, stages.run_activations):
-        run(store, cfg, keys)
-    stages.run_explain(store, cfg, keys)
-    got = stages._table(store, "explain", keys["explain"], "explanations")
+    stages.run_all(store, cfg, keys, until="activations")
+    stages.run("explain", store, cfg, keys)
+    got = artifacts.read_table(store, "explain", keys["explain"], "explanations")
 
-    num_latents = stages._num_latents(store, keys)
-    seq_ids, tokens = stages.load_tokens(store, keys, ("explain",))
-    shown, _ = stages.explain_halves(seq_ids)
-    tokenizer = stages.load_tokenizer(store, keys)
+    num_latents = artifacts.num_latents(store, keys)
+    seq_ids, tokens = artifacts.load_tokens(store, keys, ("explain",))
+    shown, _ = artifacts.explain_halves(seq_ids)
+    tokenizer = artifacts.load_tokenizer(store, keys)
     by_seq = {int(s): tokens[i] for i, s in enumerate(seq_ids)}
 
     def args(a: pa.Table, ecfg: ExplainConfig) -> tuple:
@@ -168,7 +167,7 @@ def test_micro_stage_explanations_unchanged_without_cap(tmp_path):
                 a.column("act").to_numpy().astype(np.float32), by_seq, lambda t: tokenizer.decode([t]),
                 lambda ids: tokenizer.decode(ids), num_latents, ecfg)
 
-    old = stages._table(store, "activations", keys["activations"], "activations",
+    old = artifacts.read_table(store, "activations", keys["activations"], "activations",
                         filters=(pc.field("split") == "explain") & pc.field("seq_id").isin(shown.tolist()))
     new = top_activations(store, keys["activations"], "explain", shown, 0)
     assert len(new) == len(old) > 0
@@ -184,8 +183,8 @@ def test_micro_stage_explanations_unchanged_without_cap(tmp_path):
     capped = load_config("micro", overrides={**small, "explain": {"max_candidates": 3}})
     keys_c = stages.plan(capped)
     assert keys_c["activations"] == keys["activations"] and keys_c["explain"] != keys["explain"]
-    stages.run_explain(store, capped, keys_c)
-    e = stages._table(store, "explain", keys_c["explain"], "explanations").to_pylist()
+    stages.run("explain", store, capped, keys_c)
+    e = artifacts.read_table(store, "explain", keys_c["explain"], "explanations").to_pylist()
     assert [r["status"] for r in e] == got.column("status").to_pylist()  # min_activations 1: same live latents
     assert max(r["n_examples"] for r in e) <= 3
     top = top_activations(store, keys["activations"], "explain", shown, 3)

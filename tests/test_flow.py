@@ -12,7 +12,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentTaskRunId
 
-from nlrewrite_core import stages
+from nlrewrite_core import artifacts, stages
 from nlrewrite_core.config import load_config
 from nlrewrite_core.query import query
 from nlrewrite_core.storage import MANIFEST, Store
@@ -94,9 +94,9 @@ def test_splits_never_leak(micro_run, tmp_path, monkeypatch):
     seq_len = load_config("micro").corpus.seq_len
     split_of = {int(s): sp for s, sp in query(store, "micro-test", "select seq_id, split from tokens")[1]}
     explain_seqs = sorted(s for s, sp in split_of.items() if sp == "explain")
-    shown, judged = stages.explain_halves(np.array(explain_seqs))
+    shown, judged = artifacts.explain_halves(np.array(explain_seqs))
     if "embed" in keys:  # the scorer's contexts: the explain split's judging half only
-        emb = stages._table(store, "embed", keys["embed"], "contexts", columns=["context_id", "split"])
+        emb = artifacts.read_table(store, "embed", keys["embed"], "contexts", columns=["context_id", "split"])
         scorer_ctx = emb.filter(pc.field("split") == "explain").column("context_id").to_numpy()
         assert set(np.unique(scorer_ctx // seq_len).tolist()) <= set(judged.tolist())
     # The explainer's candidate rows (selected over the cache) are from its half of the explain split.
@@ -104,7 +104,7 @@ def test_splits_never_leak(micro_run, tmp_path, monkeypatch):
 
     cand = query_lib.top_activations(store, keys["activations"], "explain", shown, 0)
     assert set(np.unique(cand.column("seq_id").to_numpy()).tolist()) <= set(shown.tolist())
-    cal_ctx = stages._table(store, "calibrate", keys["calibrate"], "calibrated", columns=["context_id"])
+    cal_ctx = artifacts.read_table(store, "calibrate", keys["calibrate"], "calibrated", columns=["context_id"])
     assert {split_of[int(c) // seq_len] for c in np.unique(cal_ctx.column("context_id").to_numpy())} == {"eval"}
 
     # Calibrate again on a copy whose eval truth is scrambled: identical maps.
@@ -126,10 +126,10 @@ def test_splits_never_leak(micro_run, tmp_path, monkeypatch):
         return t
 
     monkeypatch.setattr(Store, "read_parquet", scrambled)
-    stages.run_calibrate(cstore, load_config("micro"), keys)
+    stages.run("calibrate", cstore, load_config("micro"), keys)
     monkeypatch.undo()
-    before = stages._table(store, "calibrate", keys["calibrate"], "calibration").sort_by([("method", "ascending"), ("latent", "ascending")])
-    after = stages._table(cstore, "calibrate", keys["calibrate"], "calibration").sort_by([("method", "ascending"), ("latent", "ascending")])
+    before = artifacts.read_table(store, "calibrate", keys["calibrate"], "calibration").sort_by([("method", "ascending"), ("latent", "ascending")])
+    after = artifacts.read_table(cstore, "calibrate", keys["calibrate"], "calibration").sort_by([("method", "ascending"), ("latent", "ascending")])
     assert before.equals(after)
 
 
@@ -156,7 +156,6 @@ def test_run_interrupted_mid_simulate_resumes_without_duplicates(micro_run, tmp_
     import shutil
 
     from flows.rewrite import rewrite
-    import tasks.stages as t
 
     storage = str(tmp_path / "store")
     shutil.copytree(micro_run[0], storage)
@@ -164,7 +163,10 @@ def test_run_interrupted_mid_simulate_resumes_without_duplicates(micro_run, tmp_
     keys = stages.plan(cfg)
     for stage in ("simulate", "calibrate", "evaluate", "report"):
         Store(storage).remove_dir(Store(storage).artifact_dir(stage, keys[stage]))
-    real = stages.run_simulate_shard
+    from nlrewrite_core.stages import simulate as simulate_stage
+    from tasks.stages import SHARD_TASKS
+
+    real = simulate_stage.simulate_shard
 
     def crash_on_shard_2(store, cfg, keys, shard):
         if shard == 2:
@@ -175,8 +177,8 @@ def test_run_interrupted_mid_simulate_resumes_without_duplicates(micro_run, tmp_
             raise RuntimeError("worker killed")
         return real(store, cfg, keys, shard)
 
-    monkeypatch.setattr(stages, "run_simulate_shard", crash_on_shard_2)
-    monkeypatch.setattr(t, "simulate_shard", t.simulate_shard.with_options(retries=0))
+    monkeypatch.setattr(simulate_stage, "simulate_shard", crash_on_shard_2)
+    monkeypatch.setitem(SHARD_TASKS, "simulate", SHARD_TASKS["simulate"].with_options(retries=0))
     with pytest.raises(RuntimeError, match="worker killed"):
         rewrite(preset="micro", storage=storage, run_id="crashy")
     store = Store(storage)
@@ -186,7 +188,7 @@ def test_run_interrupted_mid_simulate_resumes_without_duplicates(micro_run, tmp_
     done_before = {i: Path(store.artifact_dir("simulate", keys["simulate"], f"shard-{i:05d}"), MANIFEST).stat().st_mtime_ns
                    for i in (0, 1)}
 
-    monkeypatch.setattr(stages, "run_simulate_shard", real)
+    monkeypatch.setattr(simulate_stage, "simulate_shard", real)
     result = rewrite(preset="micro", storage=storage, run_id="crashy")
     for i, mtime in done_before.items():  # finished shards were not redone
         assert Path(store.artifact_dir("simulate", keys["simulate"], f"shard-{i:05d}"), MANIFEST).stat().st_mtime_ns == mtime

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from nlrewrite_core import stages
+from nlrewrite_core import artifacts, stages
 from nlrewrite_core.config import ConfigError, load_config
 from nlrewrite_core.storage import Store
 
@@ -40,10 +40,9 @@ def test_micro_stages_with_tiny_llama(tmp_path, prefect_server):
     keys, keys_e = stages.plan(cfg), stages.plan(cfg_explain)
     assert keys["activations"] == keys_e["activations"] and keys["explain"] != keys_e["explain"]
     store = Store(str(tmp_path / "store"))
-    for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder, stages.run_activations):
-        run(store, cfg, keys)
+    stages.run_all(store, cfg, keys, until="activations")
 
-    stages.run_explain(store, cfg_explain, keys_e)
+    stages.run("explain", store, cfg_explain, keys_e)
     m = store.read_manifest("explain", keys_e["explain"])
     assert m["cost"]["llm_backend"] == "transformers" and m["cost"]["tokens_in"] > 0 and m["cost"]["tokens_out"] > 0
     assert m["metrics"]["n_explained"] + m["metrics"]["n_unexplained"] + m["metrics"]["n_dead"] == 16
@@ -53,29 +52,29 @@ def test_micro_stages_with_tiny_llama(tmp_path, prefect_server):
     cfg_c = load_config("micro", overrides={**small, "explain": {"method": "contrastive", "llm": llm, "n_examples": 4,
                                                                   "window": 16, "max_retries": 0, "n_contrast": 2}})
     keys_c = stages.plan(cfg_c)
-    stages.run_explain(store, cfg_c, keys_c)
+    stages.run("explain", store, cfg_c, keys_c)
     assert store.read_manifest("explain", keys_c["explain"])["cost"]["tokens_in"] > m["cost"]["tokens_in"]
 
-    stages.run_explain(store, cfg, keys)  # ngram explanations for the scorer and simulator
-    stages.run_score(store, cfg, keys)
+    stages.run("explain", store, cfg, keys)  # ngram explanations for the scorer and simulator
+    stages.run("score", store, cfg, keys)
     m = store.read_manifest("score", keys["score"])
     assert m["cost"]["tokens_in"] > 0 and m["metrics"]["n_prompts"] > 0 and "n_malformed_prompts" in m["metrics"]
-    num_latents = stages._num_latents(store, keys)
+    num_latents = artifacts.num_latents(store, keys)
     for shard in range(len(stages.shard_ranges(num_latents, cfg.simulate.shard_latents))):
-        stages.run_simulate_shard(store, cfg, keys, shard)
+        stages.run("simulate", store, cfg, keys, shard=shard)
     m = store.read_manifest("simulate", keys["simulate"], "shard-00000")
     assert m["cost"]["tokens_in_cached"] > 0 and m["metrics"]["n_predictions"] + m["metrics"]["n_failed"] > 0
-    stages.finish_simulate(store, cfg, keys)
+    stages.run("simulate", store, cfg, keys)
     shard_costs = [store.read_manifest("simulate", keys["simulate"], f"shard-{i:05d}")["cost"]
                    for i in range(len(stages.shard_ranges(num_latents, cfg.simulate.shard_latents)))]
     total = store.read_manifest("simulate", keys["simulate"])["cost"]
     assert total["tokens_in"] == sum(c["tokens_in"] for c in shard_costs) > 0
     assert total["shards_wall_s"] == pytest.approx(sum(c["wall_s"] for c in shard_costs), abs=0.01)
-    p = stages.read_predictions(store, keys)
-    max_act = stages._max_act(store, keys, num_latents)
+    p = artifacts.read_predictions(store, keys)
+    max_act = artifacts.max_act(store, keys, num_latents)
     v, lat = p.column("pred").to_numpy(), p.column("latent").to_numpy()
     assert len(p) > 0 and (v >= 0).all() and (v <= max_act[lat] + 1e-6).all()
-    stages.run_calibrate(store, cfg, keys)
+    stages.run("calibrate", store, cfg, keys)
     assert store.has_manifest("calibrate", keys["calibrate"])
 
     # The all-at-once simulator on the same upstream: the same (context, latent) pairs as `llm` are
@@ -91,20 +90,20 @@ def test_micro_stages_with_tiny_llama(tmp_path, prefect_server):
         assert keys_a["simulate"] != keys["simulate"] and keys_a["activations"] == keys["activations"]
         got = set()
         for shard in range(len(stages.shard_ranges(num_latents, cfg_a.simulate.shard_latents))):
-            stages.run_simulate_shard(store, cfg_a, keys_a, shard)
+            stages.run("simulate", store, cfg_a, keys_a, shard=shard)
             d = f"{store.artifact_dir('simulate', keys_a['simulate'])}/shard-{shard:05d}"
             failed = json.loads(store.read_bytes(f"{d}/failed.json"))
             got |= {(r["context_id"], r["latent"]) for r in failed}
             m = store.read_manifest("simulate", keys_a["simulate"], f"shard-{shard:05d}")
             assert m["metrics"]["n_failed"] == len(failed) and m["cost"]["tokens_in_cached"] > 0
-        stages.finish_simulate(store, cfg_a, keys_a)
-        pa_ = stages.read_predictions(store, keys_a)
+        stages.run("simulate", store, cfg_a, keys_a)
+        pa_ = artifacts.read_predictions(store, keys_a)
         got |= {(r["context_id"], r["latent"]) for r in pa_.select(["context_id", "latent"]).to_pylist()}
         v, lat = pa_.column("pred").to_numpy(), pa_.column("latent").to_numpy()
         assert len(pa_) > 0 and (v >= 0).all() and (v <= max_act[lat] + 1e-6).all()
-        calib = {c for c, _ in pairs} & set(stages.sim_context_ids(cfg_a, "calib", stages.load_tokens(
+        calib = {c for c, _ in pairs} & set(artifacts.sim_context_ids(cfg_a, "calib", artifacts.load_tokens(
             store, keys, ("calib",))[0]).tolist())
-        eval_ctx = set(stages.sim_context_ids(cfg_a, "eval", stages.load_tokens(store, keys, ("eval",))[0]).tolist())
+        eval_ctx = set(artifacts.sim_context_ids(cfg_a, "eval", artifacts.load_tokens(store, keys, ("eval",))[0]).tolist())
         want = {(c, l) for c, l in pairs if c in calib} | {(c, l) for c in eval_ctx for l in {l for _, l in pairs}}
         assert got == want
 

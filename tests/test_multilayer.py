@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from nlrewrite_core import multilayer, stages
+from nlrewrite_core import artifacts, stages
+
+from nlrewrite_core.stages import multilayer
 from nlrewrite_core.config import ConfigError, load_config
 from nlrewrite_core.storage import Store
 
@@ -57,11 +59,10 @@ def test_micro_two_layers(tmp_path, one_torch_thread):
     cfg = load_config("micro", overrides=EXTRA)
     keys = stages.plan(cfg)
     store = Store(str(tmp_path / "store"))
-    for fn in (stages.run_corpus, stages.run_subject):
-        fn(store, cfg, keys)
-    ref = multilayer.run_multilayer(store, cfg, keys)
+    stages.run_all(store, cfg, keys, until="subject")
+    ref = stages.run("multilayer", store, cfg, keys)
     assert store.has_manifest("multilayer", keys["multilayer"])
-    t = stages._table(store, "multilayer", keys["multilayer"], "multilayer").to_pylist()
+    t = artifacts.read_table(store, "multilayer", keys["multilayer"], "multilayer").to_pylist()
     by = {(r["n_layers"], r["condition"], r["calibration"], r["positions"]): r for r in t}
     for n, layers in ((1, "0"), (2, "0,1")):
         for cond in ("clean", "transcoder", "zero_ablation", "mlp_ablation"):
@@ -85,7 +86,7 @@ def test_micro_two_layers(tmp_path, one_torch_thread):
         assert store.has_manifest(stage, per[1][stage])
     assert ref.key == keys["multilayer"]
     # a second call finds the manifest
-    assert multilayer.run_multilayer(store, cfg, keys).key == ref.key
+    assert stages.run("multilayer", store, cfg, keys).key == ref.key
 
 
 def test_flow_runs_multilayer_only_when_configured(micro_run, tmp_path, capsys):

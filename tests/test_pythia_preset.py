@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nlrewrite_core import corpus as corpus_lib
-from nlrewrite_core import stages
+from nlrewrite_core import artifacts, stages
 from nlrewrite_core.config import ConfigError, load_config
 from nlrewrite_core.storage import Store
 
@@ -84,36 +84,33 @@ def test_pythia_preset_end_to_end_offline(tmp_path):
     assert (cfg.transcoder.layer, cfg.corpus.source, cfg.simulate.eval_positions) == (6, "hf", "last")
     keys = stages.plan(cfg)
     store = Store(str(tmp_path / "store"))
-    for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder, stages.run_activations,
-                stages.run_explain, stages.run_score):
-        run(store, cfg, keys)
+    stages.run_all(store, cfg, keys, until="score")
     cfg_llm = cfg.model_copy(update={"explain": load_config("pythia-160m", overrides={"explain": {
         "n_examples": 4, "window": 16, "max_retries": 0, "llm": llm}}).explain})
     keys_llm = stages.plan(cfg_llm)
-    stages.run_explain(store, cfg_llm, keys_llm)
+    stages.run("explain", store, cfg_llm, keys_llm)
     e = store.read_manifest("explain", keys_llm["explain"])
     assert e["cost"]["llm_backend"] == "transformers" and e["cost"]["tokens_in"] > 0
     for shard in range(len(stages.shard_ranges(cfg.transcoder.num_latents, cfg.simulate.shard_latents))):
-        stages.run_simulate_shard(store, cfg, keys, shard)
-    stages.finish_simulate(store, cfg, keys)
-    for run in (stages.run_calibrate, stages.run_evaluate, stages.run_report):
-        run(store, cfg, keys)
+        stages.run("simulate", store, cfg, keys, shard=shard)
+    stages.run("simulate", store, cfg, keys)
+    stages.run_all(store, cfg, keys, only=["calibrate", "evaluate", "report"])
 
     # corpus: the dataset streamed to its token budget, the local tokenizer's ids (eos = 0, Pythia's)
     hf = AutoTokenizer.from_pretrained(local)
     assert type(hf).__name__ == "GPTNeoXTokenizer" and hf.eos_token_id == 0
-    _, tokens = stages.load_tokens(store, keys, ("train", "explain", "calib", "eval"))
+    _, tokens = artifacts.load_tokens(store, keys, ("train", "explain", "calib", "eval"))
     expected = corpus_lib.cut_sequences(corpus_lib.hf_encoder(hf), docs, 0, 32, max_tokens=40_000)
     assert tokens.shape == (40_000 // 32, 32) and tokens.max() < len(hf)
     assert {r.tobytes() for r in expected.astype(np.int64)} == {r.tobytes() for r in tokens}
-    stored = stages.load_tokenizer(store, keys)
+    stored = artifacts.load_tokenizer(store, keys)
     assert stored.to_str() == hf.backend_tokenizer.to_str() and stored.decode(tokens[0].tolist()) == hf.decode(tokens[0])
     corpus_m = store.read_manifest("corpus", keys["corpus"])["metrics"]
     assert corpus_m["source"] == "hf" and corpus_m["tokens_per_s"] > 0
 
     # subject: the local model, weights unchanged
     original = GPTNeoXForCausalLM.from_pretrained(local).state_dict()
-    loaded = stages.load_subject(store, keys).state_dict()
+    loaded = artifacts.load_subject(store, keys).state_dict()
     assert original.keys() == loaded.keys() and all(torch.equal(original[k], loaded[k]) for k in original)
     m = store.read_manifest("subject", keys["subject"])["metrics"]
     assert m["hub_id"] == local and m["tokenizer"] == local and np.isfinite(m["eval_ce"])
@@ -126,7 +123,7 @@ def test_pythia_preset_end_to_end_offline(tmp_path):
     # the LLM stages ran on the transformers backend; evaluation measured CE of every condition
     assert store.read_manifest("score", keys["score"])["cost"]["tokens_in"] > 0
     assert store.read_manifest("simulate", keys["simulate"])["cost"]["tokens_in"] > 0
-    ce = stages._table(store, "evaluate", keys["evaluate"], "ce").to_pylist()
+    ce = artifacts.read_table(store, "evaluate", keys["evaluate"], "ce").to_pylist()
     conditions = {r["condition"] for r in ce}
     assert {"clean", "transcoder", "zero_ablation", "simulated"} <= conditions
     assert all(np.isfinite(r["ce_mean"]) for r in ce) and {r["positions"] for r in ce} >= {"last"}

@@ -83,9 +83,14 @@ def test_every_stage_task_retries_only_transient_errors():
 
     import tasks.stages as t
 
-    found = [v for v in vars(t).values() if isinstance(v, Task)]
-    assert len(found) >= 12 and all(v.retry_condition_fn is t.retry_on_transient for v in found)
-    assert t.explain_latents.retries == 2 and t.simulate_shard.retries == 2
+    from nlrewrite_core.stages import STAGES
+
+    found = [*t.TASKS.values(), *t.SHARD_TASKS.values()]
+    assert all(isinstance(v, Task) for v in found)
+    assert len(found) == len(STAGES) + 1 and all(v.retry_condition_fn is t.retry_on_transient for v in found)
+    assert t.TASKS["explain"].retries == 2 and t.SHARD_TASKS["simulate"].retries == 2
+    # each task is named after its stage function (one name per concept)
+    assert {v.name for v in found} == {s.function for s in STAGES} | {"simulate_shard"}
 
 
 @pytest.mark.parametrize("name, attempts", [("llm 503 after its retries", 3), ("httpx connect", 3),

@@ -28,18 +28,18 @@ def _dense_split(store, keys, split: str, seq_len: int, num_latents: int):
     missing one NaN."""
     import pyarrow.compute as pc
 
-    from nlrewrite_core import stages
+    from nlrewrite_core import artifacts
 
-    seq_ids, _ = stages.load_tokens(store, keys, (split,))
-    cids = stages.context_ids(seq_ids, seq_len)
-    idx = stages.context_index(cids)
+    seq_ids, _ = artifacts.load_tokens(store, keys, (split,))
+    cids = artifacts.context_ids(seq_ids, seq_len)
+    idx = artifacts.context_index(cids)
     pred = np.full((len(cids), num_latents), np.nan, dtype=np.float32)
-    for f in stages.prediction_files(store, keys):
+    for f in artifacts.prediction_files(store, keys):
         p = store.read_parquet(f, filters=(pc.field("context_id") >= int(cids.min())) & (pc.field("context_id") <= int(cids.max())))
         c = p.column("context_id").to_numpy()
         keep = idx[c] >= 0
         pred[idx[c[keep]], p.column("latent").to_numpy()[keep]] = p.column("pred").to_numpy()[keep]
-    return cids, pred, stages.true_activations(store, keys, split, seq_len, cids, num_latents)
+    return cids, pred, artifacts.true_activations(store, keys, split, seq_len, cids, num_latents)
 
 
 @pytest.mark.parametrize("method", ["none", "quantile", "quantile-hf1", "isotonic", "affine"])
@@ -175,7 +175,7 @@ def test_micro_run_shards_rerun_and_streaming_calibration(micro_run):
 
     import pyarrow.compute as pc
 
-    from nlrewrite_core import stages
+    from nlrewrite_core import artifacts, stages
     from nlrewrite_core.config import load_config
     from nlrewrite_core.query import query
     from nlrewrite_core.storage import MANIFEST, Store
@@ -183,7 +183,7 @@ def test_micro_run_shards_rerun_and_streaming_calibration(micro_run):
     storage, _ = micro_run
     store, cfg = Store(storage), load_config("micro")
     keys = stages.plan(cfg)
-    n_lat = stages._num_latents(store, keys)
+    n_lat = artifacts.num_latents(store, keys)
     ranges = stages.shard_ranges(n_lat, cfg.simulate.shard_latents)
     assert len(ranges) >= 3
     shard_dir = lambda i: Path(store.artifact_dir("simulate", keys["simulate"], f"shard-{i:05d}"))  # noqa: E731
@@ -195,8 +195,8 @@ def test_micro_run_shards_rerun_and_streaming_calibration(micro_run):
     shutil.rmtree(shard_dir(1))
     os.remove(Path(store.artifact_dir("simulate", keys["simulate"])) / MANIFEST)
     for i in range(len(ranges)):
-        stages.run_simulate_shard(store, cfg, keys, i)
-    stages.finish_simulate(store, cfg, keys)
+        stages.run("simulate", store, cfg, keys, shard=i)
+    stages.run("simulate", store, cfg, keys)
     after = {i: (shard_dir(i) / MANIFEST).stat().st_mtime_ns for i in range(len(ranges))}
     assert [i for i in before if before[i] != after[i]] == [1]
     assert pq.read_table(shard_dir(1) / "predictions.parquet").equals(old)
@@ -206,17 +206,17 @@ def test_micro_run_shards_rerun_and_streaming_calibration(micro_run):
 
     # Streaming calibration (what run_calibrate wrote) == one in-memory fit over dense matrices.
     seq_len = cfg.corpus.seq_len
-    cal = stages._table(store, "calibrate", keys["calibrate"], "calibrated")
+    cal = artifacts.read_table(store, "calibrate", keys["calibrate"], "calibrated")
     _, cp, ct = _dense_split(store, keys, "calib", seq_len, n_lat)
     ecids, ep, _ = _dense_split(store, keys, "eval", seq_len, n_lat)
     live = np.flatnonzero(~(np.isnan(cp).all(0) | np.isnan(ep).all(0)))
-    sample, _ = stages.true_sample(store, keys, seq_len)  # what `quantile` maps onto (calibrate.true_sample: cache)
+    sample, _ = artifacts.true_sample(store, keys, seq_len)  # what `quantile` maps onto (calibrate.true_sample: cache)
     for method in cfg.calibrate.methods:
         maps = C.fit_calibration(method, cp[:, live], ct[:, live], cfg.calibrate.n_knots, latents=live, sample=sample)
         want = C.apply_calibration(maps, ep[:, live], latents=live)
         t = cal.filter(pc.field("method") == method)
-        got = stages.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
-                           t.column("pred").to_numpy(), stages.context_index(ecids), ep.shape, fill=np.nan)
+        got = artifacts.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
+                           t.column("pred").to_numpy(), artifacts.context_index(ecids), ep.shape, fill=np.nan)
         assert np.array_equal(got[:, live], want)
 
 

@@ -173,7 +173,7 @@ class DieAfter(transcoder.Checkpoints):
 
 transcoder.Checkpoints = DieAfter  # the stage's own checkpoints: killed right after the first one
 cfg = load_config("micro", overrides={overrides!r})
-stages.run_transcoder(Store({store!r}), cfg, stages.plan(cfg))
+stages.run("transcoder", Store({store!r}), cfg, stages.plan(cfg))
 """
 
 
@@ -186,22 +186,21 @@ def test_stage_resumes_from_its_checkpoint(tmp_path) -> None:
     overrides = {"transcoder": {"checkpoint_every": 30}}
     cfg, store = load_config("micro", overrides=overrides), Store(str(tmp_path / "store"))
     keys = stages.plan(cfg)
-    stages.run_corpus(store, cfg, keys)
-    stages.run_subject(store, cfg, keys)
+    stages.run("corpus", store, cfg, keys)
+    stages.run("subject", store, cfg, keys)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     code = STAGE_CHILD.format(overrides=overrides, store=str(tmp_path / "store"))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpt = store.artifact_dir("transcoder", keys["transcoder"], "checkpoints")
     assert not store.has_manifest("transcoder", keys["transcoder"]) and store.listdir(ckpt) == ["latest.json", "step-30"]
-    stages.run_transcoder(store, cfg, keys)
+    stages.run("transcoder", store, cfg, keys)
     m = store.read_manifest("transcoder", keys["transcoder"])["metrics"]
     assert m["resumed_from"] == 30 and m["steps"] == cfg.transcoder.steps and np.isfinite(m["eval_fvu"])
     assert "checkpoints" not in store.listdir(store.artifact_dir("transcoder", keys["transcoder"]))
     # the same transcoder, byte for byte, as an uninterrupted run's
     other = Store(str(tmp_path / "other"))
-    for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder):
-        run(other, cfg, keys)
+    stages.run_all(other, cfg, keys, until="transcoder")
 
     def sae_sha(st: Store) -> str:
         files = st.read_manifest("transcoder", keys["transcoder"])["files"]

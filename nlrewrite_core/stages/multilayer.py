@@ -22,12 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import evaluate as eval_lib
-from . import stages
-from . import subject as subject_lib
-from . import transcoder as tc_lib
-from .config import RewriteConfig
-from .storage import ArtifactRef, Store
+from .. import artifacts as art
+from .. import evaluate as eval_lib
+from .. import stages
+from .. import subject as subject_lib
+from .. import transcoder as tc_lib
+from ..config import RewriteConfig
+from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
 
@@ -55,48 +56,43 @@ def layer_keys(cfg: RewriteConfig) -> dict[int, dict[str, str]]:
     return {layer: stages.plan(layer_config(cfg, layer)) for layer in layer_order(cfg)}
 
 
+LAYER_STAGES = ["transcoder", "activations", "explain", "embed", "score", "simulate", "calibrate"]
+"""The stages each extra layer runs on its own config (with multilayer.simulate; else the transcoder
+only): the rest (corpus, subject) is the run's."""
+
+
 def ensure_layer_pipeline(store: Store, cfg: RewriteConfig, keys: dict[str, str], simulate: bool) -> None:
     """Run (or find, by manifest) one layer's transcoder and, with `simulate`, its stages up to calibrate.
     The flow runs these as Prefect tasks first; this makes the library stage complete on its own."""
-    stages.run_transcoder(store, cfg, keys)
-    if not simulate:
-        return
-    for stage in ("activations", "explain", "embed", "score"):
-        if stage in keys:  # embed: only for the embedding methods
-            getattr(stages, f"run_{stage}")(store, cfg, keys)
-    if not store.has_manifest("simulate", keys["simulate"]):
-        n_shards = len(stages.shard_ranges(stages._num_latents(store, keys), cfg.simulate.shard_latents))
-        for shard in range(n_shards):
-            stages.run_simulate_shard(store, cfg, keys, shard)
-        stages.finish_simulate(store, cfg, keys)
-    stages.run_calibrate(store, cfg, keys)
+    stages.run_all(store, cfg, keys, until="calibrate" if simulate else "transcoder",
+                   only=LAYER_STAGES if simulate else ["transcoder"])
 
 
 def _layer_predictions(store: Store, keys: dict[str, str], methods: list[str], cids: np.ndarray,
                        num_latents: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """(live latents, detection scores [num_latents], dense calibrated eval predictions per method)."""
-    cidx = stages.context_index(cids)
-    cal = stages._table(store, "calibrate", keys["calibrate"], "calibrated")
+    cidx = art.context_index(cids)
+    cal = art.read_table(store, "calibrate", keys["calibrate"], "calibrated")
     preds = {}
     for method in methods:
         t = cal.filter(pc.field("method") == method)
-        preds[method] = stages.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
+        preds[method] = art.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
                                      t.column("pred").to_numpy(), cidx, (len(cids), num_latents), fill=np.nan)
-    sc = stages._table(store, "score", keys["score"], "scores")
+    sc = art.read_table(store, "score", keys["score"], "scores")
     scores = np.full(num_latents, np.nan)
     scores[sc.column("latent").to_numpy()] = sc.column("score").to_numpy(zero_copy_only=False).astype(float)
-    live = np.unique(stages._table(store, "calibrate", keys["calibrate"], "calibration", columns=["latent"])
+    live = np.unique(art.read_table(store, "calibrate", keys["calibrate"], "calibration", columns=["latent"])
                      .column("latent").to_numpy())
     return live, scores, preds
 
 
-def run_multilayer(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+def evaluate_layers(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
     """CE with 1..N layers rewritten at once, each against the zero-ablation of the same layers."""
-    if ref := stages._done(store, "multilayer", keys):
+    if ref := stages.reuse(store, "multilayer", keys):
         return ref
     if not cfg.multilayer.layers:
         raise ValueError("multilayer: no multilayer.layers configured")
-    w = stages._writer(store, "multilayer", cfg, keys)
+    w = stages.writer(store, "multilayer", cfg, keys)
     ml, ev = cfg.multilayer, cfg.evaluate
     order = layer_order(cfg)
     per_layer = layer_keys(cfg)
@@ -105,17 +101,17 @@ def run_multilayer(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         ensure_layer_pipeline(store, layer_config(cfg, layer), per_layer[layer], ml.simulate)
     t_pipelines = time.perf_counter() - t0
 
-    device = stages._device(cfg)
-    model = stages.load_subject(store, keys, device)
+    device = art.device(cfg)
+    model = art.load_subject(store, keys, device)
     seq_len, bs = cfg.corpus.seq_len, ev.batch_size
-    seq_ids, tokens = stages.load_tokens(store, keys, ("eval",))
-    cids = stages.context_ids(seq_ids, seq_len)
-    saes = {layer: stages.load_sae(store, per_layer[layer], device) for layer in order}
+    seq_ids, tokens = art.load_tokens(store, keys, ("eval",))
+    cids = art.context_ids(seq_ids, seq_len)
+    saes = {layer: art.load_sae(store, per_layer[layer], device) for layer in order}
     sims = {layer: _layer_predictions(store, per_layer[layer], list(ml.calibrations), cids, saes[layer].num_latents)
             for layer in order} if ml.simulate else {}
     positions = [ev.positions] + [p for p in eval_lib.POSITIONS if p != ev.positions]
 
-    def run(makers: list[tuple[int, Any]]) -> dict[str, np.ndarray]:
+    def ce_of(makers: list[tuple[int, Any]]) -> dict[str, np.ndarray]:
         ce = eval_lib.ce_with_layers(model, tokens, bs, makers)
         return {p: eval_lib.per_sequence(ce, p) for p in positions}
 
@@ -123,19 +119,19 @@ def run_multilayer(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         return lambda rows: fn
 
     t1 = time.perf_counter()
-    clean = run([])
+    clean = ce_of([])
     rows: list[dict[str, Any]] = []
     n_runs = 1
     for n in range(1, len(order) + 1):
         layers = order[:n]
         tag = {"n_layers": n, "layers": ",".join(map(str, layers))}
-        zero = run([(lay, fixed(tc_lib.skip_fn(saes[lay]))) for lay in layers])
+        zero = ce_of([(lay, fixed(tc_lib.skip_fn(saes[lay]))) for lay in layers])
         conds: list[tuple[str, dict[str, np.ndarray], dict[str, Any]]] = [
             ("clean", clean, {}),
-            ("transcoder", run([(lay, fixed(eval_lib.flat(lambda x, s=saes[lay]: eval_lib.patched_output(s, x))))
+            ("transcoder", ce_of([(lay, fixed(eval_lib.flat(lambda x, s=saes[lay]: eval_lib.patched_output(s, x))))
                                 for lay in layers]), {}),
             ("zero_ablation", zero, {}),
-            ("mlp_ablation", run([(lay, fixed(subject_lib.zero_mlp)) for lay in layers]), {}),
+            ("mlp_ablation", ce_of([(lay, fixed(subject_lib.zero_mlp)) for lay in layers]), {}),
         ]
         n_runs += 3
         for method in (ml.calibrations if ml.simulate else []):
@@ -149,7 +145,7 @@ def run_multilayer(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
                                                             sel, seq_len, f"layer {lay} {method} predictions",
                                                             ev.patch_base)))
                     n_lat += len(sel)
-                conds.append(("simulated", run(makers), {"selection": "top", "fraction": frac,
+                conds.append(("simulated", ce_of(makers), {"selection": "top", "fraction": frac,
                                                          "calibration": method, "n_latents": n_lat}))
                 n_runs += 1
         for cond, ce, kw in conds:
