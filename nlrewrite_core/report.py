@@ -4,9 +4,10 @@ Figures (numbered as in the paper):
 
 - Figure 1, ``fig1_distributions.png``: true vs predicted activation distributions, before
   (raw) and after each calibration method.
-- Figure 3, ``fig3_ce_vs_fraction.png``: next-token cross-entropy against the fraction of
-  latents simulated, per selection (top / random / all) and calibration method, with the clean,
-  transcoder and ablation baselines as horizontal lines.
+- Figure 3, ``fig3_ce_vs_fraction.png``: one panel per calibration method (shared y axis): CE
+  minus zero-ablation CE (paired intervals) against the fraction of latents simulated, top vs
+  random selection, the strict all-simulated point, and zero-ablation, transcoder and clean as
+  named horizontal lines.
 - Figure 4, ``fig4_specificity_sensitivity.png``: per-latent specificity and sensitivity
   against the detection score, per calibration method, with binned means and the rank
   correlation, and the activity threshold of each method stated.
@@ -199,13 +200,16 @@ def stamp_text(meta: Mapping[str, Any] | None, split: str, n: str) -> str:
 
 
 def _spread_labels(values: list[float], gap: float) -> list[float]:
-    """Heights for labels of ``values`` (in order), moved up where needed so that no two are closer than ``gap``."""
-    order = np.argsort(values, kind="stable")
+    """Heights for labels of ``values``: the first stays at its value, the others are moved away from it
+    (up above it, down below it) where needed so that no two are closer than ``gap``."""
     out = list(values)
-    last = -math.inf
-    for i in order:
-        out[i] = max(values[i], last + gap)
-        last = out[i]
+    anchor = values[0]
+    for side in (1.0, -1.0):
+        last = anchor
+        for i in sorted((i for i in range(1, len(values)) if (values[i] - anchor) * side >= 0),
+                        key=lambda i: (values[i] - anchor) * side):
+            out[i] = side * max(side * values[i], side * last + gap)
+            last = out[i]
     return out
 
 
@@ -827,11 +831,15 @@ def write_report(
     figures = [
         (FIG1, "Figure 1. Distribution of true activations and of simulated activations before "
                "(raw) and after calibration, over sampled (context, latent) pairs (log count)."),
-        (FIG3, "Figure 3. Next-token cross-entropy against the fraction of latents replaced by "
-               "simulated activations (log scale), for top-scoring and random selections and each "
-               "calibration method. Random: mean over seeds, bars span the seeds; top: bootstrap "
-               "95% interval. Horizontal lines: clean model, transcoder with true latents, and "
-               "ablations (zero: every latent 0; mean: every latent at its calib mean; MLP: the layer's MLP zeroed)."),
+        (FIG3, "Figure 3. Next-token cross-entropy minus zero-ablation cross-entropy on the same sequences "
+               "(below 0: better than zeroing every latent), against the fraction of latents replaced by "
+               "simulated activations (log scale); one panel per calibration method, shared y axis. Blue: the "
+               "top latents by detection score, band = paired bootstrap 95% interval of the difference. Orange: "
+               "random latents, mean over the seeds, band = the seeds' min-max spread (with one seed: its paired "
+               "interval). Hollow diamond at 100%: every latent simulated, strict (a latent without a calibrated "
+               "prediction predicts 0 instead of keeping its true value), with its paired interval. Horizontal "
+               "lines, named at their right end: zero-ablation (0), the transcoder with true latents and, when "
+               "it fits the scale, the clean model; the other ablations are in the headline table."),
         (FIG4, "Figure 4. Per-latent specificity and sensitivity of simulated activity against "
                "the latent's detection score, per calibration method; lines are means over equal-count bins "
                "of detection score, rho the Spearman rank correlation over latents. " + threshold_note(summary)),
