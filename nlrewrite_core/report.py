@@ -153,6 +153,13 @@ def _note(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
+def _renderer(fig: Figure) -> Any:
+    """The renderer of ``fig``'s Agg canvas (to measure text and legends before saving)."""
+    canvas = fig.canvas
+    assert isinstance(canvas, FigureCanvasAgg)
+    return canvas.get_renderer()
+
+
 def _save(fig: Figure, path: Path, stamp: str | None = None) -> None:
     """Save ``fig`` as PNG at ``path``; ``stamp`` (run, split, n; the methods) is written along the bottom,
     and figure-level legends (``fig.legend(loc="lower center")``) are stacked above it, outside the axes."""
@@ -162,7 +169,7 @@ def _save(fig: Figure, path: Path, stamp: str | None = None) -> None:
         stamp = "\n".join(textwrap.fill(line, int(fig.get_figwidth() * 15), break_long_words=False)
                           for line in stamp.split("\n"))
         bottom = 0.01 + 0.11 * (stamp.count("\n") + 1) / fig.get_figheight()
-    renderer = fig.canvas.get_renderer()
+    renderer = _renderer(fig)
     for legend in fig.legends:
         legend.set_bbox_to_anchor((0.5, bottom), transform=fig.transFigure)
         bottom += legend.get_window_extent(renderer).height / fig.bbox.height
@@ -239,7 +246,8 @@ def plot_ce_sweep(ce: pd.DataFrame | None, path: Path, stamp: str | None = None)
     strict = aggregate_ce(ce, "delta_zero", condition="simulated_strict")
     strict = strict.assign(calibration=strict["calibration"].astype(str))
     present = set(points["calibration"]) | set(strict["calibration"])
-    methods = [m for m in dict.fromkeys(ce["calibration"].astype(str)) if m in present] if present else []
+    order = ce["calibration"].astype(str) if isinstance(ce, pd.DataFrame) and present else []
+    methods = [m for m in dict.fromkeys(order) if m in present]  # in the table's (the config's) order
     if not methods:
         fig = _new_figure(7.5, 4.0)
         _note(fig.add_subplot(), "No CE results (against zero-ablation).")
@@ -277,9 +285,10 @@ def plot_ce_sweep(ce: pd.DataFrame | None, path: Path, stamp: str | None = None)
             ax.fill_between(x, np.where(np.isfinite(lo), lo, y), np.where(np.isfinite(hi), hi, y),
                             color=color, alpha=0.22, linewidth=0)
             seeds = int(group["n_seeds"].max())
-            name = f"random, mean over {seeds} seeds" if selection == "random" and seeds > 1 else SELECTION_LABEL[selection]
-            band = "seeds' min-max" if selection == "random" and seeds > 1 else "paired 95% CI"
-            label = f"{name} (band: {band})"
+            if selection == "random" and seeds > 1:
+                label = f"random, mean over {seeds} seeds (band: seeds' min-max)"
+            else:
+                label = f"{SELECTION_LABEL[selection]} (band: paired 95% CI)"
             handles[label] = ax.plot(x, y, color=color, marker=SELECTION_STYLE[selection][1], markersize=4,
                                      linewidth=1.8, label=label)[0]
         point = strict[strict["calibration"] == method]
@@ -307,7 +316,7 @@ def plot_ce_sweep(ce: pd.DataFrame | None, path: Path, stamp: str | None = None)
     for n_legend_cols in (len(handles), 1):  # one row when it fits the width, else one column
         legend = fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=n_legend_cols,
                             fontsize=8, frameon=False)
-        if legend.get_window_extent(fig.canvas.get_renderer()).width <= 0.98 * fig.bbox.width:
+        if legend.get_window_extent(_renderer(fig)).width <= 0.98 * fig.bbox.width:
             break
         legend.remove()
     _save(fig, path, stamp)

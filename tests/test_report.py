@@ -427,7 +427,7 @@ def test_fig3_partial_methods_single_method_nan_intervals(tmp_path: Path, monkey
     extra = ce[(ce["calibration"] == "none") & (ce["selection"] == "top") & (ce["fraction"] < 1)].assign(
         calibration="isotonic")
     fig = draw_fig3(pd.concat([ce, extra], ignore_index=True), tmp_path, monkeypatch)
-    assert [ax.get_title() for ax in fig.axes] == ["calibration: none", "calibration: quantile", "calibration: isotonic"]
+    assert [ax.get_title() for ax in fig.axes] == [f"calibration: {m}" for m in ("none", "quantile", "isotonic")]
     iso = fig.axes[2]
     assert list(series(iso, "top")[0]) == [0.01, 0.1]
     assert series(iso, "random") is None and not iso.containers
