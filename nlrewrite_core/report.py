@@ -4,9 +4,10 @@ Figures (numbered as in the paper):
 
 - Figure 1, ``fig1_distributions.png``: true vs predicted activation distributions, before
   (raw) and after each calibration method.
-- Figure 3, ``fig3_ce_vs_fraction.png``: next-token cross-entropy against the fraction of
-  latents simulated, per selection (top / random / all) and calibration method, with the clean,
-  transcoder and ablation baselines as horizontal lines.
+- Figure 3, ``fig3_ce_vs_fraction.png``: one panel per calibration method (shared y axis): CE
+  minus zero-ablation CE (paired intervals) against the fraction of latents simulated, top vs
+  random selection, the strict all-simulated point, and zero-ablation, transcoder and clean as
+  named horizontal lines.
 - Figure 4, ``fig4_specificity_sensitivity.png``: per-latent specificity and sensitivity
   against the detection score, per calibration method, with binned means and the rank
   correlation, and the activity threshold of each method stated.
@@ -41,6 +42,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 FIG1 = "fig1_distributions.png"
 FIG3 = "fig3_ce_vs_fraction.png"
@@ -63,6 +65,10 @@ BASELINE_STYLE = {
     "mean_ablation": ("tab:brown", (0, (5, 2, 1, 2))),
 }
 SELECTION_STYLE = {"top": ("-", "o"), "random": ("--", "s"), "all": ("none", "*")}
+SELECTION_COLOR = {"top": "tab:blue", "random": "tab:orange"}  # Figure 3's two selections
+SELECTION_LABEL = {"top": "top by detection score", "random": "random"}
+STRICT_LABEL = "strict: all latents simulated, none keeps its true value (bar: paired 95% CI)"
+REFERENCE_LABEL = {"zero_ablation": "zero-ablation", "transcoder": "transcoder", "clean": "clean"}
 DPI = 110
 
 
@@ -76,44 +82,47 @@ def _has_columns(frame: pd.DataFrame | None, columns: list[str]) -> bool:
     return isinstance(frame, pd.DataFrame) and not frame.empty and set(columns) <= set(frame.columns)
 
 
-def aggregate_ce(ce: pd.DataFrame | None) -> pd.DataFrame:
-    """Simulated CE rows as one point per (selection, calibration, fraction).
+def aggregate_ce(ce: pd.DataFrame | None, value: str = "ce", condition: str = "simulated") -> pd.DataFrame:
+    """Rows of ``condition`` as one point per (selection, calibration, fraction) of ``value``
+    (``ce``: the CE; ``delta_zero``: its paired difference against zero-ablation).
 
-    Columns: selection, calibration, fraction, ce_mean, ce_lo, ce_hi, n_seeds. Over several seeds
-    (random selection) the point is the mean over seeds and the interval the seeds' min-max
-    spread; a single row keeps its own (bootstrap) interval. Rows of the ``all`` selection with
-    no fraction are placed at fraction 1.
+    Columns: selection, calibration, fraction, {value}_mean, {value}_lo, {value}_hi, n_seeds. Over
+    several seeds (random selection) the point is the mean over seeds and the interval the seeds'
+    min-max spread; a single row keeps its own (bootstrap) interval. Rows of the ``all`` selection
+    with no fraction are placed at fraction 1.
     """
-    out_cols = ["selection", "calibration", "fraction", "ce_mean", "ce_lo", "ce_hi", "n_seeds"]
-    needed = ["condition", "selection", "fraction", "calibration", "ce_mean"]
+    mean_col, lo_col, hi_col = f"{value}_mean", f"{value}_lo", f"{value}_hi"
+    out_cols = ["selection", "calibration", "fraction", mean_col, lo_col, hi_col, "n_seeds"]
+    needed = ["condition", "selection", "fraction", "calibration", mean_col]
     if not _has_columns(ce, needed):
         return pd.DataFrame(columns=out_cols)
-    sim = ce[ce["condition"] == "simulated"].copy()
+    sim = ce[ce["condition"] == condition].copy()
     sim["fraction"] = pd.to_numeric(sim["fraction"], errors="coerce")
     sim.loc[sim["fraction"].isna() & (sim["selection"] == "all"), "fraction"] = 1.0
-    sim = sim[np.isfinite(sim["fraction"]) & np.isfinite(pd.to_numeric(sim["ce_mean"], errors="coerce"))]
-    for col in ("ce_lo", "ce_hi"):
+    sim = sim[np.isfinite(sim["fraction"]) & np.isfinite(pd.to_numeric(sim[mean_col], errors="coerce"))]
+    for col in (lo_col, hi_col):
         if col not in sim.columns:
             sim[col] = np.nan
     rows = []
     for (selection, calibration, fraction), group in sim.groupby(
         ["selection", "calibration", "fraction"], sort=True, dropna=False
     ):
-        means = group["ce_mean"].to_numpy(dtype=float)
+        means = group[mean_col].to_numpy(dtype=float)
         if len(group) > 1:
             lo, hi = float(means.min()), float(means.max())
         else:
-            lo, hi = float(group["ce_lo"].iloc[0]), float(group["ce_hi"].iloc[0])
+            lo, hi = float(group[lo_col].iloc[0]), float(group[hi_col].iloc[0])
         rows.append((selection, calibration, float(fraction), float(means.mean()), lo, hi, len(group)))
     return pd.DataFrame(rows, columns=out_cols)
 
 
-def baselines(ce: pd.DataFrame | None) -> dict[str, float]:
-    """Mean CE of each non-simulated condition (clean, transcoder, ablations): name -> mean."""
-    if not _has_columns(ce, ["condition", "ce_mean"]):
+def baselines(ce: pd.DataFrame | None, column: str = "ce_mean") -> dict[str, float]:
+    """Mean ``column`` (the CE; or ``delta_zero_mean``) of each non-simulated condition (clean,
+    transcoder, ablations): name -> mean."""
+    if not _has_columns(ce, ["condition", column]):
         return {}
     rows = ce[~ce["condition"].astype(str).str.startswith("simulated")]
-    means = pd.to_numeric(rows["ce_mean"], errors="coerce").groupby(rows["condition"], sort=True).mean()
+    means = pd.to_numeric(rows[column], errors="coerce").groupby(rows["condition"], sort=True).mean()
     return {str(name): float(mean) for name, mean in means.items() if np.isfinite(mean)}
 
 
@@ -144,17 +153,29 @@ def _note(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
+def _renderer(fig: Figure) -> Any:
+    """The renderer of ``fig``'s Agg canvas (to measure text and legends before saving)."""
+    canvas = fig.canvas
+    assert isinstance(canvas, FigureCanvasAgg)
+    return canvas.get_renderer()
+
+
 def _save(fig: Figure, path: Path, stamp: str | None = None) -> None:
-    """Save ``fig`` as PNG at ``path``; ``stamp`` (run, split, n; the methods) is written along the bottom."""
+    """Save ``fig`` as PNG at ``path``; ``stamp`` (run, split, n; the methods) is written along the bottom,
+    and figure-level legends (``fig.legend(loc="lower center")``) are stacked above it, outside the axes."""
+    bottom = 0.0
     if stamp:
         # Wrapped to the figure's width (about 15 characters of 7-point text per inch).
         stamp = "\n".join(textwrap.fill(line, int(fig.get_figwidth() * 15), break_long_words=False)
                           for line in stamp.split("\n"))
-        lines = stamp.count("\n") + 1
-        fig.tight_layout(rect=(0, 0.01 + 0.11 * lines / fig.get_figheight(), 1, 1))
+        bottom = 0.01 + 0.11 * (stamp.count("\n") + 1) / fig.get_figheight()
+    renderer = _renderer(fig)
+    for legend in fig.legends:
+        legend.set_bbox_to_anchor((0.5, bottom), transform=fig.transFigure)
+        bottom += legend.get_window_extent(renderer).height / fig.bbox.height
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    if stamp:
         fig.text(0.01, 0.01, stamp, fontsize=7, color="0.35", ha="left", va="bottom")
-    else:
-        fig.tight_layout()
     fig.savefig(path, format="png")
 
 
@@ -185,39 +206,119 @@ def stamp_text(meta: Mapping[str, Any] | None, split: str, n: str) -> str:
     return f"run {run} · {split} split · n = {n}" + (f"\n{methods}" if methods else "")
 
 
+def _spread_labels(values: list[float], gap: float) -> list[float]:
+    """Heights for labels of ``values``: the first stays at its value, the others are moved away from it
+    (up above it, down below it) where needed so that no two are closer than ``gap``."""
+    out = list(values)
+    anchor = values[0]
+    for side in (1.0, -1.0):
+        last = anchor
+        for i in sorted((i for i in range(1, len(values)) if (values[i] - anchor) * side >= 0),
+                        key=lambda i: (values[i] - anchor) * side):
+            out[i] = side * max(side * values[i], side * last + gap)
+            last = out[i]
+    return out
+
+
+def _label_lines(ax: Axes, lines: Mapping[str, float], labels: Mapping[str, str]) -> None:
+    """Name the horizontal reference ``lines`` (name -> y) in the margin right of ``ax``, in their colours."""
+    y0, y1 = ax.get_ylim()
+    names = list(lines)
+    heights = _spread_labels([lines[n] for n in names], 0.075 * (y1 - y0))
+    transform = ax.get_yaxis_transform()  # x in axes coordinates, y in data
+    for name, y in zip(names, heights):
+        value = "0" if lines[name] == 0 else f"{lines[name]:+.3f}"
+        ax.text(1.03, y, f"{labels[name]} {value}", transform=transform, ha="left", va="center",
+                fontsize=8, color=BASELINE_STYLE[name][0], clip_on=False)
+
+
 def plot_ce_sweep(ce: pd.DataFrame | None, path: Path, stamp: str | None = None) -> None:
-    """Figure 3: mean CE against the fraction of latents simulated (log x), with baselines."""
-    fig = _new_figure(7.5, 4.8)
-    ax = fig.add_subplot()
-    points = aggregate_ce(ce)
-    points = points[points["fraction"] > 0]
-    lines = baselines(ce)
-    if points.empty and not lines:
-        _note(ax, "No CE results.")
+    """Figure 3 as small multiples, one panel per calibration method (shared y axis): CE minus
+    zero-ablation CE (``delta_zero``, paired on the same sequences) against the fraction of latents
+    simulated (log x), for the top latents by detection score (band: the paired 95% interval) and
+    random latents (mean over seeds; band: the seeds' min-max, or one seed's paired interval), the
+    strict all-simulated point at fraction 1, and reference lines for zero-ablation (0), the
+    transcoder and, when it fits the scale, the clean model, named in the right margin. ``ce``: the
+    rows of the primary positions."""
+    points = aggregate_ce(ce, "delta_zero")
+    points = points[points["selection"].isin(list(SELECTION_COLOR)) & (points["fraction"] > 0)]
+    points = points.assign(calibration=points["calibration"].astype(str))
+    strict = aggregate_ce(ce, "delta_zero", condition="simulated_strict")
+    strict = strict.assign(calibration=strict["calibration"].astype(str))
+    present = set(points["calibration"]) | set(strict["calibration"])
+    order = ce["calibration"].astype(str) if isinstance(ce, pd.DataFrame) and present else []
+    methods = [m for m in dict.fromkeys(order) if m in present]  # in the table's (the config's) order
+    if not methods:
+        fig = _new_figure(7.5, 4.0)
+        _note(fig.add_subplot(), "No CE results (against zero-ablation).")
         _save(fig, path, stamp)
         return
-    calibrations = sorted(points["calibration"].astype(str).unique())
-    colors = {c: f"C{i % 10}" for i, c in enumerate(calibrations)}
-    for (selection, calibration), group in points.groupby(["selection", "calibration"], sort=True):
-        group = group.sort_values("fraction")
-        linestyle, marker = SELECTION_STYLE.get(str(selection), (":", "^"))
-        y = group["ce_mean"].to_numpy()
-        lo = np.nan_to_num(y - group["ce_lo"].to_numpy(), nan=0.0).clip(min=0)
-        hi = np.nan_to_num(group["ce_hi"].to_numpy() - y, nan=0.0).clip(min=0)
-        ax.errorbar(
-            group["fraction"].to_numpy(), y, yerr=np.vstack([lo, hi]), label=f"{selection} / {calibration}",
-            color=colors[str(calibration)], linestyle=linestyle, marker=marker, markersize=5, capsize=3,
-        )
-    for name, mean in lines.items():
-        color, style = BASELINE_STYLE.get(name, ("0.5", "-"))
-        ax.axhline(mean, color=color, linestyle=style, linewidth=1.2, label=f"{name} ({mean:.3f})")
-    if not points.empty:
+    cols = ["delta_zero_mean", "delta_zero_lo", "delta_zero_hi"]
+    lines = {k: v for k, v in baselines(ce, "delta_zero_mean").items() if k in ("transcoder", "clean")}
+    core = np.concatenate([points[cols].to_numpy(float).ravel(), strict[cols].to_numpy(float).ravel(),
+                           [0.0, lines.get("transcoder", 0.0)]])
+    low, high = float(np.nanmin(core)), float(np.nanmax(core))
+    span = max(high - low, 1e-3)
+    if "clean" in lines and not low - 0.25 * span <= lines["clean"] <= high + 0.25 * span:
+        del lines["clean"]  # far off the data's scale: stated in the caption instead
+    lines = {"zero_ablation": 0.0, **lines}
+    low, high = min(low, *lines.values()), max(high, *lines.values())
+    pad = 0.08 * max(high - low, 1e-3)
+    x_min = float(points["fraction"].min()) if not points.empty else 0.1
+
+    n_cols = min(len(methods), 3)
+    n_rows = math.ceil(len(methods) / n_cols)
+    fig = _new_figure(3.4 * n_cols + 1.6, 2.9 * n_rows + 1.2)
+    grid = fig.subplots(n_rows, n_cols, sharey=True, squeeze=False)
+    axes = list(grid.ravel())
+    for ax in axes[len(methods):]:
+        fig.delaxes(ax)
+    handles: dict[str, Any] = {}
+    for i, (ax, method) in enumerate(zip(axes, methods)):
+        for selection, color in SELECTION_COLOR.items():
+            group = points[(points["calibration"] == method) & (points["selection"] == selection)]
+            if group.empty:
+                continue
+            group = group.sort_values("fraction")
+            x = group["fraction"].to_numpy(float)
+            y, lo, hi = (group[c].to_numpy(float) for c in cols)
+            ax.fill_between(x, np.where(np.isfinite(lo), lo, y), np.where(np.isfinite(hi), hi, y),
+                            color=color, alpha=0.22, linewidth=0)
+            seeds = int(group["n_seeds"].max())
+            if selection == "random" and seeds > 1:
+                label = f"random, mean over {seeds} seeds (band: seeds' min-max)"
+            else:
+                label = f"{SELECTION_LABEL[selection]} (band: paired 95% CI)"
+            handles[label] = ax.plot(x, y, color=color, marker=SELECTION_STYLE[selection][1], markersize=4,
+                                     linewidth=1.8, label=label)[0]
+        point = strict[strict["calibration"] == method]
+        if not point.empty:
+            y, lo, hi = (point[c].to_numpy(float) for c in cols)
+            yerr = np.vstack([np.nan_to_num(y - lo, nan=0.0), np.nan_to_num(hi - y, nan=0.0)]).clip(min=0)
+            handles[STRICT_LABEL] = ax.errorbar(np.ones(len(y)), y, yerr=yerr, fmt="D", markersize=9,
+                                                markerfacecolor="none", markeredgecolor="black", ecolor="black",
+                                                markeredgewidth=1.4, capsize=4, zorder=5, label=STRICT_LABEL)
+        for name, y in lines.items():
+            color, style = BASELINE_STYLE[name]
+            ax.axhline(y, color=color, linestyle=style, linewidth=1.2, zorder=1)
         ax.set_xscale("log")
-    ax.set_xlabel("fraction of latents simulated")
-    ax.set_ylabel("next-token cross-entropy (nats)")
-    ax.set_title("CE with simulated latents (selection / calibration)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+        ax.set_xlim(x_min / 1.6, 1.6)
+        ax.set_ylim(low - pad, high + pad)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * 100:g}%"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_title(f"calibration: {method}", fontsize=10)
+        ax.set_xlabel("fraction of latents simulated (log)", fontsize=9)
+        if i % n_cols == 0:
+            ax.set_ylabel("CE \u2212 zero-ablation CE (nats)\nbelow 0: better than zeroing", fontsize=9)
+        if i % n_cols == n_cols - 1 or i == len(methods) - 1:
+            _label_lines(ax, lines, REFERENCE_LABEL)
+    for n_legend_cols in (len(handles), 1):  # one row when it fits the width, else one column
+        legend = fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=n_legend_cols,
+                            fontsize=8, frameon=False)
+        if legend.get_window_extent(_renderer(fig)).width <= 0.98 * fig.bbox.width:
+            break
+        legend.remove()
     _save(fig, path, stamp)
 
 
@@ -739,11 +840,15 @@ def write_report(
     figures = [
         (FIG1, "Figure 1. Distribution of true activations and of simulated activations before "
                "(raw) and after calibration, over sampled (context, latent) pairs (log count)."),
-        (FIG3, "Figure 3. Next-token cross-entropy against the fraction of latents replaced by "
-               "simulated activations (log scale), for top-scoring and random selections and each "
-               "calibration method. Random: mean over seeds, bars span the seeds; top: bootstrap "
-               "95% interval. Horizontal lines: clean model, transcoder with true latents, and "
-               "ablations (zero: every latent 0; mean: every latent at its calib mean; MLP: the layer's MLP zeroed)."),
+        (FIG3, "Figure 3. Next-token cross-entropy minus zero-ablation cross-entropy on the same sequences "
+               "(below 0: better than zeroing every latent), against the fraction of latents replaced by "
+               "simulated activations (log scale); one panel per calibration method, shared y axis. Blue: the "
+               "top latents by detection score, band = paired bootstrap 95% interval of the difference. Orange: "
+               "random latents, mean over the seeds, band = the seeds' min-max spread (with one seed: its paired "
+               "interval). Hollow diamond at 100%: every latent simulated, strict (a latent without a calibrated "
+               "prediction predicts 0 instead of keeping its true value), with its paired interval. Horizontal "
+               "lines, named at their right end: zero-ablation (0), the transcoder with true latents and, when "
+               "it fits the scale, the clean model; the other ablations are in the headline table."),
         (FIG4, "Figure 4. Per-latent specificity and sensitivity of simulated activity against "
                "the latent's detection score, per calibration method; lines are means over equal-count bins "
                "of detection score, rho the Spearman rank correlation over latents. " + threshold_note(summary)),

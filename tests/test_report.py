@@ -31,10 +31,14 @@ def synthetic_ce() -> pd.DataFrame:
                 ce = base + 0.2 + 0.05 * seed
                 rows.append(("simulated", "random", fraction, calibration, seed, ce, ce - 0.1, ce + 0.1, 100))
         rows.append(("simulated", "all", 1.0, calibration, -1, 3.22 + scale * 4, 7.0, 7.5, 100))
-    return pd.DataFrame(
+    ce = pd.DataFrame(
         rows,
         columns=["condition", "selection", "fraction", "calibration", "seed", "ce_mean", "ce_lo", "ce_hi", "n"],
     )
+    # The paired difference against zero-ablation (3.387), with a +-0.03 interval (0 for zero-ablation itself).
+    delta = ce["ce_mean"] - 3.387
+    width = np.where(ce["condition"] == "zero_ablation", 0.0, 0.03)
+    return ce.assign(delta_zero_mean=delta, delta_zero_lo=delta - width, delta_zero_hi=delta + width)
 
 
 def synthetic_metrics(n: int = 50) -> pd.DataFrame:
@@ -333,3 +337,126 @@ def test_report_renders_every_figure_in_chromium(micro_run, tmp_path: Path) -> N
     widths = _chromium_image_widths(Path(result["report"]), tmp_path)
     assert len(widths) == len(ALL_FIGURES)
     assert all(w > 0 for w in widths), widths
+
+
+# ---- issue 13: Figure 3 as small multiples, one panel per calibration method ------------------------
+
+
+def sweep_ce() -> pd.DataFrame:
+    """synthetic_ce with a `simulated_strict` row per calibration method."""
+    ce = synthetic_ce()
+    strict = [{"condition": "simulated_strict", "selection": "all", "fraction": 1.0, "calibration": c, "seed": -1,
+               "ce_mean": 3.4 + i, "ce_lo": 3.3 + i, "ce_hi": 3.5 + i, "n": 100, "delta_zero_mean": 0.013 + i,
+               "delta_zero_lo": 0.003 + i, "delta_zero_hi": 0.023 + i} for i, c in enumerate(("none", "quantile"))]
+    return pd.concat([ce, pd.DataFrame(strict)], ignore_index=True)
+
+
+def draw_fig3(ce, tmp_path: Path, monkeypatch):
+    """Draw Figure 3 from ``ce``; return the figure that was saved (a PNG is checked to exist)."""
+    from nlrewrite_core import report as report_lib
+
+    saved = []
+    save = report_lib._save
+
+    def recording_save(fig, path, stamp=None):
+        save(fig, path, stamp)
+        saved.append(fig)
+
+    monkeypatch.setattr(report_lib, "_save", recording_save)
+    report_lib.plot_ce_sweep(ce, tmp_path / FIG3, "run x · eval split · n = 100")
+    assert_png(tmp_path / FIG3)
+    assert len(saved) == 1
+    return saved[0]
+
+
+def series(ax, word: str):
+    """The (x, y) of the line whose label contains ``word`` in ``ax`` (None when absent)."""
+    lines = [line for line in ax.get_lines() if word in str(line.get_label())]
+    assert len(lines) <= 1
+    return (np.asarray(lines[0].get_xdata(), float), np.asarray(lines[0].get_ydata(), float)) if lines else None
+
+
+def margin_labels(ax) -> dict[str, float]:
+    """Reference-line labels written right of ``ax``: first word -> height (data)."""
+    return {t.get_text().split()[0]: t.get_position()[1] for t in ax.texts if t.get_position()[0] > 1}
+
+
+def test_fig3_one_panel_per_calibration_with_top_random_and_strict(tmp_path: Path, monkeypatch) -> None:
+    ce = sweep_ce()
+    fig = draw_fig3(ce, tmp_path, monkeypatch)
+    assert [ax.get_title() for ax in fig.axes] == ["calibration: none", "calibration: quantile"]
+    assert len({ax.get_ylim() for ax in fig.axes}) == 1  # shared y
+    for ax, (calibration, scale) in zip(fig.axes, (("none", 1.0), ("quantile", 0.5))):
+        x, y = series(ax, "top")
+        assert list(x) == [0.01, 0.1, 1.0]
+        # y is CE minus zero-ablation, not CE: the delta_zero_mean of each top row
+        assert y == pytest.approx([3.22 + scale * 4 * f - 3.387 for f in (0.01, 0.1, 1.0)])
+        x, y = series(ax, "random")
+        assert list(x) == [0.01, 0.1, 1.0]
+        assert y == pytest.approx([3.22 + scale * 4 * f + 0.25 - 3.387 for f in (0.01, 0.1, 1.0)])  # mean of seeds
+        assert ax.get_xscale() == "log"
+        assert ax.get_legend() is None  # no legend over the data
+        strict = [c for c in ax.containers if "strict" in str(c.get_label())]
+        assert len(strict) == 1
+        x, y = strict[0].lines[0].get_data()
+        assert list(x) == [1.0] and float(y[0]) == pytest.approx(ce.query(
+            "condition == 'simulated_strict' and calibration == @calibration")["delta_zero_mean"].iloc[0])
+        # horizontal reference lines (axhline: x from 0 to 1 in axes coordinates): zero-ablation, transcoder, clean
+        refs = sorted(float(line.get_ydata()[0]) for line in ax.get_lines() if list(line.get_xdata()) == [0, 1])
+        assert refs == pytest.approx(sorted([0.0, 3.218 - 3.387, 3.197 - 3.387]))
+    # one figure-level legend (below the panels) naming both selections, their bands and the strict point
+    assert len(fig.legends) == 1
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("top" in t and "paired 95% CI" in t for t in texts)
+    assert any("random, mean over 3 seeds" in t and "min-max" in t for t in texts)
+    assert any("strict" in t for t in texts)
+    legend_top = fig.legends[0].get_window_extent(fig.canvas.get_renderer()).y1
+    assert all(legend_top <= ax.get_tightbbox(fig.canvas.get_renderer()).y0 + 1 for ax in fig.axes)
+    # the reference lines are named in the margin of the last panel, at their heights, not overlapping
+    labels = margin_labels(fig.axes[-1])
+    assert set(labels) == {"zero-ablation", "transcoder", "clean"}
+    assert labels["zero-ablation"] == 0.0
+    y0, y1 = fig.axes[-1].get_ylim()
+    assert labels["transcoder"] - labels["clean"] >= 0.07 * (y1 - y0)  # 0.021 apart in the data: moved apart
+    assert margin_labels(fig.axes[0]) == {}  # the first of the row leaves its margin to the data
+
+
+def test_fig3_partial_methods_single_method_nan_intervals(tmp_path: Path, monkeypatch) -> None:
+    ce = sweep_ce()
+    # "isotonic": only two top fractions, no random, no strict row
+    extra = ce[(ce["calibration"] == "none") & (ce["selection"] == "top") & (ce["fraction"] < 1)].assign(
+        calibration="isotonic")
+    fig = draw_fig3(pd.concat([ce, extra], ignore_index=True), tmp_path, monkeypatch)
+    assert [ax.get_title() for ax in fig.axes] == [f"calibration: {m}" for m in ("none", "quantile", "isotonic")]
+    iso = fig.axes[2]
+    assert list(series(iso, "top")[0]) == [0.01, 0.1]
+    assert series(iso, "random") is None and not iso.containers
+    assert set(margin_labels(iso)) == {"zero-ablation", "transcoder", "clean"}
+
+    one = ce[(ce["calibration"] == "quantile") | ~ce["condition"].str.startswith("simulated")]
+    one = one.assign(delta_zero_lo=np.nan, delta_zero_hi=np.nan)  # NaN intervals: the bands collapse
+    fig = draw_fig3(one, tmp_path, monkeypatch)
+    assert [ax.get_title() for ax in fig.axes] == ["calibration: quantile"]
+    ax = fig.axes[0]
+    assert series(ax, "top") is not None and series(ax, "random") is not None
+    assert all(np.isfinite(p.get_paths()[0].vertices).all() for p in ax.collections if p.get_paths())
+
+    # a clean model far off the data's scale is left out (the caption says so)
+    far = ce.copy()
+    far.loc[far["condition"] == "clean", "delta_zero_mean"] = -50.0
+    fig = draw_fig3(far, tmp_path, monkeypatch)
+    assert set(margin_labels(fig.axes[-1])) == {"zero-ablation", "transcoder"}
+    assert fig.axes[0].get_ylim()[0] > -5
+
+
+@pytest.mark.parametrize("ce", [
+    None,
+    pd.DataFrame(),
+    pd.DataFrame({"condition": ["clean"], "ce_mean": [3.0]}),
+    synthetic_ce().drop(columns=["delta_zero_mean", "delta_zero_lo", "delta_zero_hi"]),
+    synthetic_ce()[lambda d: ~d["condition"].str.startswith("simulated")],
+])
+def test_fig3_without_results_says_so(tmp_path: Path, monkeypatch, ce) -> None:
+    fig = draw_fig3(ce, tmp_path, monkeypatch)
+    assert len(fig.axes) == 1
+    assert "No CE results" in fig.axes[0].texts[0].get_text()
