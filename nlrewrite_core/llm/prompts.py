@@ -14,6 +14,7 @@ from typing import Literal
 
 from . import Prompt, SlotPrompt
 
+
 # ---- shared ---------------------------------------------------------------------------------------
 def clean(text: str) -> str:
     """Context text as shown in a prompt: the highlight delimiters cannot occur inside it."""
