@@ -52,8 +52,8 @@ sorts rows by latent id whatever their order in the table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -215,7 +215,7 @@ class SampleBlock:
         self.m, self.offsets, self.counts, self.values = int(m), offsets, counts, values
 
     @classmethod
-    def from_dense(cls, true: np.ndarray) -> "SampleBlock":
+    def from_dense(cls, true: np.ndarray) -> SampleBlock:
         """The columns of a dense [m, L] array as true samples (the calib-only design)."""
         srt = _sort_columns(true)
         pos = srt > 0

@@ -376,6 +376,7 @@ def ce_row(condition: str, seq_ce: np.ndarray, zero_seq_ce: np.ndarray, n_boot: 
     mean, lo, hi = bootstrap_mean(seq_ce, n_boot)
     d_mean, d_lo, d_hi = bootstrap_mean(seq_ce - zero_seq_ce, n_boot)
     return {"condition": condition, "selection": selection, "fraction": fraction, "calibration": calibration,
-            "seed": seed, "n_latents": n_latents, "positions": positions, "ce_mean": mean, "ce_lo": lo, "ce_hi": hi, "n": len(seq_ce),
+            "seed": seed, "n_latents": n_latents, "positions": positions,
+            "ce_mean": mean, "ce_lo": lo, "ce_hi": hi, "n": len(seq_ce),
             "delta_zero_mean": d_mean, "delta_zero_lo": d_lo, "delta_zero_hi": d_hi, "n_true_kept": n_true_kept,
             "patch_base": patch_base}

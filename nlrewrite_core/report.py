@@ -33,8 +33,9 @@ import html
 import json
 import math
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -678,7 +679,8 @@ def examples_html(examples: list[Mapping[str, Any]] | None) -> str:
             f"<td class='text'>{html.escape(str(ex.get('explanation', '')))}</td>"
             f"<td class='text'>{html.escape(metrics)}</td><td class='text'><ol>{contexts}</ol></td></tr>")
     return ("<table class='examples'><tr><th>latent</th><th>detection score</th><th>explanation</th>"
-            "<th>raw predictions (eval)</th><th>top eval contexts (true activation; target token in [brackets])</th></tr>"
+            "<th>raw predictions (eval)</th>"
+            "<th>top eval contexts (true activation; target token in [brackets])</th></tr>"
             + "".join(rows) + "</table>")
 
 

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch

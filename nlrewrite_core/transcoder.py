@@ -17,9 +17,10 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -315,7 +316,8 @@ class BufferStream:
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, self.train_seqs[np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_seqs))])
+            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_seqs))
+            self._epoch = (epoch, self.train_seqs[perm])
         return self._epoch[1]
 
     def buffer(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
