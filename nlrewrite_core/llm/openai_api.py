@@ -223,11 +223,11 @@ class OpenAILLM(LLM):
                     at[o] = j
             row: list[dict[str, float] | None] = []
             for c in p.offsets():
-                j = at.get(c)
-                tok = toks[j] if j is not None and j < len(toks) else None
+                t = at.get(c)
+                tok = toks[t] if t is not None and t < len(toks) else None
                 # the token found must be the prompt's text at the slot (the generated one at the end)
-                ok = (j is not None and j < len(tops) and isinstance(tok, str)
+                ok = (t is not None and t < len(tops) and isinstance(tok, str)
                       and (c == len(text) or text.startswith(tok, c)))
-                row.append(self._as_dict(tops[j]) if ok else None)
+                row.append(self._as_dict(tops[t]) if ok and t is not None else None)
             out.append(row)
         return out
