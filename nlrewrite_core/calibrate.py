@@ -54,6 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -294,7 +295,13 @@ def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: Samp
     return _pad_rows(rows)
 
 
-HF_TYPES: dict[int, str] = {
+QuantileMethod = Literal[
+    "inverted_cdf", "averaged_inverted_cdf", "closest_observation", "interpolated_inverted_cdf",
+    "hazen", "weibull", "linear", "median_unbiased", "normal_unbiased",
+]
+"""The numpy.quantile ``method=`` names of the nine Hyndman & Fan types."""
+
+HF_TYPES: dict[int, QuantileMethod] = {
     1: "inverted_cdf",
     2: "averaged_inverted_cdf",
     3: "closest_observation",

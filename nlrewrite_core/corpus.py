@@ -325,6 +325,8 @@ def hf_documents(cfg: CorpusConfig) -> Iterator[str]:
     import datasets
 
     name, where = cfg.dataset, f"corpus.dataset {cfg.dataset!r}"
+    if name is None:  # the config's validation refuses this
+        raise ValueError("corpus.dataset is required when corpus.source is 'hf'")
     local = Path(name)
     try:
         if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
