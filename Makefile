@@ -7,7 +7,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test bench
+# Checked by `make lint` (ruff and mypy; settings in pyproject.toml), the first step of `make test`.
+LINT_PATHS := nlrewrite_core tasks flows
+
+.PHONY: install run lint test bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +24,11 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/nlrewrite run --preset tiny $(ARGS)
 
-test: install
+lint: install
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy
+
+test: install lint
 	@./.ci/ensure-test-deps.sh
 	$(BIN)/python -m pytest tests -q
 

@@ -68,10 +68,8 @@ def _drain() -> None:
     from prefect.logging.handlers import APILogWorker
 
     for drain in (lambda: APILogWorker.instance().drain(), EventsWorker.drain_all):
-        try:
+        with contextlib.suppress(Exception):  # a worker that never started, or a server already gone
             drain()
-        except Exception:  # a worker that never started, or a server already gone
-            pass
 
 
 @contextlib.contextmanager
@@ -79,8 +77,12 @@ def temporary_server() -> Iterator[str]:
     """A local Prefect API server on 127.0.0.1 for the duration of the block (yields its API URL),
     bound to this process's life: stopped on exit, killed by the kernel if this process is killed."""
     import prefect
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, \
-        get_current_settings, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
+    )
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from .subject import mlp_module
+
+if TYPE_CHECKING:
+    from sparsify import SparseCoder
 
 ACTIVATION_SCHEMA = pa.schema([
     ("seq_id", pa.int64()), ("pos", pa.int32()), ("latent", pa.int32()), ("act", pa.float32()),
@@ -42,7 +46,7 @@ def mlp_inputs(model: torch.nn.Module, layer: int, tokens: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def iter_latents(model: torch.nn.Module, sae: torch.nn.Module, layer: int, tokens: np.ndarray,
+def iter_latents(model: torch.nn.Module, sae: SparseCoder, layer: int, tokens: np.ndarray,
                  seq_ids: np.ndarray, batch_size: int, device: str = "cpu") -> Iterator[pa.RecordBatch]:
     """Yield the sparse latent cache batch by batch (bounded memory): seq_id, pos, latent, act.
 

@@ -52,8 +52,9 @@ sorts rows by latent id whatever their order in the table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -215,7 +216,7 @@ class SampleBlock:
         self.m, self.offsets, self.counts, self.values = int(m), offsets, counts, values
 
     @classmethod
-    def from_dense(cls, true: np.ndarray) -> "SampleBlock":
+    def from_dense(cls, true: np.ndarray) -> SampleBlock:
         """The columns of a dense [m, L] array as true samples (the calib-only design)."""
         srt = _sort_columns(true)
         pos = srt > 0
@@ -294,7 +295,13 @@ def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: Samp
     return _pad_rows(rows)
 
 
-HF_TYPES: dict[int, str] = {
+QuantileMethod = Literal[
+    "inverted_cdf", "averaged_inverted_cdf", "closest_observation", "interpolated_inverted_cdf",
+    "hazen", "weibull", "linear", "median_unbiased", "normal_unbiased",
+]
+"""The numpy.quantile ``method=`` names of the nine Hyndman & Fan types."""
+
+HF_TYPES: dict[int, QuantileMethod] = {
     1: "inverted_cdf",
     2: "averaged_inverted_cdf",
     3: "closest_observation",

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 
 class ConfigError(ValueError):
@@ -32,7 +31,8 @@ Rate = Annotated[float, Field(ge=0, lt=1)]
 
 class _Extended(Section):
     """A section whose fields added after its first release (the LLM methods, the corpus tokenizer)
-    are left out of its dump while they keep their defaults, so a config that does not use them keeps its stage keys (and cached artifacts)."""
+    are left out of its dump while they keep their defaults, so a config that does not use them keeps
+    its stage keys (and cached artifacts)."""
 
     _added: ClassVar[tuple[str, ...]] = ()
 
@@ -95,7 +95,7 @@ class CorpusConfig(_Extended):
     Credentials come from the standard AWS environment only."""
 
     @model_validator(mode="after")
-    def _check_source(self) -> "CorpusConfig":
+    def _check_source(self) -> CorpusConfig:
         if self.source == "hf" and not self.dataset:
             raise ValueError("corpus.dataset is required when corpus.source is 'hf' (a hub id or a local directory)")
         if self.source == "hf" and self.max_tokens is None:
@@ -134,7 +134,7 @@ class SubjectConfig(Section):
     """Seed for initialisation and batch order."""
 
     @model_validator(mode="after")
-    def _check(self) -> "SubjectConfig":
+    def _check(self) -> SubjectConfig:
         if self.source == "hub" and not self.hub_id:
             raise ValueError("subject.hub_id is required when subject.source is 'hub'")
         if self.hidden_size % self.num_heads:
@@ -182,7 +182,7 @@ class TranscoderConfig(_Extended):
     a killed run resumes from the last one with the same result. 0: no checkpoints."""
 
     @model_validator(mode="after")
-    def _check(self) -> "TranscoderConfig":
+    def _check(self) -> TranscoderConfig:
         if self.k > self.num_latents:
             raise ValueError(f"transcoder.k ({self.k}) is larger than transcoder.num_latents ({self.num_latents})")
         return self
@@ -297,7 +297,7 @@ class ExplainConfig(_Extended):
     latent's kept activations."""
 
     @model_validator(mode="after")
-    def _check_llm(self) -> "ExplainConfig":
+    def _check_llm(self) -> ExplainConfig:
         if self.method in ("llm", "contrastive") and self.llm is None:
             raise ValueError(f"explain.llm is required when explain.method is {self.method!r}")
         if 0 < self.max_candidates < self.min_activations:
@@ -342,7 +342,7 @@ class ScoreConfig(_Extended):
     """detection and lexical: activation-rank bins the positives are drawn from equally (the paper: 10)."""
 
     @model_validator(mode="after")
-    def _check_llm(self) -> "ScoreConfig":
+    def _check_llm(self) -> ScoreConfig:
         if self.method == "detection" and self.llm is None:
             raise ValueError("score.llm is required when score.method is 'detection'")
         return self
@@ -393,7 +393,7 @@ class SimulateConfig(_Extended):
     per prediction when shards hold many latents, but a different prompt than the paper's."""
 
     @model_validator(mode="after")
-    def _check_llm(self) -> "SimulateConfig":
+    def _check_llm(self) -> SimulateConfig:
         if self.method in ("llm", "llm-all-at-once") and self.llm is None:
             raise ValueError(f"simulate.llm is required when simulate.method is {self.method!r}")
         return self
@@ -540,7 +540,7 @@ class RewriteConfig(_Extended):
     multilayer: MultilayerConfig = MultilayerConfig()
 
     @model_validator(mode="after")
-    def _check_layer(self) -> "RewriteConfig":
+    def _check_layer(self) -> RewriteConfig:
         if self.subject.source == "hub" and self.corpus.tokenizer == "train":
             raise ValueError(
                 "subject.source is 'hub' but corpus.tokenizer is 'train': a tokenizer trained here does not "
@@ -586,9 +586,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # A config small enough for tests: trains in seconds, same code path as `tiny`.
     "micro": {
-        "corpus": {"max_chars": 300_000, "vocab_size": 512, "seq_len": 32, "n_eval": 16, "n_calib": 16, "n_explain": 24},
-        "subject": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "steps": 60, "batch_size": 16},
-        "transcoder": {"layer": 0, "num_latents": 128, "k": 8, "steps": 80, "batch_tokens": 256, "max_train_tokens": 20_000},
+        "corpus": {"max_chars": 300_000, "vocab_size": 512, "seq_len": 32,
+                   "n_eval": 16, "n_calib": 16, "n_explain": 24},
+        "subject": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 128,
+                    "steps": 60, "batch_size": 16},
+        "transcoder": {"layer": 0, "num_latents": 128, "k": 8, "steps": 80, "batch_tokens": 256,
+                       "max_train_tokens": 20_000},
         "explain": {"n_examples": 10},
         "score": {"n_pos": 4, "n_neg": 4},
         "simulate": {"window": 8, "shard_latents": 32},

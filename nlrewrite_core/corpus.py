@@ -16,8 +16,9 @@ import itertools
 import re
 import sysconfig
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -324,6 +325,8 @@ def hf_documents(cfg: CorpusConfig) -> Iterator[str]:
     import datasets
 
     name, where = cfg.dataset, f"corpus.dataset {cfg.dataset!r}"
+    if name is None:  # the config's validation refuses this
+        raise ValueError("corpus.dataset is required when corpus.source is 'hf'")
     local = Path(name)
     try:
         if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
@@ -338,14 +341,16 @@ def hf_documents(cfg: CorpusConfig) -> Iterator[str]:
     except ValueError as e:
         if str(e).startswith(where):
             raise
-        raise ValueError(f"{where} (config {cfg.dataset_config!r}, corpus.split {cfg.split!r}) cannot be loaded: {e}") from None
+        raise ValueError(f"{where} (config {cfg.dataset_config!r}, corpus.split {cfg.split!r}) "
+                         f"cannot be loaded: {e}") from None
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise ValueError(f"{where} was not found (a hub id needs hub access; a local path must be a directory "
                          f"written by save_to_disk or holding data files): {e}") from None
     columns = getattr(ds, "column_names", None)
     if columns is not None:
         if cfg.text_column not in columns:
-            raise ValueError(f"{where} has no column {cfg.text_column!r} (corpus.text_column); it has {sorted(columns)}")
+            raise ValueError(f"{where} has no column {cfg.text_column!r} (corpus.text_column); "
+                             f"it has {sorted(columns)}")
         ds = ds.select_columns([cfg.text_column])
     # Batches of rows (columnar), not one dict per row: reading is then ~25x faster than row iteration.
     for i, batch in enumerate(ds.iter(batch_size=DOC_BATCH)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .subject import replace_mlp, token_ce
+
+if TYPE_CHECKING:
+    from sparsify import SparseCoder
 
 MlpFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,7 +31,7 @@ PATCH_BASES = ("topk", "pre_topk")
   condition."""
 
 
-def check_supported(sae: torch.nn.Module) -> None:
+def check_supported(sae: SparseCoder) -> None:
     """Refuse a sparse coder our patching cannot reproduce exactly: only a TopK *transcoder* (sparsify's
     ``transcode: true``, ``activation: topk``; with or without a skip connection) replaces an MLP.
     An SAE (``transcode: false``) reconstructs its own input, not the MLP's output; ``groupmax``
@@ -42,7 +45,7 @@ def check_supported(sae: torch.nn.Module) -> None:
                          "an MLP; use a transcoder checkpoint (sparsify transcode: true)")
 
 
-def pre_activations(sae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def pre_activations(sae: SparseCoder, x: torch.Tensor) -> torch.Tensor:
     """Every latent's pre-TopK value for x [n, d] -> [n, latents], exactly as sparsify's ``encode``:
     ``relu(W_enc (x - b_dec) + b_enc)`` for an SAE, ``relu(W_enc x + b_enc)`` for a transcoder."""
     x = x.to(sae.dtype)
@@ -51,14 +54,14 @@ def pre_activations(sae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.relu(F.linear(x, sae.encoder.weight, sae.encoder.bias))
 
 
-def true_latents(sae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def true_latents(sae: SparseCoder, x: torch.Tensor) -> torch.Tensor:
     """The transcoder's true post-TopK latent vector [n, latents]: its top-k pre-activations, 0 elsewhere."""
     pre = pre_activations(sae, x)
     acts, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter_(1, idx, acts)
 
 
-def decode_topk(sae: torch.nn.Module, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def decode_topk(sae: SparseCoder, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """Apply TopK to a latent vector [n, latents] and decode: W_dec(topk) + b_dec + skip (raw x)."""
     acts, idx = latents.topk(sae.cfg.k, dim=-1, sorted=False)
     out = sae.decode(acts, idx)
@@ -67,7 +70,7 @@ def decode_topk(sae: torch.nn.Module, x: torch.Tensor, latents: torch.Tensor) ->
     return out
 
 
-def patched_output(sae: torch.nn.Module, x: torch.Tensor, latents: torch.Tensor | None = None,
+def patched_output(sae: SparseCoder, x: torch.Tensor, latents: torch.Tensor | None = None,
                    values: torch.Tensor | None = None, base: str = "topk") -> torch.Tensor:
     """Transcoder output with the latents `latents` set to `values` [n, len(latents)], TopK re-applied
     (exactly k latents), then decoded with b_dec and the skip path. No replacement gives the
@@ -87,6 +90,8 @@ def patched_output(sae: torch.nn.Module, x: torch.Tensor, latents: torch.Tensor 
     else:
         raise ValueError(f"unknown patch base {base!r}; known: {PATCH_BASES}")
     if latents is not None and len(latents):
+        if values is None:
+            raise ValueError("patched_output: latents are given without values")
         vec[:, latents] = values.to(vec.dtype)
     return decode_topk(sae, x, vec)
 
@@ -99,7 +104,7 @@ def flat(fn: Callable[[torch.Tensor], torch.Tensor]) -> MlpFn:
     return wrapped
 
 
-def patch_rows(sae: torch.nn.Module, values: np.ndarray, latents: np.ndarray, per_row: int,
+def patch_rows(sae: SparseCoder, values: np.ndarray, latents: np.ndarray, per_row: int,
                what: str, base: str = "topk") -> Callable[[slice], MlpFn]:
     """A `ce_with` make_fn patching `latents` with dense values [n_contexts, len(latents)] (rows in
     context order, `per_row` contexts per sequence: seq_len, or 1 when one position is patched),
@@ -170,7 +175,7 @@ def per_sequence(ce: np.ndarray, positions: str) -> np.ndarray:
     return ce[:, -1] if positions == "last" else ce.mean(axis=1)
 
 
-def mean_ablation_output(sae: torch.nn.Module, x: torch.Tensor, mean_acts: torch.Tensor) -> torch.Tensor:
+def mean_ablation_output(sae: SparseCoder, x: torch.Tensor, mean_acts: torch.Tensor) -> torch.Tensor:
     """Mean-ablation: every latent at its mean activation (over all calib tokens, zeros included),
     decoded without TopK (the mean latent vector is dense): ``mean_acts @ W_dec + b_dec + skip``.
     By linearity of the decoder this is the transcoder's average latent contribution."""
@@ -376,6 +381,7 @@ def ce_row(condition: str, seq_ce: np.ndarray, zero_seq_ce: np.ndarray, n_boot: 
     mean, lo, hi = bootstrap_mean(seq_ce, n_boot)
     d_mean, d_lo, d_hi = bootstrap_mean(seq_ce - zero_seq_ce, n_boot)
     return {"condition": condition, "selection": selection, "fraction": fraction, "calibration": calibration,
-            "seed": seed, "n_latents": n_latents, "positions": positions, "ce_mean": mean, "ce_lo": lo, "ce_hi": hi, "n": len(seq_ce),
+            "seed": seed, "n_latents": n_latents, "positions": positions,
+            "ce_mean": mean, "ce_lo": lo, "ce_hi": hi, "n": len(seq_ce),
             "delta_zero_mean": d_mean, "delta_zero_lo": d_lo, "delta_zero_hi": d_hi, "n_true_kept": n_true_kept,
             "patch_base": patch_base}

@@ -196,9 +196,9 @@ def llm_explanations(seq_id: np.ndarray, pos: np.ndarray, latent: np.ndarray, ac
             break
         temperature = None if attempt == 0 else max(0.7, llm.cfg.temperature)
         outs = llm.generate([prompts[lat] for lat in todo], temperature=temperature, seed=cfg.seed + attempt)
-        toks = llm.last_tokens if len(llm.last_tokens) == len(todo) else [(0, 0)] * len(todo)
+        spent = llm.last_tokens if len(llm.last_tokens) == len(todo) else [(0, 0)] * len(todo)
         retry = []
-        for lat, out, (ti, to) in zip(todo, outs, toks):
+        for lat, out, (ti, to) in zip(todo, outs, spent):
             used[lat][0] += ti
             used[lat][1] += to
             text, reason = P.parse_explanation(out)

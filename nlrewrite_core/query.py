@@ -36,7 +36,8 @@ TABLES: dict[str, tuple[str, str]] = {
     "calibrated": ("calibrate", "calibrated"),
     "ce": ("evaluate", "ce"),
     "latent_metrics": ("evaluate", "latent_metrics"),
-    "oracle": ("evaluate", "oracle"), "sample_size": ("evaluate", "sample_size"), "score_relation": ("evaluate", "score_relation"),
+    "oracle": ("evaluate", "oracle"), "sample_size": ("evaluate", "sample_size"),
+    "score_relation": ("evaluate", "score_relation"),
     "multilayer": ("multilayer", "multilayer"),
 }
 

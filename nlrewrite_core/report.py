@@ -34,8 +34,9 @@ import html
 import json
 import math
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -77,7 +78,7 @@ DPI = 110
 # ---------------------------------------------------------------------------------------------
 
 
-def _has_columns(frame: pd.DataFrame | None, columns: list[str]) -> bool:
+def _has_columns(frame: pd.DataFrame | None, columns: list[str]) -> TypeGuard[pd.DataFrame]:
     """Whether ``frame`` is a non-empty DataFrame holding ``columns``."""
     return isinstance(frame, pd.DataFrame) and not frame.empty and set(columns) <= set(frame.columns)
 
@@ -194,8 +195,8 @@ def pipeline_methods(cfg: Any) -> dict[str, str]:
 
 def methods_text(methods: Mapping[str, str] | None) -> str:
     """The line "explainer X · scorer Y · simulator Z" (empty when the methods are not known)."""
-    return " · ".join(f"{role} {methods[role]}" for role in ("explainer", "scorer", "simulator")
-                      if role in (methods or {}))
+    known = methods or {}
+    return " · ".join(f"{role} {known[role]}" for role in ("explainer", "scorer", "simulator") if role in known)
 
 
 def stamp_text(meta: Mapping[str, Any] | None, split: str, n: str) -> str:
@@ -327,9 +328,10 @@ def _histogram(ax: Axes, named: dict[str, np.ndarray], bins: np.ndarray, title: 
     for i, (name, values) in enumerate(named.items()):
         zero = float(np.mean(values == 0)) if values.size else math.nan
         label = f"{name} (n={values.size}, {zero:.1%} zero)"
-        style = {"color": "black", "linewidth": 2.4, "alpha": 0.45} if name == "true" else {
+        style: dict[str, Any] = {"color": "black", "linewidth": 2.4, "alpha": 0.45} if name == "true" else {
             "color": f"C{i % 10}", "linewidth": 1.3}
-        ax.hist(values, bins=bins, histtype="step", label=label, **style)
+        # matplotlib's stub types bins as Sequence[float]; hist takes any array-like (documented)
+        ax.hist(values, bins=bins, histtype="step", label=label, **style)  # type: ignore[arg-type]
     ax.set_yscale("log")
     ax.set_xlabel("activation")
     ax.set_ylabel("count")
@@ -383,7 +385,7 @@ def plot_specificity_sensitivity(
     if "threshold_rule" in latent_metrics.columns:
         rules = latent_metrics.groupby("calibration")["threshold_rule"].first().astype(str).to_dict()
         suffix = ""
-    has_rel = _has_columns(relation, ["calibration", "metric", "score_mean", "mean", "rho"])
+    rel_table = relation if _has_columns(relation, ["calibration", "metric", "score_mean", "mean", "rho"]) else None
     for ax, metric in zip(axes, ("specificity", "sensitivity")):
         frame = pd.DataFrame({
             "detection_score": pd.to_numeric(latent_metrics["detection_score"], errors="coerce"),
@@ -396,8 +398,8 @@ def plot_specificity_sensitivity(
             continue
         for i, (calibration, group) in enumerate(frame.groupby("calibration", sort=True)):
             label = f"{calibration} (mean {group[metric].mean():.3f}"
-            if has_rel:
-                rel = relation[(relation["calibration"] == calibration) & (relation["metric"] == metric)]
+            if rel_table is not None:
+                rel = rel_table[(rel_table["calibration"] == calibration) & (rel_table["metric"] == metric)]
                 if not rel.empty:
                     rel = rel.sort_values("score_mean")
                     ax.plot(rel["score_mean"], rel["mean"], color=f"C{i % 10}", linewidth=1.6)
@@ -779,7 +781,8 @@ def examples_html(examples: list[Mapping[str, Any]] | None) -> str:
             f"<td class='text'>{html.escape(str(ex.get('explanation', '')))}</td>"
             f"<td class='text'>{html.escape(metrics)}</td><td class='text'><ol>{contexts}</ol></td></tr>")
     return ("<table class='examples'><tr><th>latent</th><th>detection score</th><th>explanation</th>"
-            "<th>raw predictions (eval)</th><th>top eval contexts (true activation; target token in [brackets])</th></tr>"
+            "<th>raw predictions (eval)</th>"
+            "<th>top eval contexts (true activation; target token in [brackets])</th></tr>"
             + "".join(rows) + "</table>")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from .config import ConfigError, CorpusConfig, RewriteConfig
+from .config import ConfigError, CorpusConfig, LLMConfig, RewriteConfig
 
 log = logging.getLogger("nlrewrite")
 
@@ -20,7 +20,7 @@ BYTES_PER_CHAR_BOUND = 1.1
 """Upper bound on UTF-8 bytes per character of the python-docs text (measured: 1.0006)."""
 
 
-def llm_sections(cfg: RewriteConfig) -> list[tuple[str, object]]:
+def llm_sections(cfg: RewriteConfig) -> list[tuple[str, LLMConfig]]:
     """(section name, LLMConfig) of every section whose method calls its LLM in this run's process
     (the simulator's runs on GPU workers when execution.fanout is 'deployment')."""
     uses = {"explain": cfg.explain.method in ("llm", "contrastive"), "score": cfg.score.method == "detection",
@@ -54,6 +54,8 @@ def subject_width(cfg: RewriteConfig) -> int | None:
     read locally) for a hub subject; None when unknown (the transcoder stage checks it again)."""
     if cfg.subject.source == "train":
         return cfg.subject.hidden_size
+    if cfg.subject.hub_id is None:  # the config's validation refuses this
+        return None
     try:
         from transformers import AutoConfig
 

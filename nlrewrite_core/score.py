@@ -51,7 +51,9 @@ def fit_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(best)
 
 
-def detection_score(pos: np.ndarray, neg: np.ndarray, rng: np.random.Generator) -> tuple[float, tuple[int, int, int, int]]:
+def detection_score(
+    pos: np.ndarray, neg: np.ndarray, rng: np.random.Generator
+) -> tuple[float, tuple[int, int, int, int]]:
     """Balanced accuracy on held-out halves, with the threshold fit on the other halves."""
     pos, neg = rng.permutation(pos), rng.permutation(neg)
     hp, hn = len(pos) // 2, len(neg) // 2

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -120,7 +121,7 @@ class BlockWriter:
         if local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            self.sink = open(self.tmp, "wb")
+            self.sink = open(self.tmp, "wb")  # noqa: SIM115 - held open for the writer's life, closed in close()/abort()
         else:
             self.sink = fs.open_output_stream(path)
         opts = {**(PARQUET_OPTIONS if schema == STORED_SCHEMA else

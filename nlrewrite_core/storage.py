@@ -42,8 +42,8 @@ import threading
 import time
 import uuid
 import weakref
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -261,9 +261,11 @@ class Store:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("404", "NoSuchBucket", "NotFound"):
                 raise StorageError(f"{where}: bucket {self.bucket!r} does not exist") from None
-            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden") or status == 403:
+            denied = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+            if code in denied or status == 403:
                 raise StorageError(f"{where}: access denied to bucket {self.bucket!r}; check the AWS credentials "
-                                   "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their permissions") from None
+                                   "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) "
+                                   "and their permissions") from None
             raise StorageError(f"{where}: S3 error {code or status}") from None
         except BotoCoreError as e:
             raise StorageError(f"{where}: {type(e).__name__}") from None
@@ -346,7 +348,9 @@ class Store:
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise self.full_error(e, path) if is_disk_full(e) else e
+            if is_disk_full(e):
+                raise self.full_error(e, path) from e
+            raise
 
     def full_error(self, e: OSError, path: str = "") -> StorageFull:
         """The one-line error for a full device under this root."""
@@ -622,7 +626,9 @@ class StageWriter:
         try:
             os.makedirs(self.dir)
         except OSError as e:
-            raise store.full_error(e, self.dir) if is_disk_full(e) else e
+            if is_disk_full(e):
+                raise store.full_error(e, self.dir) from e
+            raise
         # An unfinished writer (an exception mid-stage) leaves nothing: its staging directory goes
         # when the writer is collected, or at exit.
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
@@ -694,7 +700,8 @@ class StageWriter:
                 _remember(path, *stamp, f["sha256"])
         progress.stage_event(self.stage, "done", self.sub, time.perf_counter() - self.t0)
         if self.sub:
-            return ArtifactRef(stage=self.stage, key=self.key, uri=self.store.uri("artifacts", self.stage, self.key, self.sub),
+            uri = self.store.uri("artifacts", self.stage, self.key, self.sub)
+            return ArtifactRef(stage=self.stage, key=self.key, uri=uri,
                                rows={f["name"]: f["rows"] for f in self.files if f["rows"] is not None})
         return self.store.ref(self.stage, self.key)
 

@@ -11,7 +11,8 @@ import contextlib
 import logging
 import math
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import numpy as np
 import torch
@@ -63,7 +64,8 @@ def load_hub_model(hub_id: str, device: str | torch.device = "cpu",
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
-    return model.to(device).eval()
+    # transformers declares PreTrainedModel.to with @wraps(Module.to), which mypy reads as unbound
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def num_params(model: torch.nn.Module) -> int:
@@ -143,12 +145,17 @@ def train_subject(model: torch.nn.Module, train_tokens: np.ndarray, cfg: Subject
 # ------------------------------------------------------------------------------ MLP hooks
 
 
+def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks of a GPT-NeoX model (``model.gpt_neox.layers``)."""
+    return cast(torch.nn.ModuleList, model.get_submodule("gpt_neox.layers"))
+
+
 def mlp_module(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     """The MLP module of transformer block ``layer`` of a GPT-NeoX model."""
-    layers = model.gpt_neox.layers
+    layers = blocks(model)
     if not 0 <= layer < len(layers):
         raise IndexError(f"layer {layer} is out of range: the model has {len(layers)} layers")
-    return layers[layer].mlp
+    return layers[layer].get_submodule("mlp")
 
 
 @contextlib.contextmanager
@@ -214,7 +221,7 @@ def mlp_ablation_costs(model: torch.nn.Module, eval_tokens: np.ndarray, batch_si
                        device: str | torch.device = "cpu") -> list[float]:
     """Mean eval CE with each layer's MLP output zeroed, one entry per layer."""
     costs = []
-    for layer in range(len(model.gpt_neox.layers)):
+    for layer in range(len(blocks(model))):
         with replace_mlp(model, layer, zero_mlp):
             costs.append(float(token_ce(model, eval_tokens, batch_size, device).mean()))
     return costs

@@ -17,9 +17,10 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ with contextlib.redirect_stdout(io.StringIO()):  # sparsify prints a Triton noti
 
 from nlrewrite_core.config import ConfigError, TranscoderConfig
 from nlrewrite_core.subject import MlpFn, mlp_module, replace_mlp, token_ce
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +319,8 @@ class BufferStream:
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, self.train_seqs[np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_seqs))])
+            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_seqs))
+            self._epoch = (epoch, self.train_seqs[perm])
         return self._epoch[1]
 
     def buffer(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,12 +349,15 @@ class BufferStream:
 def mean_mlp_io(model: torch.nn.Module, layer: int, tokens: np.ndarray, forward_batch: int,
                 device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean MLP input and output over all tokens (float64 sums, one streamed pass)."""
-    sx = sy = None
+    sx: torch.Tensor | None = None
+    sy: torch.Tensor | None = None
     n = 0
     for x, y in iter_mlp_io(model, layer, tokens, forward_batch, device):
         bx, by = x.double().sum(0), y.double().sum(0)
-        sx, sy = (bx, by) if sx is None else (sx + bx, sy + by)
+        sx, sy = (bx, by) if sx is None or sy is None else (sx + bx, sy + by)
         n += len(x)
+    if sx is None or sy is None:
+        raise ValueError("mean_mlp_io: no tokens")
     return (sx / n).float(), (sy / n).float()
 
 
@@ -417,7 +425,7 @@ def _torch_load(data: bytes, device: str | torch.device) -> Any:
     return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
 
 
-def train_streaming(model: torch.nn.Module, layer: int, tokens: np.ndarray, cfg: TranscoderConfig,
+def train_streaming(model: PreTrainedModel, layer: int, tokens: np.ndarray, cfg: TranscoderConfig,
                     forward_batch: int, device: str | torch.device = "cpu", checkpoints: Checkpoints | None = None,
                     log_every: int = 250) -> tuple[SparseCoder, dict[str, float]]:
     """Train a TopK skip transcoder on the subject's MLP at ``layer`` over ``tokens`` ([n_seq, seq_len]),

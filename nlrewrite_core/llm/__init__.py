@@ -147,7 +147,7 @@ class LLM:
 
     backend = "base"
 
-    def __init__(self, cfg: "LLMConfig"):
+    def __init__(self, cfg: LLMConfig):
         self.cfg = cfg
         self.usage = Usage()
         self.last_tokens: list[tuple[int, int]] = []
@@ -216,7 +216,7 @@ def merge_logprob(d: dict[str, float], token: str, lp: float) -> None:
         d[token] = lp
 
 
-def make_llm(cfg: "LLMConfig") -> LLM:
+def make_llm(cfg: LLMConfig) -> LLM:
     """A new backend instance for cfg."""
     if cfg.backend == "transformers":
         from .hf import TransformersLLM
@@ -234,6 +234,6 @@ def make_llm(cfg: "LLMConfig") -> LLM:
 
 
 @lru_cache(maxsize=2)
-def get_llm(cfg: "LLMConfig") -> LLM:
+def get_llm(cfg: LLMConfig) -> LLM:
     """A cached backend for cfg (loading a model once per process; stages read usage deltas)."""
     return make_llm(cfg)

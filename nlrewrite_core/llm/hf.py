@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from typing import Any, cast
 
 import torch
 
@@ -129,7 +130,7 @@ def _shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     `shared_prefix` (the prefix keys/values of each layer, passed through the model's forward)."""
     if shared_prefix is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs the shared_prefix keyword")
-    pk, pv = shared_prefix[module.layer_idx]
+    pk, pv = shared_prefix[cast(int, module.layer_idx)]
     return cascade_attention(query, key, value, pk, pv, scaling), None
 
 
@@ -176,7 +177,8 @@ class TransformersLLM(LLM):
         self.device = _resolve_device(cfg.device)
         self.dtype = _resolve_dtype(cfg.dtype, self.device)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model)
-        self.model = (model or AutoModelForCausalLM.from_pretrained(cfg.model, dtype=self.dtype)).to(self.device).eval()
+        # transformers declares PreTrainedModel.to with @wraps(Module.to), which mypy reads as unbound
+        self.model = (model or AutoModelForCausalLM.from_pretrained(cfg.model, dtype=self.dtype)).to(self.device).eval()  # type: ignore[arg-type]
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -211,22 +213,30 @@ class TransformersLLM(LLM):
         """(prefix ids, suffix ids, slot columns) of a slot prompt (`slot_token_ids`)."""
         return slot_token_ids(p, self.ids)
 
-    def token_text(self, i: int) -> str:
+    def _decode(self, ids: list[int], **kw: Any) -> str:
+        """The text of one sequence of token ids (the tokenizer returns a list only for a batch)."""
+        return cast(str, self.tokenizer.decode(ids, **kw))
+
+    def _vocab(self) -> list[str]:
+        """Every vocabulary id's text, decoded once."""
         if self._vocab_text is None:
-            self._vocab_text = [self.tokenizer.decode([t]) for t in range(len(self.tokenizer))]
-        return self._vocab_text[i] if i < len(self._vocab_text) else self.tokenizer.decode([i])
+            self._vocab_text = [self._decode([t]) for t in range(len(self.tokenizer))]
+        return self._vocab_text
+
+    def token_text(self, i: int) -> str:
+        texts = self._vocab()
+        return texts[i] if i < len(texts) else self._decode([i])
 
     def _top(self, logits: torch.Tensor, k: int) -> list[dict[str, float]]:
         lp = torch.log_softmax(logits.float(), dim=-1)
         vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1)
         out = []
-        self.token_text(0)
-        texts = self._vocab_text
+        texts = self._vocab()
         n = len(texts)
         for v_row, i_row in zip(vals.tolist(), idx.tolist()):
             d: dict[str, float] = {}
             for v, i in zip(v_row, i_row):
-                t = texts[i] if i < n else self.tokenizer.decode([i])
+                t = texts[i] if i < n else self._decode([i])
                 if t in d:
                     merge_logprob(d, t, v)
                 else:
@@ -235,7 +245,7 @@ class TransformersLLM(LLM):
         return out
 
     # ---- logprobs -------------------------------------------------------------------------------
-    def _last_logits(self, ids: list[list[int]] | torch.Tensor, lens: list[int], **kw) -> tuple[torch.Tensor, object]:
+    def _last_logits(self, ids: list[list[int]] | torch.Tensor, lens: list[int], **kw) -> tuple[torch.Tensor, Any]:
         """One forward pass of right-padded `ids` [B, L]: (the next-token logits [B, V] after each row's
         last real token, row r's lens[r]-th; the model output). The LM head runs only at those positions
         when the model's forward takes `logits_to_keep` (a 1-D tensor of the batch's distinct last positions)."""
@@ -337,7 +347,7 @@ class TransformersLLM(LLM):
         sufs = {i: self.ids(prompts[i].suffix, not pre) for i in members}
         empty = [i for i in members if not sufs[i]]
         if empty:
-            if not pre:
+            if not pre or pre_logits is None:
                 raise ValueError("an empty prompt has no next-token distribution")
             top = self._top(pre_logits[row:row + 1], k)[0]
             for i in empty:
@@ -364,7 +374,7 @@ class TransformersLLM(LLM):
         if not share_prefix:
             for i, p in enumerate(prompts):
                 pre, suf, cols = self.slot_ids(p)
-                out[i] = self._tops_at([pre + suf], [0] * len(cols), [len(pre) + c for c in cols], k)
+                out[i] = list(self._tops_at([pre + suf], [0] * len(cols), [len(pre) + c for c in cols], k))
                 self.usage.add(tokens_in=len(pre) + len(suf), calls=1)
             self.usage.add(prompts=len(prompts), seconds=time.perf_counter() - t0)
             return out
@@ -385,7 +395,7 @@ class TransformersLLM(LLM):
                 tops = self._tops_at([parts[i][0] for i in batch], rows, cols, k, len(pre), cache, row, kv)
                 for i in batch:
                     n = len(parts[i][1])
-                    out[i], tops = tops[:n], tops[n:]
+                    out[i], tops = list(tops[:n]), tops[n:]
                 self.usage.add(tokens_in=sum(len(parts[i][0]) for i in batch), calls=1)
             self.usage.add(tokens_in=len(pre) * len(members), tokens_in_cached=len(pre) * (len(members) - 1))
         self.usage.add(prompts=len(prompts), tokens_out=sum(map(len, out)), seconds=time.perf_counter() - t0)
@@ -421,7 +431,7 @@ class TransformersLLM(LLM):
                 toks = new[r]
                 if eos is not None and eos in toks:
                     toks = toks[:toks.index(eos)]
-                out[i] = self.tokenizer.decode(toks, skip_special_tokens=True)
+                out[i] = self._decode(toks, skip_special_tokens=True)
                 self.usage.add(tokens_in=len(all_ids[i]), tokens_out=len(toks))
                 self.last_tokens[i] = (len(all_ids[i]), len(toks))
         self.usage.add(calls=-(-len(order) // bs), prompts=len(prompts), seconds=time.perf_counter() - t0)

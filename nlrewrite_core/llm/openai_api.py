@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import random
@@ -102,7 +103,7 @@ class OpenAILLM(LLM):
         """A scrubbed one-line excerpt of a response body (scrubbed first, then cut)."""
         return excerpt(text, ERROR_EXCERPT, [self._key()])
 
-    async def _post(self, client, sem: asyncio.Semaphore, body: dict[str, Any], batch: "_Batch") -> dict:
+    async def _post(self, client, sem: asyncio.Semaphore, body: dict[str, Any], batch: _Batch) -> dict:
         import httpx
 
         attempts = self.cfg.max_retries + 1
@@ -137,10 +138,8 @@ class OpenAILLM(LLM):
                 self.usage.add(retries=1)
                 delay = self.cfg.backoff_s * 2 ** attempt * (0.5 + random.random() / 2)
                 if retry_after:
-                    try:
+                    with contextlib.suppress(ValueError):
                         delay = max(delay, min(float(retry_after), 60.0))
-                    except ValueError:
-                        pass
                 await asyncio.sleep(delay)
         raise LLMError(f"openai: request to {self.url} failed after {attempts} attempts: {last}"
                        + (f" ({detail})" if detail else "") + batch.summary(), retryable=True)
@@ -224,10 +223,11 @@ class OpenAILLM(LLM):
                     at[o] = j
             row: list[dict[str, float] | None] = []
             for c in p.offsets():
-                j = at.get(c)
-                tok = toks[j] if j is not None and j < len(toks) else None
+                t = at.get(c)
+                tok = toks[t] if t is not None and t < len(toks) else None
                 # the token found must be the prompt's text at the slot (the generated one at the end)
-                ok = j is not None and j < len(tops) and isinstance(tok, str) and (c == len(text) or text.startswith(tok, c))
-                row.append(self._as_dict(tops[j]) if ok else None)
+                ok = (t is not None and t < len(tops) and isinstance(tok, str)
+                      and (c == len(text) or text.startswith(tok, c)))
+                row.append(self._as_dict(tops[t]) if ok and t is not None else None)
             out.append(row)
         return out

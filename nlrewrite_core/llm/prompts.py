@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from . import Prompt, SlotPrompt
+
 
 # ---- shared ---------------------------------------------------------------------------------------
 def clean(text: str) -> str:
@@ -230,7 +231,7 @@ def all_at_once_prefix(explanation: str) -> str:
     return ALL_AT_ONCE_SYSTEM + simulator_explanation(explanation) + "Text:\n"
 
 
-def all_at_once_prompt(explanation: str, tokens: Sequence[str], read: Sequence[int] | None = None) -> SlotPrompt:
+def all_at_once_prompt(explanation: str, tokens: Sequence[str], read: Iterable[int] | None = None) -> SlotPrompt:
     """The all-at-once prompt of an explanation and a sentence (`tokens`: each token's text): line i is
     `token_line(tokens[i])`, a tab, and the slot read for token i; earlier slots hold `SLOT_FILLER`.
     `read`: the token positions whose slots are returned (sorted; default every token); the prompt
