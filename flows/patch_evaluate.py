@@ -16,8 +16,13 @@ import logging
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, \
-    create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from nlrewrite_core import patch, stages
 from nlrewrite_core.storage import DEFAULT_ROOT, Store

@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 from prefect.deployments import run_deployment
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.patch_evaluate import patch_evaluate, publish, run_record
 from nlrewrite_core import runtime, stages
@@ -63,8 +63,13 @@ def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
 def _cancel_stale_shard_runs(client, deployment_id, run: RunContext, parent_id: str | None) -> int:
     """Cancel scheduled/pending shard runs of the same simulate key left by an earlier, killed parent run
     (they would duplicate the shards this run launches). Running ones are left alone."""
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
-                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelled
 
@@ -129,7 +134,8 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress) -> None:
                 if state is None or not state.is_final():
                     continue
                 del active[idx]
-                left = [s for s in ranges[idx] if not store.has_manifest("simulate", run.stage_keys["simulate"], shard_sub(s))]
+                left = [s for s in ranges[idx]
+                        if not store.has_manifest("simulate", run.stage_keys["simulate"], shard_sub(s))]
                 if state.is_completed() and not left:
                     continue
                 why = f"{state.name}" + (f", shards {left} missing" if left else "")

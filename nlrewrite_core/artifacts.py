@@ -18,10 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from . import calibrate as calib_lib
-from . import embedding as emb_lib
-from . import evaluate as eval_lib
-from . import transcoder as tc_lib
+from . import calibrate as calib_lib, embedding as emb_lib, evaluate as eval_lib, transcoder as tc_lib
 from .config import RewriteConfig
 from .storage import Store
 
@@ -75,7 +72,8 @@ def load_tokens(store: Store, keys: dict[str, str], splits: tuple[str, ...]) -> 
 def load_tokenizer(store: Store, keys: dict[str, str]):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(store.read_bytes(f"{store.artifact_dir('corpus', keys['corpus'])}/tokenizer.json").decode())
+    path = f"{store.artifact_dir('corpus', keys['corpus'])}/tokenizer.json"
+    return Tokenizer.from_str(store.read_bytes(path).decode())
 
 
 def load_subject(store: Store, keys: dict[str, str], device: str = "cpu") -> torch.nn.Module:
@@ -191,7 +189,8 @@ def true_sample_sequences(store: Store, keys: dict[str, str]) -> np.ndarray:
 
 
 # ---- embeddings, predictions, LLM usage --------------------------------------------------------
-def embeddings(store: Store, keys: dict[str, str], splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embeddings(store: Store, keys: dict[str, str], splits: tuple[str, ...]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(context_ids, window embeddings, target-token embeddings) of the embedded contexts of `splits`."""
     t = read_table(store, "embed", keys["embed"], "contexts", filters=pc.field("split").isin(list(splits)))
     t = t.sort_by("context_id")

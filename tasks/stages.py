@@ -68,7 +68,8 @@ def stage_task(stage: Stage, shard: bool = False) -> Task:
             return stages.run(stage.name, run.store(), run.config, run.stage_keys)
         fn = run_stage
     fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = f"The {stage.name} stage" + (" (one shard)" if shard else "") + f": nlrewrite_core.stages.{stage.module or stage.name}.{name}."
+    where = f"nlrewrite_core.stages.{stage.module or stage.name}.{name}"
+    fn.__doc__ = f"The {stage.name} stage{' (one shard)' if shard else ''}: {where}."
     return task(fn, name=name, cache_key_fn=stage_cache_key(stage.name), persist_result=True,
                 cache_expiration=timedelta(days=365), retries=retries, retry_delay_seconds=[5, 30, 120][:retries],
                 retry_condition_fn=retry_on_transient, task_run_name=f"{name}-{{shard}}" if shard else name)

@@ -4,22 +4,18 @@ sparse in one Parquet file, with per-latent statistics (nlrewrite_core.activatio
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from .. import artifacts as art
-from .. import stages
+from .. import activations as acts_lib, artifacts as art, stages
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
-import tempfile
-from pathlib import Path
-
-import pyarrow.parquet as pq
-
-from .. import activations as acts_lib
 
 
 def cache_activations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:

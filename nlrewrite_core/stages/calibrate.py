@@ -10,14 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import artifacts as art
-from .. import stages
+from .. import artifacts as art, calibrate as calib_lib, simulate as sim_lib, stages
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
-from .. import calibrate as calib_lib
-from .. import simulate as sim_lib
 
 
 def calibrate_shards(store: Store, cfg: RewriteConfig, keys: dict[str, str], calib_cids: np.ndarray,
@@ -42,7 +39,10 @@ def calibrate_predictions(store: Store, cfg: RewriteConfig, keys: dict[str, str]
     w = stages.writer(store, "calibrate", cfg, keys)
     calib_cids = art.sim_context_ids(cfg, "calib", art.load_tokens(store, keys, ("calib",))[0])
     eval_cids = art.sim_context_ids(cfg, "eval", art.load_tokens(store, keys, ("eval",))[0])
-    sample, m = art.true_sample(store, keys, cfg.corpus.seq_len) if cfg.calibrate.true_sample == "cache" else (None, len(calib_cids))
+    if cfg.calibrate.true_sample == "cache":
+        sample, m = art.true_sample(store, keys, cfg.corpus.seq_len)
+    else:
+        sample, m = None, len(calib_cids)
     writer = sim_lib.BlockWriter(store.fs, f"{w.dir}/calibrated.parquet", schema=sim_lib.CALIBRATED_SCHEMA,
                                  local=not store.is_s3)
     t_start = time.perf_counter()

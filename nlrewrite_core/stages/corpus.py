@@ -6,13 +6,11 @@ from __future__ import annotations
 import logging
 import time
 
-
-from .. import stages
+from .. import corpus as corpus_lib, stages
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
-from .. import corpus as corpus_lib
 
 
 def build_corpus(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:

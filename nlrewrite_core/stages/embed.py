@@ -9,14 +9,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .. import artifacts as art
-from .. import stages
+from .. import artifacts as art, embedding as emb_lib, simulate as sim_lib, stages
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
-from .. import embedding as emb_lib
-from .. import simulate as sim_lib
 
 
 def embed_contexts(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:

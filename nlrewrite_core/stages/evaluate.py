@@ -13,19 +13,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from .. import artifacts as art
-from .. import stages
-from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
-
-log = logging.getLogger("nlrewrite")
 import torch
 
-from .. import evaluate as eval_lib
-from .. import subject as subject_lib
-from .. import transcoder as tc_lib
+from .. import artifacts as art, evaluate as eval_lib, stages, subject as subject_lib, transcoder as tc_lib
+from ..config import RewriteConfig
+from ..storage import ArtifactRef, Store
 from .calibrate import calibrate_shards
+
+log = logging.getLogger("nlrewrite")
 
 
 def raw_thresholds(max_act: np.ndarray, digit: float) -> np.ndarray:
@@ -97,7 +92,8 @@ def evaluate_rewrite(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> 
         "transcoder": (ce_of(lambda r: eval_lib.flat(lambda x: eval_lib.patched_output(sae, x))), len(active_eval)),
         "zero_ablation": (zero, 0),
         "mlp_ablation": (ce_of(lambda r: subject_lib.zero_mlp), None),
-        "mean_ablation": (ce_of(lambda r: eval_lib.flat(lambda x: eval_lib.mean_ablation_output(sae, x, mean_acts))), 0),
+        "mean_ablation": (ce_of(lambda r: eval_lib.flat(lambda x: eval_lib.mean_ablation_output(sae, x, mean_acts))),
+                          0),
     }
     n_runs += len(base)
     rows = [r for name, (v, n_kept) in base.items() for r in rows_for(name, v, n_true_kept=n_kept)]
@@ -281,7 +277,7 @@ def _sample_size_ablation(store: Store, cfg: RewriteConfig, keys: dict[str, str]
     for varied, meths, size, calib_cids, true_size, smp, m in plans:
         preds = {m_: np.full((len(eval_cids), num_latents), np.nan, dtype=np.float32) for m_ in meths}
 
-        def collect(t: pa.Table) -> None:
+        def collect(t: pa.Table, preds: dict[str, np.ndarray] = preds) -> None:  # this plan's arrays
             m_ = t.column("method")[0].as_py()
             preds[m_][eidx[t.column("context_id").to_numpy()], t.column("latent").to_numpy()] = \
                 t.column("pred").to_numpy()

@@ -9,14 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import artifacts as art
-from .. import stages
+from .. import artifacts as art, explain as explain_lib, query as query_lib, stages
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
-from .. import explain as explain_lib
-from .. import query as query_lib
 
 
 def explain_latents(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:

@@ -22,11 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import artifacts as art
-from .. import evaluate as eval_lib
-from .. import stages
-from .. import subject as subject_lib
-from .. import transcoder as tc_lib
+from .. import artifacts as art, evaluate as eval_lib, stages, subject as subject_lib, transcoder as tc_lib
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 

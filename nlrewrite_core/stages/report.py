@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-from .. import artifacts as art
-from .. import report as report_lib
-from .. import stages
+from .. import artifacts as art, report as report_lib, stages
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
-import tempfile
-from pathlib import Path
 
 
 def _example_latents(store: Store, keys: dict[str, str], cfg: RewriteConfig, lm: Any, preds: dict[str, np.ndarray],
@@ -80,15 +78,15 @@ def write_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
     sample = None
     for method in cfg.calibrate.methods:
         t = cal.filter(pc.field("method") == method)
-        c, l, v = t.column("context_id").to_numpy(), t.column("latent").to_numpy(), t.column("pred").to_numpy()
+        c, lat, v = t.column("context_id").to_numpy(), t.column("latent").to_numpy(), t.column("pred").to_numpy()
         if sample is None:
             sample = np.sort(rng.choice(len(t), size=min(len(t), 300_000), replace=False))
-            dists["true"] = true[cidx[c[sample]], l[sample]]
+            dists["true"] = true[cidx[c[sample]], lat[sample]]
         dists["raw" if method == "none" else method] = v[sample]
-        dense_preds[method] = art.dense(c, l, v, cidx, (len(eval_cids), num_latents))
+        dense_preds[method] = art.dense(c, lat, v, cidx, (len(eval_cids), num_latents))
     del cal
-    examples = _example_latents(store, keys, cfg, lm, dense_preds, true, tokens, np.searchsorted(seq_ids, eval_cids // seq_len),
-                                eval_cids % seq_len)
+    examples = _example_latents(store, keys, cfg, lm, dense_preds, true, tokens,
+                                np.searchsorted(seq_ids, eval_cids // seq_len), eval_cids % seq_len)
     del dense_preds
     methods = report_lib.pipeline_methods(cfg)
     summary = {

@@ -11,14 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import artifacts as art
-from .. import stages
+from .. import artifacts as art, embedding as emb_lib, score as score_lib, stages
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, StageWriter, Store
 
 log = logging.getLogger("nlrewrite")
-from .. import embedding as emb_lib
-from .. import score as score_lib
 
 
 SCORE_BLOCK = 1024
@@ -56,8 +53,8 @@ def _finish_score(w: StageWriter, table: pa.Table, t0: float, judge: str, totals
              time.perf_counter() - t0, mean,
              f", {totals['n_malformed_prompts']} of {totals['n_prompts']} prompts malformed" if totals else "")
     w.table("scores", table)
-    return w.finish(metrics={"mean_detection_score": mean, "n_scored": int(np.isfinite(scores).sum()), **(totals or {})},
-                    cost=cost)
+    return w.finish(metrics={"mean_detection_score": mean, "n_scored": int(np.isfinite(scores).sum()),
+                             **(totals or {})}, cost=cost)
 
 
 def _scoring_half(store: Store, cfg: RewriteConfig, keys: dict[str, str]
@@ -78,8 +75,8 @@ def _scoring_half(store: Store, cfg: RewriteConfig, keys: dict[str, str]
     order = np.argsort(lat_col, kind="stable")
     uniq, starts = np.unique(lat_col[order], return_index=True)
     bounds = np.append(starts, len(order))
-    firing = {int(l): (rows[order[bounds[i]:bounds[i + 1]]], act_col[order[bounds[i]:bounds[i + 1]]])
-              for i, l in enumerate(uniq)}
+    firing = {int(lat): (rows[order[bounds[i]:bounds[i + 1]]], act_col[order[bounds[i]:bounds[i + 1]]])
+              for i, lat in enumerate(uniq)}
     e = art.read_table(store, "explain", keys["explain"], "explanations", filters=pc.field("status") == "explained")
     return tokens, firing, e.column("latent").to_numpy(), e.column("explanation").to_pylist()
 

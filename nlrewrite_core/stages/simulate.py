@@ -4,21 +4,18 @@ manifests are then collected into the stage's."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import numpy as np
 import pyarrow.compute as pc
 
-from .. import artifacts as art
-from .. import stages
+from .. import artifacts as art, simulate as sim_lib, stages
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, StageWriter, Store
 
 log = logging.getLogger("nlrewrite")
-import json
-
-from .. import simulate as sim_lib
 
 
 def _run_simulate_shard_llm(store: Store, cfg: RewriteConfig, keys: dict[str, str], w: StageWriter,
@@ -109,7 +106,8 @@ def collect_shards(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
     for i in range(n_shards):
         m = store.read_manifest("simulate", keys["simulate"], stages.shard_sub(i))
         for f in m["files"]:
-            w.files.append({**f, "name": f"{stages.shard_sub(i)}/{f['name']}", "file": f"{stages.shard_sub(i)}/{f['file']}"})
+            sub = stages.shard_sub(i)
+            w.files.append({**f, "name": f"{sub}/{f['name']}", "file": f"{sub}/{f['file']}"})
             total += f["rows"] or 0
         for k, v in m.get("cost", {}).items():  # the stage's cost is its shards' (LLM tokens, seconds)
             if isinstance(v, (int, float)):

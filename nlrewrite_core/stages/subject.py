@@ -4,19 +4,14 @@ hub (nlrewrite_core.subject), with its eval CE and each layer's MLP-ablation cos
 from __future__ import annotations
 
 import logging
+import tempfile
 from typing import Any
 
-
-from .. import artifacts as art
-from .. import stages
+from .. import artifacts as art, evaluate as eval_lib, stages, subject as subject_lib
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
-import tempfile
-
-from .. import evaluate as eval_lib
-from .. import subject as subject_lib
 
 
 def train_subject(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:

@@ -4,21 +4,17 @@ checkpoint), its fit on the eval split (FVU, dead latents, CE) (nlrewrite_core.t
 from __future__ import annotations
 
 import logging
+import tempfile
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from .. import artifacts as art
-from .. import stages
+from .. import artifacts as art, evaluate as eval_lib, stages, transcoder as tc_lib
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
-import tempfile
-
-from .. import evaluate as eval_lib
-from .. import transcoder as tc_lib
 
 
 def train_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
