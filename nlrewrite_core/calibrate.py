@@ -610,7 +610,7 @@ def apply_calibration(
 TABLE_SCHEMA = pa.schema(
     [
         ("latent", pa.int32()),
-        ("method", pa.string()),
+        ("calibration", pa.string()),
         ("x", pa.list_(pa.float32())),
         ("y", pa.list_(pa.float32())),
     ]
@@ -655,7 +655,7 @@ def maps_from_table(table: pa.Table, method: str) -> CalibrationMaps:
     missing = set(TABLE_SCHEMA.names) - set(table.column_names)
     if missing:
         raise ValueError(f"calibration table lacks columns {sorted(missing)}")
-    rows = table.filter(pc.equal(table["method"], method))
+    rows = table.filter(pc.equal(table["calibration"], method))
     latents = np.asarray(rows["latent"].to_numpy(), dtype=np.int64)
     if np.unique(latents).size != latents.size:
         raise ValueError(f"calibration table has duplicate latents for method {method!r}")
@@ -850,7 +850,7 @@ def stream_calibration(shards, methods: list[str], n_knots: int, calib_cids: np.
             res.maps[method].append(maps_to_table(maps))
             out = apply_calibration(maps, pred_e, latents=latents)
             write(long_table(eval_cids, latents, out).append_column(
-                "method", pa.repeat(pa.scalar(method, pa.string()), int((~np.isnan(out)).sum()))))
+                "calibration", pa.repeat(pa.scalar(method, pa.string()), int((~np.isnan(out)).sum()))))
     return res
 
 

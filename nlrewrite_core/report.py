@@ -354,12 +354,13 @@ def plot_distributions(distributions: Mapping[str, Any] | None, path: Path, stam
     lo, hi = float(everything.min()), float(everything.max())
     bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 61)
     true = {"true": arrays["true"]} if "true" in arrays else {}
-    before = {**true, **({"raw": arrays["raw"]} if "raw" in arrays else {})}
-    after = {**true, **{k: v for k, v in arrays.items() if k not in ("true", "raw")}}
+    # calibration `none` is the simulator's raw predictions: one name for it, config to legend
+    before = {**true, **({"none": arrays["none"]} if "none" in arrays else {})}
+    after = {**true, **{k: v for k, v in arrays.items() if k not in ("true", "none")}}
     if len(before) > len(true):
-        _histogram(left, before, bins, "before calibration")
+        _histogram(left, before, bins, "before calibration (calibration none)")
     else:
-        _note(left, "No raw predictions.")
+        _note(left, "No predictions of calibration none.")
     if len(after) > len(true):
         _histogram(right, after, bins, "after calibration")
     else:

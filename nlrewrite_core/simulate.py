@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .llm.prompts import PromptOrder
 
 PREDICTION_SCHEMA = pa.schema([("context_id", pa.int64()), ("latent", pa.int32()), ("pred", pa.float32())])
-CALIBRATED_SCHEMA = PREDICTION_SCHEMA.append(pa.field("method", pa.string()))
+CALIBRATED_SCHEMA = PREDICTION_SCHEMA.append(pa.field("calibration", pa.string()))
 """The calibrate stage's `calibrated` table: calibrated eval predictions of each method."""
 STORED_SCHEMA = pa.schema([("context_id", pa.int64()), ("latent", pa.int32()), ("pred", pa.float16())])
 """How predictions are stored on disk: float16 values (readers cast them to float32). The ids
@@ -76,7 +76,7 @@ def predictions_table(context_ids: np.ndarray, latents: np.ndarray, pred: np.nda
     }, schema=schema)
 
 CALIBRATED_OPTIONS: dict[str, Any] = {
-    "compression": "zstd", "compression_level": 1, "use_dictionary": ["method"],
+    "compression": "zstd", "compression_level": 1, "use_dictionary": ["calibration"],
     "column_encoding": {"context_id": "DELTA_BINARY_PACKED", "latent": "DELTA_BINARY_PACKED",
                         "pred": "BYTE_STREAM_SPLIT"},
 }

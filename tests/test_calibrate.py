@@ -208,7 +208,7 @@ def test_table_round_trip() -> None:
         table = maps_to_table(maps)
         assert table.schema.equals(TABLE_SCHEMA)
         assert table.num_rows == 5
-        assert set(table["method"].to_pylist()) == {method}
+        assert set(table["calibration"].to_pylist()) == {method}
         back = maps_from_table(table, method)
         np.testing.assert_array_equal(back.latents, [0, 3, 7, 10, 42])
         probe = np.linspace(-2, 12, 97, dtype=np.float32)[:, None].repeat(5, axis=1)

@@ -128,8 +128,8 @@ def test_splits_never_leak(micro_run, tmp_path, monkeypatch):
     monkeypatch.setattr(Store, "read_parquet", scrambled)
     stages.run("calibrate", cstore, load_config("micro"), keys)
     monkeypatch.undo()
-    before = artifacts.read_table(store, "calibrate", keys["calibrate"], "calibration").sort_by([("method", "ascending"), ("latent", "ascending")])
-    after = artifacts.read_table(cstore, "calibrate", keys["calibrate"], "calibration").sort_by([("method", "ascending"), ("latent", "ascending")])
+    before = artifacts.read_table(store, "calibrate", keys["calibrate"], "calibration").sort_by([("calibration", "ascending"), ("latent", "ascending")])
+    after = artifacts.read_table(cstore, "calibrate", keys["calibrate"], "calibration").sort_by([("calibration", "ascending"), ("latent", "ascending")])
     assert before.equals(after)
 
 

@@ -63,7 +63,7 @@ def synthetic_metrics(n: int = 50) -> pd.DataFrame:
 def synthetic_distributions() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
     true = rng.exponential(size=2000) * (rng.uniform(size=2000) < 0.05)
-    return {"true": true, "raw": rng.uniform(0.2, 3.0, 2000), "quantile": np.sort(true)[rng.permutation(2000)]}
+    return {"true": true, "none": rng.uniform(0.2, 3.0, 2000), "quantile": np.sort(true)[rng.permutation(2000)]}
 
 
 SUMMARY = {"FVU": 0.123456, "CE recovered": 0.87, "mean detection score": 0.71, "active_threshold": 0.5}
@@ -118,7 +118,7 @@ def test_report_escapes_text(tmp_path: Path) -> None:
             {"true": np.zeros(10)},
             {"active_threshold": 0.1},
         ),
-        (synthetic_ce()[lambda d: d["condition"] == "simulated"], synthetic_metrics(3), {"raw": np.ones(5)}, {}),
+        (synthetic_ce()[lambda d: d["condition"] == "simulated"], synthetic_metrics(3), {"none": np.ones(5)}, {}),
     ],
 )
 def test_report_survives_empty_or_partial_inputs(tmp_path: Path, ce, metrics, dists, summary) -> None:
@@ -227,7 +227,7 @@ def synthetic_extras() -> dict:
     rng = np.random.default_rng(3)
     true = rng.exponential(size=200) * (rng.uniform(size=200) < 0.1)
     examples = [{"latent": 5, "score": 0.9, "explanation": "fires on <the>", "metrics": {"auroc": 0.8},
-                 "top_contexts": ["1.2: …of [the]"], "true": true, "preds": {"raw": true + 0.3, "quantile": true}}]
+                 "top_contexts": ["1.2: …of [the]"], "true": true, "preds": {"none": true + 0.3, "quantile": true}}]
     return {"oracle": oracle, "sample_size": sizes, "relation": relation, "examples": examples,
             "meta": {"run": "synthetic", "positions": "all", "n_sequences": 100, "n_contexts": 6400, "n_latents": 50,
                      "crossings": {"all/fn=0": 0.9958, "all/fn=0.5": float("nan")}, "methods": METHODS}}

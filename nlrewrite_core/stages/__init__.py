@@ -133,7 +133,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("score", "1", _score_section, _score_upstream, "score_explanations", retries=2),
     Stage("simulate", "3", _simulate_section, lambda cfg: ("activations", "explain", *_emb(cfg)), "collect_shards",
           retries=2, shard_function="simulate_shard"),
-    Stage("calibrate", "4", lambda c, d: {**d["calibrate"], "max_failed_fraction": c.simulate.max_failed_fraction},
+    # 5: the calibration tables' method column is named `calibration`, as in every other table (issue 13)
+    Stage("calibrate", "5", lambda c, d: {**d["calibrate"], "max_failed_fraction": c.simulate.max_failed_fraction},
           _fixed("activations", "simulate"), "calibrate_predictions"),
     Stage("evaluate", "3", lambda c, d: d["evaluate"],
           _fixed("corpus", "subject", "transcoder", "activations", "score", "calibrate"), "evaluate_rewrite"),

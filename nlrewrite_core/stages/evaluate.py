@@ -49,7 +49,7 @@ def evaluate_rewrite(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> 
     cal = art.read_table(store, "calibrate", keys["calibrate"], "calibrated")
     preds: dict[str, np.ndarray] = {}
     for method in cfg.calibrate.methods:
-        t = cal.filter(pc.field("method") == method)
+        t = cal.filter(pc.field("calibration") == method)
         preds[method] = art.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
                               t.column("pred").to_numpy(), cidx, (len(cids), num_latents), fill=np.nan)
     del cal
@@ -278,7 +278,7 @@ def _sample_size_ablation(store: Store, cfg: RewriteConfig, keys: dict[str, str]
         preds = {m_: np.full((len(eval_cids), num_latents), np.nan, dtype=np.float32) for m_ in meths}
 
         def collect(t: pa.Table, preds: dict[str, np.ndarray] = preds) -> None:  # this plan's arrays
-            m_ = t.column("method")[0].as_py()
+            m_ = t.column("calibration")[0].as_py()
             preds[m_][eidx[t.column("context_id").to_numpy()], t.column("latent").to_numpy()] = \
                 t.column("pred").to_numpy()
 

@@ -71,7 +71,7 @@ def _layer_predictions(store: Store, keys: dict[str, str], methods: list[str], c
     cal = art.read_table(store, "calibrate", keys["calibrate"], "calibrated")
     preds = {}
     for method in methods:
-        t = cal.filter(pc.field("method") == method)
+        t = cal.filter(pc.field("calibration") == method)
         preds[method] = art.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
                                      t.column("pred").to_numpy(), cidx, (len(cids), num_latents), fill=np.nan)
     sc = art.read_table(store, "score", keys["score"], "scores")

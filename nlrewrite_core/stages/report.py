@@ -48,7 +48,7 @@ def _example_latents(store: Store, keys: dict[str, str], cfg: RewriteConfig, lm:
                     "explanation": str(expl["explanation"].get(lat, "")) if lat in expl.index else "",
                     "metrics": {k: float(r[k]) for k in ("spearman", "auroc", "specificity", "sensitivity") if k in r},
                     "top_contexts": contexts, "true": col,
-                    "preds": {("raw" if m == "none" else m): p[:, lat] for m, p in preds.items()}})
+                    "preds": {m: p[:, lat] for m, p in preds.items()}})
     return out
 
 
@@ -77,12 +77,12 @@ def write_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
     rng = np.random.default_rng(0)
     sample = None
     for method in cfg.calibrate.methods:
-        t = cal.filter(pc.field("method") == method)
+        t = cal.filter(pc.field("calibration") == method)
         c, lat, v = t.column("context_id").to_numpy(), t.column("latent").to_numpy(), t.column("pred").to_numpy()
         if sample is None:
             sample = np.sort(rng.choice(len(t), size=min(len(t), 300_000), replace=False))
             dists["true"] = true[cidx[c[sample]], lat[sample]]
-        dists["raw" if method == "none" else method] = v[sample]
+        dists[method] = v[sample]
         dense_preds[method] = art.dense(c, lat, v, cidx, (len(eval_cids), num_latents))
     del cal
     examples = _example_latents(store, keys, cfg, lm, dense_preds, true, tokens,
