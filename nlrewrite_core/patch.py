@@ -63,8 +63,8 @@ def upstream_artifacts(cfg: RewriteConfig, keys: dict[str, str]) -> list[tuple[s
 
         per_layer = multilayer.layer_keys(cfg)
         for layer in cfg.multilayer.layers:
-            wanted = ("transcoder", "activations", "explain", "embed", "score", "simulate") \
-                if cfg.multilayer.simulate else ("transcoder",)
+            wanted = [s for s in multilayer.LAYER_STAGES if s not in PATCH_STAGES] \
+                if cfg.multilayer.simulate else ["transcoder"]
             out += [(s, per_layer[layer][s], layer) for s in wanted if s in per_layer[layer]]
     return out
 
