@@ -24,6 +24,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from flows.prefect_sync import sync
 from nlrewrite_core import patch, stages
 from nlrewrite_core.storage import DEFAULT_ROOT, Store
 from tasks.context import RunContext
@@ -90,8 +91,8 @@ def patch_evaluate(run_id: str, storage: str = DEFAULT_ROOT, endpoint_url: str |
                 len(reused), ", ".join(s if layer is None else f"{s}(layer {layer})" for s, _, layer in reused))
     run = RunContext(run_id=new_id, storage=storage, endpoint_url=endpoint_url, config=cfg, stage_keys=keys)
     total = len(todo)
-    progress = create_progress_artifact(0.0, key="patch-evaluate-stages",
-                                        description=f"patch-evaluate: stages done / {total}")
+    progress = sync(create_progress_artifact(0.0, key="patch-evaluate-stages",
+                                             description=f"patch-evaluate: stages done / {total}"))
     multilayer_rows = None
     for i, stage in enumerate(todo):
         if stage == "multilayer":

@@ -10,14 +10,15 @@ import json
 import logging
 import time
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
-from prefect.context import get_run_context
 from prefect.deployments import run_deployment
 
 from flows.patch_evaluate import patch_evaluate, publish, run_record
+from flows.prefect_sync import flow_run_id, sync
 from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig, load_config
 from nlrewrite_core.storage import DEFAULT_ROOT, MANIFEST, ArtifactRef, Store, check_name
@@ -45,8 +46,8 @@ def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
     logger = get_run_logger()
     n_shards = stages.n_shards(store, run.config, run.stage_keys)
     done = n_shards - len(missing_shards(run, store, n_shards))
-    progress = create_progress_artifact(100.0 * done / n_shards, key="simulate-shards",
-                                        description=f"simulate: shards done / {n_shards}")
+    progress = sync(create_progress_artifact(100.0 * done / n_shards, key="simulate-shards",
+                                             description=f"simulate: shards done / {n_shards}"))
     if run.config.execution.fanout == "deployment":
         fan_out(run, store, n_shards, progress)
     else:
@@ -87,7 +88,7 @@ def _cancel_stale_shard_runs(client, deployment_id, run: RunContext, parent_id: 
     return n
 
 
-def fan_out(run: RunContext, store: Store, n_shards: int, progress) -> None:
+def fan_out(run: RunContext, store: Store, n_shards: int, progress: UUID) -> None:
     """Launch one `simulate-shard` deployment run per range of missing shards, wait for all, relaunch
     failed ranges (at most `execution.max_run_attempts` attempts each)."""
     logger = get_run_logger()
@@ -97,7 +98,7 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress) -> None:
         update_progress_artifact(progress, 100.0)
         return
     ranges = [todo[i:i + ex.shards_per_run] for i in range(0, len(todo), ex.shards_per_run)]
-    parent_id = str(get_run_context().flow_run.id)
+    parent_id = flow_run_id()
     base = {"config": run.config.model_dump(mode="json"), "storage": run.storage, "endpoint_url": run.endpoint_url,
             "run_id": run.run_id, "expected_key": run.stage_keys["simulate"]}
     with get_client(sync_client=True) as client:
@@ -108,12 +109,12 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress) -> None:
         except Exception as e:  # never block the run on housekeeping
             logger.warning("simulate: could not look for stale shard runs: %s", type(e).__name__)
 
-    def launch(idx: int, attempt: int):
+    def launch(idx: int, attempt: int) -> UUID:
         shards = ranges[idx]
-        fr = run_deployment(ex.deployment, parameters={**base, "shards": shards}, timeout=0,
-                            flow_run_name=f"{run.run_id}-shards-{shards[0]}-{shards[-1]}-a{attempt}",
-                            tags=["nlrewrite", f"parent:{parent_id}"],
-                            idempotency_key=f"{parent_id}-{idx}-{attempt}")
+        fr = sync(run_deployment(ex.deployment, parameters={**base, "shards": shards}, timeout=0,
+                                 flow_run_name=f"{run.run_id}-shards-{shards[0]}-{shards[-1]}-a{attempt}",
+                                 tags=["nlrewrite", f"parent:{parent_id}"],
+                                 idempotency_key=f"{parent_id}-{idx}-{attempt}"))
         return fr.id
 
     t0 = time.perf_counter()
@@ -185,7 +186,8 @@ def run_pipeline(cfg: RewriteConfig, storage: str, run_id: str | None, endpoint_
     logger.info("run %s: storage %s", run_id, store.root)
     upstream = [s for s in todo if s.name not in stages.PATCH_STAGES]
     total = len(todo)
-    progress = create_progress_artifact(0.0, key="rewrite-stages", description=f"rewrite: stages done / {total}")
+    progress = sync(create_progress_artifact(0.0, key="rewrite-stages",
+                                             description=f"rewrite: stages done / {total}"))
     for i, stage in enumerate(upstream):
         if stage.sharded:
             simulate_all(run, store)

@@ -10,7 +10,7 @@ stage's module (nlrewrite_core/stages/).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +21,11 @@ import torch
 from . import calibrate as calib_lib, embedding as emb_lib, evaluate as eval_lib, transcoder as tc_lib
 from .config import RewriteConfig
 from .storage import Store
+from .subject import to_device
+
+if TYPE_CHECKING:
+    from sparsify import SparseCoder
+    from transformers import PreTrainedModel
 
 
 # ---- devices and tables ------------------------------------------------------------------------
@@ -76,14 +81,14 @@ def load_tokenizer(store: Store, keys: dict[str, str]):
     return Tokenizer.from_str(store.read_bytes(path).decode())
 
 
-def load_subject(store: Store, keys: dict[str, str], device: str = "cpu") -> torch.nn.Module:
+def load_subject(store: Store, keys: dict[str, str], device: str = "cpu") -> PreTrainedModel:
     from transformers import GPTNeoXForCausalLM
 
     path = store.local_dir(store.artifact_dir("subject", keys["subject"], "model"))
-    return GPTNeoXForCausalLM.from_pretrained(path).to(device).eval()
+    return to_device(GPTNeoXForCausalLM.from_pretrained(path), device).eval()
 
 
-def load_sae(store: Store, keys: dict[str, str], device: str = "cpu") -> torch.nn.Module:
+def load_sae(store: Store, keys: dict[str, str], device: str = "cpu") -> SparseCoder:
     path = store.local_dir(store.artifact_dir("transcoder", keys["transcoder"], "sae"))
     return tc_lib.load_transcoder(path).to(device).eval()
 
@@ -96,10 +101,10 @@ def explain_halves(seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- contexts ----------------------------------------------------------------------------------
-def dense(rows_ctx: np.ndarray, rows_lat: np.ndarray, values: np.ndarray, ctx_index: dict[int, int] | np.ndarray,
+def dense(rows_ctx: np.ndarray, rows_lat: np.ndarray, values: np.ndarray, ctx_index: np.ndarray,
           shape: tuple[int, int], fill: float = 0.0) -> np.ndarray:
     """Scatter long-format (context_id, latent, value) rows into a dense [n_ctx, n_lat] array,
-    joined by context id and latent id. `ctx_index` maps a context id to its row."""
+    joined by context id and latent id. `ctx_index` maps a context id to its row (context_index)."""
     out = np.full(shape, fill, dtype=np.float32)
     out[ctx_index[rows_ctx], rows_lat] = values
     return out

@@ -34,7 +34,7 @@ import html
 import json
 import math
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -587,7 +587,7 @@ def plot_sample_size(sizes: pd.DataFrame | None, path: Path, zero: float | None 
     _save(fig, path, stamp)
 
 
-def plot_examples(examples: list[Mapping[str, Any]] | None, path: Path, stamp: str | None = None) -> None:
+def plot_examples(examples: Sequence[Mapping[str, Any]] | None, path: Path, stamp: str | None = None) -> None:
     """Example latents: predicted (raw and calibrated) against true activation on eval contexts.
 
     Each example is a mapping with latent, score, true (array) and preds ({method: array})."""
@@ -769,7 +769,7 @@ def oracle_note(crossings: Mapping[str, Any] | None) -> str:
             "linear interpolation between measured points): " + "; ".join(parts) + ".")
 
 
-def examples_html(examples: list[Mapping[str, Any]] | None) -> str:
+def examples_html(examples: Sequence[Mapping[str, Any]] | None) -> str:
     """The example latents as an escaped table: explanation, score, metrics, top contexts."""
     if not examples:
         return "<p class='note'>No example latents.</p>"
@@ -800,7 +800,7 @@ def write_report(
     oracle: pd.DataFrame | None = None,
     sample_size: pd.DataFrame | None = None,
     relation: pd.DataFrame | None = None,
-    examples: list[Mapping[str, Any]] | None = None,
+    examples: Sequence[Mapping[str, Any]] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``report.html`` and its PNG figures (:data:`ALL_FIGURES`) into ``out_dir``; return the

@@ -64,8 +64,13 @@ def load_hub_model(hub_id: str, device: str | torch.device = "cpu",
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+    return to_device(model, device).eval()
+
+
+def to_device(model: PreTrainedModel, device: str | torch.device) -> PreTrainedModel:
+    """``model.to(device)``: the same model (a module moves in place), typed as what it is."""
     # transformers declares PreTrainedModel.to with @wraps(Module.to), which mypy reads as unbound
-    return model.to(device).eval()  # type: ignore[arg-type]
+    return model.to(device)  # type: ignore[arg-type]
 
 
 def num_params(model: torch.nn.Module) -> int:

@@ -70,9 +70,10 @@ def stage_task(stage: Stage, shard: bool = False) -> Task:
     fn.__name__ = fn.__qualname__ = name
     where = f"nlrewrite_core.stages.{stage.module or stage.name}.{name}"
     fn.__doc__ = f"The {stage.name} stage{' (one shard)' if shard else ''}: {where}."
-    return task(fn, name=name, cache_key_fn=stage_cache_key(stage.name), persist_result=True,
-                cache_expiration=timedelta(days=365), retries=retries, retry_delay_seconds=[5, 30, 120][:retries],
-                retry_condition_fn=retry_on_transient, task_run_name=f"{name}-{{shard}}" if shard else name)
+    delays: list[float] = [5, 30, 120]
+    return task(name=name, cache_key_fn=stage_cache_key(stage.name), persist_result=True,
+                cache_expiration=timedelta(days=365), retries=retries, retry_delay_seconds=delays[:retries],
+                retry_condition_fn=retry_on_transient, task_run_name=f"{name}-{{shard}}" if shard else name)(fn)
 
 
 TASKS: dict[str, Task] = {s.name: stage_task(s) for s in stages.STAGES}

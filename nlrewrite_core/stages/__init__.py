@@ -67,8 +67,11 @@ class Stage:
     def resolve(self, shard: bool = False) -> Callable[..., ArtifactRef]:
         """The stage function (or its shard function). Imported on first use: planning a run never
         imports torch or transformers."""
+        name = self.shard_function if shard else self.function
+        if name is None:
+            raise ValueError(f"stage {self.name!r} is not sharded: it has no shard function")
         mod = importlib.import_module(f"{__name__}.{self.module or self.name}")
-        return getattr(mod, self.shard_function if shard else self.function)
+        return getattr(mod, name)
 
 
 def _fixed(*names: str) -> Callable[[RewriteConfig], tuple[str, ...]]:

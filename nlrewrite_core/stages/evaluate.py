@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import torch
 
 from .. import artifacts as art, evaluate as eval_lib, stages, subject as subject_lib, transcoder as tc_lib
+from ..calibrate import TrueSample
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 from .calibrate import calibrate_shards
@@ -129,8 +130,9 @@ def evaluate_rewrite(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> 
     # Per-latent metrics: activity at a stated threshold, and threshold-free rank metrics.
     max_act = art.max_act(store, keys, num_latents)
     metric_rows, relation_rows = [], []
+    true_live = true[:, live]
     for method in cfg.calibrate.methods:
-        p, tr = preds[method][:, live], true[:, live]
+        pred_live = preds[method][:, live]
         if method == "none":
             thr = raw_thresholds(max_act[live], ev.raw_active_digit)
             rule = f"pred > max_act * {ev.raw_active_digit:g} / 9 (raw: simulator digit > {ev.raw_active_digit:g})"
@@ -138,8 +140,8 @@ def evaluate_rewrite(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> 
             thr = np.full(len(live), ev.active_threshold)
             rule = f"pred > {ev.active_threshold:g}"
         # A failed prediction (NaN) is left out of its latent's metrics, never counted as inactive.
-        m = eval_lib.per_column(eval_lib.activity_metrics, p, tr, thr)
-        rk = eval_lib.per_column(eval_lib.rank_metrics, p, tr)
+        m = eval_lib.per_column(eval_lib.activity_metrics, pred_live, true_live, thr)
+        rk = eval_lib.per_column(eval_lib.rank_metrics, pred_live, true_live)
         for j, lat in enumerate(live):
             metric_rows.append({"latent": int(lat), "calibration": method, "detection_score": scores[lat],
                                 "specificity": m["specificity"][j], "sensitivity": m["sensitivity"][j],
@@ -159,7 +161,6 @@ def evaluate_rewrite(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> 
                         filters=pc.field("split") == "calib")
     pool = eval_lib.ValuePool(calib_acts.column("latent").to_numpy(), calib_acts.column("act").to_numpy(), num_latents)
     del calib_acts
-    true_live = true[:, live]
     oracle_rows = []
     for i_fn, fn_rate in enumerate(ev.oracle_fn_rates):
         for i_fp, fp_rate in enumerate(ev.oracle_fp_rates):
@@ -255,7 +256,7 @@ def _sample_size_ablation(store: Store, cfg: RewriteConfig, keys: dict[str, str]
     sample; calibrate.true_sample 'cache' only). Each fit streams over the simulation shards as the
     calibrate stage does (one shard in memory)."""
     ev, seq_len = cfg.evaluate, cfg.corpus.seq_len
-    methods = [m for m in cfg.calibrate.methods if m != "none"]
+    methods: list[str] = [m for m in cfg.calibrate.methods if m != "none"]
     if not methods:
         return []
     calib_seq = art.load_tokens(store, keys, ("calib",))[0]
@@ -263,7 +264,7 @@ def _sample_size_ablation(store: Store, cfg: RewriteConfig, keys: dict[str, str]
     cached = cfg.calibrate.true_sample == "cache"
     sample, m_all = art.true_sample(store, keys, seq_len) if cached else (None, len(all_calib))
     eidx = art.context_index(eval_cids)
-    plans: list[tuple[str, list[str], float, np.ndarray, float, Any, int]] = []
+    plans: list[tuple[str, list[str], float, np.ndarray, float, TrueSample | None, int]] = []
     for size, seq_rows in (calib_subsets(len(calib_seq), ev.sample_sizes) if ev.sample_sizes else []):
         calib_cids = art.sim_context_ids(cfg, "calib", calib_seq[seq_rows])
         plans.append(("calib_predictions", methods, size, calib_cids, 1.0, sample,

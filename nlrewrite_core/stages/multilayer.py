@@ -14,8 +14,10 @@ score). Each row's paired difference is against the zero-ablation of the same n 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,7 @@ import pyarrow.compute as pc
 from .. import artifacts as art, evaluate as eval_lib, stages, subject as subject_lib, transcoder as tc_lib
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
+from ..subject import MlpFn
 
 log = logging.getLogger("nlrewrite")
 
@@ -111,7 +114,7 @@ def evaluate_layers(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> A
         ce = eval_lib.ce_with_layers(model, tokens, bs, makers)
         return {p: eval_lib.per_sequence(ce, p) for p in positions}
 
-    def fixed(fn):
+    def fixed(fn: MlpFn) -> Callable[[slice], MlpFn]:
         return lambda rows: fn
 
     t1 = time.perf_counter()
@@ -124,7 +127,7 @@ def evaluate_layers(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> A
         zero = ce_of([(lay, fixed(tc_lib.skip_fn(saes[lay]))) for lay in layers])
         conds: list[tuple[str, dict[str, np.ndarray], dict[str, Any]]] = [
             ("clean", clean, {}),
-            ("transcoder", ce_of([(lay, fixed(eval_lib.flat(lambda x, s=saes[lay]: eval_lib.patched_output(s, x))))
+            ("transcoder", ce_of([(lay, fixed(eval_lib.flat(functools.partial(eval_lib.patched_output, saes[lay]))))
                                 for lay in layers]), {}),
             ("zero_ablation", zero, {}),
             ("mlp_ablation", ce_of([(lay, fixed(subject_lib.zero_mlp)) for lay in layers]), {}),

@@ -102,7 +102,8 @@ def collect_shards(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
     if missing:
         raise RuntimeError(f"simulate: shards {missing} have no manifest; rerun the flow to finish them")
     w = stages.writer(store, "simulate", cfg, keys)
-    total, cost = 0, {}
+    total = 0
+    cost: dict[str, float] = {}
     for i in range(n_shards):
         m = store.read_manifest("simulate", keys["simulate"], stages.shard_sub(i))
         for f in m["files"]:

@@ -7,6 +7,8 @@ import logging
 import tempfile
 from typing import Any
 
+import torch
+
 from .. import artifacts as art, evaluate as eval_lib, stages, subject as subject_lib
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
@@ -23,8 +25,11 @@ def train_subject(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Art
     _, eval_tokens = art.load_tokens(store, keys, ("eval",))
     tokenizer = art.load_tokenizer(store, keys)
     if cfg.subject.source == "hub":
+        assert cfg.subject.hub_id is not None  # SubjectConfig requires it when the source is 'hub'
         model = subject_lib.load_hub_model(cfg.subject.hub_id, device=device)
-        n_vocab = model.get_input_embeddings().weight.shape[0]
+        weight = model.get_input_embeddings().weight
+        assert isinstance(weight, torch.Tensor)  # an embedding's weight (Module attributes are typed Tensor | Module)
+        n_vocab = weight.shape[0]
         top = int(max(train.max(initial=0), eval_tokens.max(initial=0)))
         if top >= n_vocab:
             raise ValueError(f"the corpus holds token id {top} but subject.hub_id {cfg.subject.hub_id!r} has only "
@@ -32,7 +37,8 @@ def train_subject(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Art
         metrics: dict[str, Any] = {"hub_id": cfg.subject.hub_id, "tokenizer": cfg.corpus.tokenizer,
                                    "n_params": subject_lib.num_params(model)}
     else:
-        model = subject_lib.build_model(cfg.subject, tokenizer.get_vocab_size(), cfg.corpus.seq_len).to(device)
+        model = subject_lib.to_device(
+            subject_lib.build_model(cfg.subject, tokenizer.get_vocab_size(), cfg.corpus.seq_len), device)
         metrics = subject_lib.train_subject(model, train, cfg.subject, device=device)
     model.eval()
     ce = eval_lib.ce_with(model, 0, eval_tokens, cfg.evaluate.batch_size, None)
