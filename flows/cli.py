@@ -186,15 +186,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"nlrewrite run {run_id}: preset {cfg.preset}, storage {store.root}"
               + (f", until {args.until}" if args.until else "") + f"\nlog: {files.invocation.log}"
               + (f" (written to {files.log} until the run ends)" if store.is_s3 else ""), file=sys.stderr, flush=True)
-        with run_logging(files.log, args.verbose) as console:
-            # PREFECT_API_URL, or a temporary server that dies with this process (also on kill -9).
-            with prefect_api():
-                try:
-                    result = rewrite(**params)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write outside Store.write_bytes (streamed files)
-                        raise store.full_error(e, e.filename or "") from None
-                    raise
+        # PREFECT_API_URL, or a temporary server that dies with this process (also on kill -9).
+        with run_logging(files.log, args.verbose) as console, prefect_api():
+            try:
+                result = rewrite(**params)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write outside Store.write_bytes (streamed files)
+                    raise store.full_error(e, e.filename or "") from None
+                raise
         stopped = args.until not in (None, "report")
         files.end(f"stopped after {args.until}" if stopped else "done")
     if stopped:

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 
 from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig
+from nlrewrite_core.patch import default_run_id
 from nlrewrite_core.storage import Store
 from tasks import stages as t
 from tasks.context import RunContext
@@ -47,6 +48,6 @@ def simulate_shard_range(config: dict[str, Any], storage: str, shards: list[int]
     store = Store(storage, endpoint_url=endpoint_url)
     store.check()
     runtime.apply_threads(cfg)
-    run = RunContext(run_id=run_id or f"{cfg.preset}-{keys['report'][:10]}", storage=storage,
+    run = RunContext(run_id=run_id or default_run_id(cfg, keys), storage=storage,
                      endpoint_url=endpoint_url, config=cfg, stage_keys=keys)
     return run_shards(run, store, list(shards))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 
@@ -132,3 +133,42 @@ def test_result_prints_no_long_float(capsys):
     out = capsys.readouterr().out
     assert "3.1971" in out and "oracle crossing specificity: last/fn=0 0.9929, last/fn=0.5 -" in out
     assert not re.search(r"\d\.\d{5,}", out)
+
+
+def test_run_files_on_s3_upload_the_log_and_list(tmp_path):
+    """An S3 root: the log is written locally while the run works and uploaded at its end; the
+    invocation record says how it ended; `runs` reads both from the bucket."""
+    from conftest import moto_s3
+    from flows.runs import Invocation, RunFiles, list_runs
+    from nlrewrite_core.storage import Store
+
+    env = {"AWS_ACCESS_KEY_ID": "AKIANLREWRITETEST001", "AWS_SECRET_ACCESS_KEY": "x" * 40,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    with moto_s3(env, ("nlr-runs",)) as url:
+        store = Store("s3://nlr-runs/root", endpoint_url=url)
+        files = RunFiles(store, "r1", "micro", ["nlrewrite", "run"])
+        with files.recording(refused=(ValueError,)):
+            with files.log.open("a") as f:
+                f.write("a Prefect line\n")
+        inv = Invocation.model_validate(store.read_json(store.path("runs", "r1", "invocation.json")))
+        assert inv.outcome == "running" and inv.finished is None  # as a killed run leaves it
+        files.end("stopped after embed")
+        log = store.read_bytes(store.path("runs", "r1", "log.txt")).decode()
+        assert "a Prefect line" in log and "ended" in log and not files.log.exists()
+        rows, problems = list_runs(store)
+        assert problems == [] and rows == [["r1", "micro", inv.started, "no (stopped after embed)", ""]]
+
+
+def test_run_files_of_a_refused_run_are_removed(tmp_path):
+    """Bad input found inside the flow (exit 2) leaves nothing under the root; a failure is recorded."""
+    from flows.runs import RunFiles
+    from nlrewrite_core.storage import Store
+
+    store = Store(str(tmp_path / "root"))
+    with pytest.raises(ValueError), RunFiles(store, "r2", "micro", []).recording(refused=(ValueError,)):
+        raise ValueError("corpus too small")
+    assert not (tmp_path / "root").exists()
+    with pytest.raises(RuntimeError), RunFiles(store, "r3", "micro", []).recording(refused=(ValueError,)):
+        raise RuntimeError("boom\nmore")
+    inv = json.loads((tmp_path / "root" / "runs" / "r3" / "invocation.json").read_text())
+    assert inv["outcome"] == "failed: RuntimeError: boom" and inv["finished"]
