@@ -1,6 +1,8 @@
-"""The `nlrewrite` command line: `run` the pipeline, `evaluate` a finished run again with other
-patching/evaluation settings, `query` a run's tables with SQL, list or pull a run's `artifacts`,
-`verify` a run's artifacts against their manifests.
+"""The `nlrewrite` command line: `run` the pipeline (one line per stage on the console, Prefect's lines
+in the run's log.txt: flows/console.py), list a storage root's `runs` (flows/runs.py), print a finished
+run's `report` again, `evaluate` a finished run again with other patching/evaluation settings, `query`
+a run's tables with SQL, list or pull a run's `artifacts`, `verify` a run's artifacts against their
+manifests.
 
 Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run, unsafe
 run id, a statement `query` does not run; for `run` also a CUDA device or LLM backend this machine
