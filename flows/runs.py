@@ -130,6 +130,8 @@ class RunFiles:
         self.invocation = Invocation(run_id=run_id, preset=preset, started=now(), argv=argv,
                                      log=store.uri("runs", run_id, LOG))
         self.created: list[Path] = []  # local directories this run created (deepest first)
+        self.prior: bytes | None = None  # an earlier run's invocation.json
+        self.log_size: int | None = None  # and the length of its log
         if store.is_s3:
             fd, tmp = tempfile.mkstemp(prefix=f"nlrewrite-{run_id}-", suffix=".log.txt")
             os.close(fd)
@@ -138,6 +140,11 @@ class RunFiles:
             self.log = Path(self.base) / LOG
 
     def start(self) -> None:
+        try:  # what an earlier run of this id left, for discard() to put back
+            self.prior = self.store.read_bytes(f"{self.base}/{INVOCATION}")
+        except FileNotFoundError:
+            self.prior = None
+        self.log_size = self.log.stat().st_size if self.log.exists() else None
         if not self.store.is_s3:
             p = Path(self.base)
             while not p.exists():
@@ -159,10 +166,17 @@ class RunFiles:
             self.log.unlink(missing_ok=True)
 
     def discard(self) -> None:
+        """Undo start(): an earlier run's invocation record and log are put back as they were."""
+        if self.prior is not None:
+            self.store.write_bytes(f"{self.base}/{INVOCATION}", self.prior)
+        else:
+            with contextlib.suppress(OSError):
+                self.store.fs.delete_file(f"{self.base}/{INVOCATION}")
         with contextlib.suppress(OSError):
-            self.store.fs.delete_file(f"{self.base}/{INVOCATION}")
-        with contextlib.suppress(OSError):
-            self.log.unlink()
+            if self.log_size is None or self.store.is_s3:
+                self.log.unlink()
+            else:
+                os.truncate(self.log, self.log_size)
         for d in self.created:
             try:
                 d.rmdir()

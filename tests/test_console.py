@@ -170,5 +170,9 @@ def test_run_files_of_a_refused_run_are_removed(tmp_path):
     assert not (tmp_path / "root").exists()
     with pytest.raises(RuntimeError), RunFiles(store, "r3", "micro", []).recording(refused=(ValueError,)):
         raise RuntimeError("boom\nmore")
-    inv = json.loads((tmp_path / "root" / "runs" / "r3" / "invocation.json").read_text())
-    assert inv["outcome"] == "failed: RuntimeError: boom" and inv["finished"]
+    r3 = tmp_path / "root" / "runs" / "r3"
+    inv, log = (r3 / "invocation.json").read_text(), (r3 / "log.txt").read_text()
+    assert json.loads(inv)["outcome"] == "failed: RuntimeError: boom" and json.loads(inv)["finished"]
+    with pytest.raises(ValueError), RunFiles(store, "r3", "micro", []).recording(refused=(ValueError,)):
+        raise ValueError("refused")  # a refused rerun puts back what the earlier run left
+    assert (r3 / "invocation.json").read_text() == inv and (r3 / "log.txt").read_text() == log
