@@ -1,6 +1,8 @@
-"""The `nlrewrite` command line: `run` the pipeline, `evaluate` a finished run again with other
-patching/evaluation settings, `query` a run's tables with SQL, list or pull a run's `artifacts`,
-`verify` a run's artifacts against their manifests.
+"""The `nlrewrite` command line: `run` the pipeline (one line per stage on the console, Prefect's lines
+in the run's log.txt: flows/console.py), list a storage root's `runs` (flows/runs.py), print a finished
+run's `report` again, `evaluate` a finished run again with other patching/evaluation settings, `query`
+a run's tables with SQL, list or pull a run's `artifacts`, `verify` a run's artifacts against their
+manifests.
 
 Bad input (unknown preset, invalid YAML or config field, unwritable storage, unknown run, unsafe
 run id, a statement `query` does not run; for `run` also a CUDA device or LLM backend this machine
@@ -24,6 +26,7 @@ from typing import Any
 
 from nlrewrite_core.config import PRESETS, ConfigError, RewriteConfig, load_config
 from nlrewrite_core.llm import LLMError
+from nlrewrite_core.stages import NAMES
 from nlrewrite_core.storage import DEFAULT_ROOT
 
 PREFECT_DEFAULTS = {
@@ -140,6 +143,10 @@ def check_run_id(run_id: str | None) -> None:
             raise UsageError(str(e)) from None
 
 
+STAGES = NAMES
+"""The stages `--until` accepts, in DAG order (the stage registry's; importing it loads no torch)."""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from nlrewrite_core.storage import UnsafeName, check_name
 
@@ -149,30 +156,60 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_name(cfg.preset, "config field preset")
     except UnsafeName as e:
         raise UsageError(str(e)) from None
+    if args.until:
+        from nlrewrite_core import stages
+
+        try:  # a stage this config has (embed: embedding methods; multilayer: layers given)
+            stages.order(cfg, args.until)
+        except ValueError as e:
+            raise UsageError(f"--until: {e}") from None
     check_storage(args.storage)
     if args.storage.startswith("s3://"):
         open_store(args.storage, args.endpoint_url)  # fail fast, before Prefect starts
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    if not args.verbose:  # the Hugging Face libraries' own bars (loading weights...) only with --verbose
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from nlrewrite_core.runtime import check_run
 
     check_run(cfg)  # the machine and the files the config names: CUDA, backends, checkpoint, corpus size
+    from flows.console import run_logging
     from flows.rewrite import rewrite  # imports Prefect: only after validation
+    from flows.runs import RunFiles
     from flows.server import prefect_api
+    from nlrewrite_core import stages
+    from nlrewrite_core.storage import Store
 
-    # PREFECT_API_URL, or a temporary server that dies with this process (also on kill -9).
-    # A ConfigError raised inside the flow (the corpus stage's split sizes on the built corpus) exits 2 too.
-    with prefect_api():
-        try:
-            result = rewrite(preset=args.preset, config_file=str(Path(args.config).resolve()) if args.config else None,
-                             storage=args.storage, run_id=args.run_id, endpoint_url=args.endpoint_url)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write outside Store.write_bytes (streamed files)
-                from nlrewrite_core.storage import Store
-
-                raise Store(args.storage, endpoint_url=args.endpoint_url).full_error(e, e.filename or "") from None
-            raise
-    print_result(cfg, result)
+    store = Store(args.storage, endpoint_url=args.endpoint_url)
+    run_id = args.run_id or stages.default_run_id(cfg)  # the name the flow gives it
+    files = RunFiles(store, run_id, cfg.preset, args.argv)
+    params: dict[str, Any] = {"preset": args.preset, "storage": args.storage, "run_id": args.run_id,
+                              "endpoint_url": args.endpoint_url,
+                              "config_file": str(Path(args.config).resolve()) if args.config else None}
+    if args.until:
+        params["until"] = args.until
+    # A ConfigError raised inside the flow (the corpus stage's split sizes on the built corpus) exits 2
+    # and leaves no file; any other failure is recorded in invocation.json.
+    with files.recording(refused=(ConfigError, UsageError, UnsafeName)):
+        print(f"nlrewrite run {run_id}: preset {cfg.preset}, storage {store.root}"
+              + (f", until {args.until}" if args.until else "") + f"\nlog: {files.invocation.log}"
+              + (f" (written to {files.log} until the run ends)" if store.is_s3 else ""), file=sys.stderr, flush=True)
+        # PREFECT_API_URL, or a temporary server that dies with this process (also on kill -9).
+        with run_logging(files.log, args.verbose) as console, prefect_api():
+            try:
+                result = rewrite(**params)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write outside Store.write_bytes (streamed files)
+                    raise store.full_error(e, e.filename or "") from None
+                raise
+        stopped = args.until not in (None, "report")
+        files.end(f"stopped after {args.until}" if stopped else "done")
+    if stopped:
+        ran = list(dict.fromkeys(s for s, _ in console.finished))
+        print(f"\nstopped after {args.until} (--until): stages {', '.join(ran) or 'none'}; "
+              f"`nlrewrite run` without --until continues from there")
+        return 0
+    print_result(cfg.evaluate.positions, result)
     return 0
 
 
@@ -196,21 +233,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = patch_evaluate(run_id=args.run_id, storage=args.storage, endpoint_url=args.endpoint_url,
                                 overrides=overrides, new_run_id=new_run_id)
     print(f"upstream of run {args.run_id} reused, nothing recomputed: {', '.join(result['upstream_reused'])}")
-    print_result(cfg, result)
+    print_result(cfg.evaluate.positions, result)
     return 0
 
 
-def print_result(cfg: RewriteConfig, result: dict[str, Any]) -> None:
+def print_result(positions: str, result: dict[str, Any]) -> None:
     """The CE headline table, the summary and where the run record and report are."""
     print()
-    print(f"CE (nats) on the eval split, {cfg.evaluate.positions} positions, run {result['run_id']} "
+    print(f"CE (nats) on the eval split, {positions} positions, run {result['run_id']} "
           f"(every condition and calibration: nlrewrite query {result['run_id']} 'select * from ce'):")
-    print(format_table(HEADLINE_COLUMNS, headline_rows(result["ce"], cfg.evaluate.positions)))
+    print(format_table(HEADLINE_COLUMNS, headline_rows(result["ce"], positions)))
     print()
     for k, v in result["summary"].items():
-        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        print(f"{k}: {rounded(v)}")
     print(f"run record: {result['run_json']}")
     print(f"report: {result['report']}")
+
+
+def rounded(v: Any) -> str:
+    """A summary value as printed: floats to 4 decimals, dicts and lists item by item, None as '-'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {rounded(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(rounded(x) for x in v)
+    return str(v)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from flows.runs import RUNS_COLUMNS, list_runs, print_problems
+
+    store = open_store(args.storage, args.endpoint_url)
+    rows, problems = list_runs(store)
+    print_problems(problems)
+    print(format_table(RUNS_COLUMNS, rows, args.format))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from flows.runs import NotFinished, finished_result
+    from nlrewrite_core.query import RunNotFound
+
+    check_run_id(args.run_id)
+    store = open_store(args.storage, args.endpoint_url)
+    try:
+        positions, result = finished_result(store, args.run_id)
+    except (RunNotFound, NotFinished) as e:
+        raise UsageError(str(e)) from None
+    print(f"report: {result['report']}")
+    print_result(positions, result)
+    return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -330,7 +405,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--storage", default=DEFAULT_ROOT, help="local directory or s3://bucket/prefix")
     r.add_argument("--run-id", help="name of the run (default: <preset>-<content key>)")
     r.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
+    r.add_argument("--until", choices=STAGES, metavar="STAGE",
+                   help=f"run the stages up to and including STAGE, then stop ({' '.join(STAGES)})")
+    r.add_argument("--verbose", action="store_true",
+                   help="also show Prefect's and nlrewrite's log lines (always in <storage>/runs/<id>/log.txt)")
     r.set_defaults(func=cmd_run)
+    rs = sub.add_parser("runs", help="list the runs of a storage root: id, preset, started, finished, report")
+    rs.add_argument("--storage", default=DEFAULT_ROOT, help="local directory or s3://bucket/prefix")
+    rs.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
+    rs.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    rs.set_defaults(func=cmd_runs)
+    rp = sub.add_parser("report", help="a finished run's report path and CE headline table")
+    rp.add_argument("run_id")
+    rp.add_argument("--storage", default=DEFAULT_ROOT, help="local directory or s3://bucket/prefix")
+    rp.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
+    rp.set_defaults(func=cmd_report)
     e = sub.add_parser("evaluate", help="calibrate, evaluate and report a finished run again (patch-evaluate): "
                                         "nothing upstream is recomputed")
     e.add_argument("run_id", help="the finished run (its runs/RUN_ID/run.json)")
@@ -383,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     from nlrewrite_core.storage import StorageError, UnsafeName
 
     args = parser().parse_args(argv)
+    args.argv = ["nlrewrite", *(sys.argv[1:] if argv is None else argv)]
     try:
         return args.func(args)
     except (ConfigError, UsageError, UnsafeName) as e:

@@ -576,9 +576,9 @@ class Store:
             self.fs.delete_file(self.manifest_path(stage, key, sub))
 
     def reuse(self, stage: str, key: str, sub: str = "") -> ArtifactRef | None:
-        """The ref of a finished, intact artifact, or None when it must be (re)computed: no manifest
-        (silently), or a problem found by `verify` (one warning naming the file; the manifest is
-        removed so that every later check agrees)."""
+        """The ref of a finished, intact artifact (a `cached` progress event), or None when it must be
+        (re)computed: no manifest (silently), or a problem found by `verify` (one warning naming the
+        file; the manifest is removed so that every later check agrees)."""
         if not self.has_manifest(stage, key, sub):
             return None
         problems = self.verify(stage, key, sub)
@@ -587,7 +587,9 @@ class Store:
             log.warning("%s %s%s: %s%s; recomputing it", stage, key, f"/{sub}" if sub else "", problems[0], more)
             self.invalidate(stage, key, sub)
             return None
-        return self.ref(stage, key, sub)
+        ref = self.ref(stage, key, sub)
+        progress.stage_event(stage, "cached", sub)
+        return ref
 
     def sub_artifacts(self, stage: str, key: str) -> list[str]:
         """Sub-artifacts (e.g. simulation shards: directories with their own manifest) of a stage."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedModel
 
+from nlrewrite_core import progress
 from nlrewrite_core.config import SubjectConfig
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def train_subject(model: torch.nn.Module, train_tokens: np.ndarray, cfg: Subject
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        progress.advance("subject", step + 1, cfg.steps, "steps")
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             now = time.perf_counter()
             n_steps = (step % log_every) + 1

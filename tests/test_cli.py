@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,3 +252,129 @@ def test_config_error_inside_the_flow_exits_2(prefect_server, tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("nlrewrite: error: the corpus has ")
     assert "corpus.n_explain (5000)" in err.strip().splitlines()[-1]
     assert not [p for p in storage.rglob("*") if p.is_file()]
+
+
+# ---- the run console, run records, `runs` and `report` ------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_subprocess(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`nlrewrite ARGS` in its own process (its console is what a person sees), on the test server."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+
+
+@pytest.fixture(scope="module")
+def cli_run(prefect_server, tmp_path_factory):
+    """`nlrewrite run --preset micro` once, cold, in a subprocess: (storage, run id, completed process)."""
+    storage = tmp_path_factory.mktemp("cli-store")
+    proc = cli_subprocess(["run", "--preset", "micro", "--storage", str(storage)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = proc.stderr.splitlines()[0].split()[2].rstrip(":")
+    return storage, run_id, proc
+
+
+def test_run_shows_stages_and_the_table_and_logs_prefect_to_the_file(cli_run):
+    storage, run_id, proc = cli_run
+    err, out = proc.stderr, proc.stdout
+    stage_lines = [ln.split()[0] for ln in err.splitlines() if re.match(r"  \w+ +done +\d", ln)]
+    assert stage_lines == ["corpus", "subject", "transcoder", "activations", "explain", "embed", "score", "simulate",
+                           "calibrate", "evaluate", "report"]
+    assert re.search(r"  simulate +done +\d+\.\d s  4 shards", err)  # one line for the shards, with a count
+    assert re.search(r"  subject +100% +60 / 60 steps", err)  # not a terminal: a line per tenth of the steps
+    assert "Task run" not in err + out and "Finished in state" not in err + out  # Prefect's lines: the log file
+    assert "CE (nats) on the eval split" in out and "oracle crossing specificity: " in out
+    assert not re.search(r"\d\.\d{5,}", out)  # rounded: no long floats, no raw dicts
+    assert not re.search(r"\{'", out)
+    run_dir = storage / "runs" / run_id  # the id the CLI computed is the flow's: one directory
+    log = (run_dir / "log.txt").read_text()
+    assert "Task run 'train_subject" in log and "Finished in state Completed()" in log
+    assert (run_dir / "run.json").is_file()
+    inv = json.loads((run_dir / "invocation.json").read_text())
+    assert inv["outcome"] == "done" and inv["finished"] >= inv["started"] and inv["preset"] == "micro"
+
+
+def test_warm_verbose_run_shows_cached_stages_and_prefect_lines(cli_run):
+    storage, run_id, _ = cli_run
+    proc = cli_subprocess(["run", "--preset", "micro", "--storage", str(storage), "--verbose"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"  simulate +cached +4 shards", proc.stderr)
+    assert [ln.split()[0] for ln in proc.stderr.splitlines() if re.fullmatch(r"  \w+ +cached.*", ln)] == [
+        "corpus", "subject", "transcoder", "activations", "explain", "embed", "score", "simulate", "calibrate",
+        "evaluate", "report"]
+    assert "Finished in state Cached" in proc.stderr  # Prefect's own lines, with --verbose
+    log = (storage / "runs" / run_id / "log.txt").read_text()
+    assert log.count(f"==== nlrewrite run {run_id}") == 4  # two runs appended, each started and ended
+
+
+def test_runs_lists_finished_and_unfinished_and_names_a_damaged_record(cli_run, tmp_path, capsys):
+    storage, run_id, _ = cli_run
+    root = tmp_path / "root"
+    shutil.copytree(storage / "runs" / run_id, root / "runs" / run_id)
+    record = json.loads((storage / "runs" / run_id / "run.json").read_text())
+    killed = root / "runs" / "killed"  # killed after the simulation: record without report, invocation running
+    killed.mkdir(parents=True)
+    (killed / "run.json").write_text(json.dumps({k: v for k, v in record.items() if k != "report"} | {"run_id": "killed"}))
+    (killed / "invocation.json").write_text(json.dumps({"run_id": "killed", "preset": "micro", "outcome": "running",
+                                                        "started": "2026-01-01T00:00:00Z"}))
+    (root / "runs" / "broken").mkdir()
+    (root / "runs" / "broken" / "run.json").write_text('{"run_id": "broken", "preset": ')
+    assert main(["runs", "--storage", str(root), "--format", "json"]) == 0
+    cap = capsys.readouterr()
+    rows = [json.loads(ln) for ln in cap.out.splitlines()]
+    assert [r["run_id"] for r in rows] == ["killed", run_id]  # by start time
+    assert rows[0] == {"run_id": "killed", "preset": "micro", "started": "2026-01-01T00:00:00Z",
+                            "finished": "no (running or killed)", "report": ""}
+    assert rows[1]["finished"].startswith("20") and rows[1]["report"] == record["report"]
+    (line,) = cap.err.splitlines()
+    assert line.startswith(f"nlrewrite: warning: {root}/runs/broken/run.json is damaged (")
+    assert main(["runs", "--storage", str(root)]) == 0  # the table too
+    assert "no (running or killed)" in capsys.readouterr().out
+
+
+def test_report_prints_the_path_and_the_table_run_printed(cli_run, capsys):
+    storage, run_id, proc = cli_run
+    assert main(["report", run_id, "--storage", str(storage)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((storage / "runs" / run_id / "run.json").read_text())
+    assert out.splitlines()[0] == f"report: {record['report']}"
+    assert out.split("\n", 1)[1] == proc.stdout  # the same table and summary as `nlrewrite run` printed
+
+
+def test_report_of_an_unfinished_or_unknown_run_exits_2(cli_run, tmp_path, capsys):
+    storage, run_id, _ = cli_run
+    record = json.loads((storage / "runs" / run_id / "run.json").read_text())
+    (tmp_path / "runs" / "half").mkdir(parents=True)
+    (tmp_path / "runs" / "half" / "run.json").write_text(json.dumps({k: v for k, v in record.items() if k != "report"}))
+    code, err = run_cli(["report", "half", "--storage", str(tmp_path)], capsys)
+    assert code == 2 and "run 'half' has no report" in err and len(err.strip().splitlines()) == 1
+    code, err = run_cli(["report", "nope", "--storage", str(tmp_path)], capsys)
+    assert code == 2 and "run 'nope' not found" in err
+
+
+def test_run_until_stops_after_the_stage(prefect_server, tmp_path, capsys):
+    storage = tmp_path / "store"
+    assert main(["run", "--preset", "micro", "--storage", str(storage), "--until", "embed"]) == 0
+    cap = capsys.readouterr()
+    shown = [ln.split()[0] for ln in cap.err.splitlines() if re.fullmatch(r"  \w+ +(done|cached).*", ln)]
+    assert shown == ["corpus", "subject", "transcoder", "activations", "explain", "embed"]
+    assert "stopped after embed (--until): stages corpus, subject, transcoder, activations, explain, embed" in cap.out
+    assert "CE (nats)" not in cap.out
+    assert not list((storage / "artifacts").glob("score/*"))
+    (inv,) = (storage / "runs").glob("*/invocation.json")
+    assert json.loads(inv.read_text())["outcome"] == "stopped after embed"
+
+
+def test_until_takes_stage_names_only(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--until", "explainn"])
+    assert e.value.code == 2 and "invalid choice: 'explainn'" in capsys.readouterr().err
+    # a stage this config does not have: refused before anything runs or is written
+    code, err = run_cli(["run", "--preset", "micro", "--storage", "/nonexistent/never", "--until", "multilayer"],
+                        capsys)
+    assert code == 2 and "--until: stage 'multilayer' is not part of this config's pipeline" in err

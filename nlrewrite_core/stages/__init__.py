@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import progress
+
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, StageWriter, Store, stage_key
 
@@ -221,7 +221,6 @@ def reuse(store: Store, stage: str, keys: dict[str, str], sub: str = "") -> Arti
     sha256, size, rows); None when it must be computed (a damaged one is named in one warning)."""
     if ref := store.reuse(stage, keys[stage], sub):
         log.info("%s: found manifest for key %s%s, nothing to do", stage, keys[stage], f"/{sub}" if sub else "")
-        progress.stage_event(stage, "cached", sub)
     return ref
 
 
