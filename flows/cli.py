@@ -105,7 +105,9 @@ def headline_rows(ce: list[dict[str, Any]], positions: str, calibrations: tuple[
     order = sorted(groups.items(), key=lambda kv: (calibrations.index(kv[0][0]), kv[0][1] != "top", kv[0][2]))
     strict = {r["calibration"]: r for r in rows if r["condition"] == "simulated_strict"}
     for i, ((cal, sel, frac), g) in enumerate(order):
-        mean = lambda c: sum(r[c] for r in g) / len(g)  # noqa: E731
+        def mean(c: str, g: list[dict[str, Any]] = g) -> float:
+            return sum(r[c] for r in g) / len(g)
+
         label = sel if len(g) == 1 else f"{sel} (x{len(g)})"
         kept = max((r.get("n_true_kept") or 0) for r in g) if any(r.get("n_true_kept") is not None for r in g) else None
         out.append(["simulated", label, frac, cal, g[0]["n_latents"], kept, mean("ce_mean"),

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, StageWriter, Store, stage_key
 
