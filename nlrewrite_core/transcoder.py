@@ -28,6 +28,7 @@ import torch
 with contextlib.redirect_stdout(io.StringIO()):  # sparsify prints a Triton notice on import
     from sparsify import SparseCoder, SparseCoderConfig
 
+from nlrewrite_core import progress
 from nlrewrite_core.config import ConfigError, TranscoderConfig
 from nlrewrite_core.subject import MlpFn, mlp_module, replace_mlp, token_ce
 
@@ -221,6 +222,7 @@ def _train_steps(sae: SparseCoder, opt: torch.optim.Adam, lr: float, cfg: Transc
             state.since_fired[fired] = 0
         state.fvu_tail = (state.fvu_tail + [float(out.fvu.detach())])[-tail:]
         state.step = step + 1
+        progress.advance("transcoder", state.step, cfg.steps, "steps")
         if state.step % log_every == 0 or state.step == cfg.steps:
             log.info("transcoder step %d/%d fvu %.4f auxk %.4f dead %d", state.step, cfg.steps, state.fvu_tail[-1],
                      float(out.auxk_loss.detach()), int((state.since_fired > DEAD_AFTER_TOKENS).sum()))

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .. import artifacts as art, evaluate as eval_lib, stages, subject as subject_lib, transcoder as tc_lib
+from .. import artifacts as art, evaluate as eval_lib, progress, stages, subject as subject_lib, transcoder as tc_lib
 from ..calibrate import TrueSample
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
@@ -67,9 +67,21 @@ def evaluate_rewrite(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> 
     primary = ev.positions
     positions = [primary] + [p for p in eval_lib.POSITIONS if p != primary and position is None]
 
+    # The CE runs planned, for the progress bar (an upper bound: a selection seen twice runs once).
+    methods = list(cfg.calibrate.methods)
+    n_fitted = len([m for m in methods if m != "none"])
+    n_true_sizes = len(ev.true_sample_sizes) if "quantile" in methods and cfg.calibrate.true_sample == "cache" else 0
+    planned = (5 + len(methods) * (1 + sum(len(ev.fractions) * (len(ev.random_seeds) if s == "random" else 1)
+                                           for s in ev.selections))
+               + len(ev.oracle_fp_rates) * len(ev.oracle_fn_rates)
+               + len(ev.sample_size_fractions) * (len(ev.sample_sizes) * n_fitted + n_true_sizes))
+    ran = [0]
+
     def ce_of(fn_for_rows) -> dict[str, np.ndarray]:
         """Per-sequence CE (each position set) of one forward pass over the eval split with the MLP patched."""
         ce = eval_lib.ce_with(model, layer, tokens, bs, fn_for_rows, position)
+        ran[0] += 1
+        progress.advance("evaluate", min(ran[0], planned), planned, "CE runs")
         return {p: eval_lib.per_sequence(ce, p) for p in positions}
 
     def patch_with(values: np.ndarray, sel: np.ndarray, what: str):
@@ -194,6 +206,7 @@ def evaluate_rewrite(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> 
     n_runs += len(size_rows) // max(len(positions), 1)
     t_sizes = time.perf_counter() - t2
 
+    progress.advance("evaluate", planned, planned, "CE runs")
     w.table("ce", ce_table)
     w.table("latent_metrics", pa.Table.from_pylist(metric_rows))
     w.table("score_relation", pa.Table.from_pylist(relation_rows, schema=SCORE_RELATION_SCHEMA))
