@@ -1,4 +1,4 @@
-"""Tests of the HTML report and its figures (nlrewrite_core.report)."""
+"""Tests of the HTML report and its figures (nlrewrite_core.report, nlrewrite_core.figures)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nlrewrite_core.report import ALL_FIGURES, FIG1, FIG3, FIG4, aggregate_ce, baselines, write_report
+from nlrewrite_core.figures import ALL_FIGURES, FIG1, FIG3, FIG4, aggregate_ce, baselines
+from nlrewrite_core.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -240,16 +241,16 @@ METHODS_LINE = "explainer ngram · scorer lexical · simulator embedding (gt-all
 def test_every_figure_and_the_summary_name_explainer_scorer_simulator(tmp_path: Path, monkeypatch) -> None:
     """Issue 11: every figure (drawn on the PNG and in its caption), the headline note and the summary
     table say which explainer, scorer and simulator produced the numbers."""
-    from nlrewrite_core import report as report_lib
+    from nlrewrite_core import figures
 
     drawn: dict[str, list[str]] = {}
-    save = report_lib._save
+    save = figures._save
 
     def recording_save(fig, path, stamp=None):
         save(fig, path, stamp)
         drawn[Path(path).name] = [" ".join(t.get_text().split()) for t in fig.texts]  # wrapped to the width
 
-    monkeypatch.setattr(report_lib, "_save", recording_save)
+    monkeypatch.setattr(figures, "_save", recording_save)
     page = write_report(tmp_path, synthetic_ce(), synthetic_metrics(), synthetic_distributions(), SUMMARY,
                         **synthetic_extras()).read_text()
     assert sorted(drawn) == sorted(ALL_FIGURES)
@@ -353,17 +354,17 @@ def sweep_ce() -> pd.DataFrame:
 
 def draw_fig3(ce, tmp_path: Path, monkeypatch):
     """Draw Figure 3 from ``ce``; return the figure that was saved (a PNG is checked to exist)."""
-    from nlrewrite_core import report as report_lib
+    from nlrewrite_core import figures
 
     saved = []
-    save = report_lib._save
+    save = figures._save
 
     def recording_save(fig, path, stamp=None):
         save(fig, path, stamp)
         saved.append(fig)
 
-    monkeypatch.setattr(report_lib, "_save", recording_save)
-    report_lib.plot_ce_sweep(ce, tmp_path / FIG3, "run x · eval split · n = 100")
+    monkeypatch.setattr(figures, "_save", recording_save)
+    figures.plot_ce_sweep(ce, tmp_path / FIG3, "run x · eval split · n = 100")
     assert_png(tmp_path / FIG3)
     assert len(saved) == 1
     return saved[0]

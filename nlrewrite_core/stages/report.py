@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from .. import artifacts as art, report as report_lib, stages
 from ..config import RewriteConfig
+from ..figures import ALL_FIGURES
 from ..storage import ArtifactRef, Store
 
 log = logging.getLogger("nlrewrite")
@@ -122,4 +123,4 @@ def write_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
         report_lib.write_report(Path(tmp), ce, lm, dists, summary, oracle=oracle, sample_size=sizes,
                                 relation=relation, examples=examples, meta=meta)
         w.directory("html", tmp)
-    return w.finish(metrics={"summary": summary, "figures": list(report_lib.ALL_FIGURES)})
+    return w.finish(metrics={"summary": summary, "figures": list(ALL_FIGURES)})
