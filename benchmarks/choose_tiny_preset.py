@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nlrewrite_core import corpus, subject, transcoder
+from nlrewrite_core import corpus, subject, transcoder, transcoder_train
 from nlrewrite_core.config import load_config
 
 RESULTS = Path(__file__).parent / "results" / "choose_tiny_preset.json"
@@ -42,7 +42,7 @@ def check_determinism() -> dict[str, bool]:
         m = subject.build_model(cfg.subject, tok.get_vocab_size(), cfg.corpus.seq_len)
         subject.train_subject(m, train, cfg.subject)
         X, Y = transcoder.collect_mlp_io(m, cfg.transcoder.layer, train[:200], 32)
-        sae, _ = transcoder.train_transcoder(X, Y, cfg.transcoder)
+        sae, _ = transcoder_train.train_transcoder(X, Y, cfg.transcoder)
         models.append(m)
         saes.append(sae)
     return {"subject_identical": same_weights(*models), "transcoder_identical": same_weights(*saes)}
@@ -74,7 +74,7 @@ def run(overrides: dict, layers: list[int] | None) -> dict:
         X, Y = transcoder.collect_mlp_io(model, layer, train[:n_seq], bs)
         cache_s = time.perf_counter() - t
         tc_cfg = cfg.transcoder.model_copy(update={"layer": layer})
-        sae, fit = transcoder.train_transcoder(X, Y, tc_cfg)
+        sae, fit = transcoder_train.train_transcoder(X, Y, tc_cfg)
         ce = transcoder.transcoder_ce(model, layer, sae, ev, bs)
         ce["zero_ablation_cost"] = ce["ce_zero_ablation"] - ce["ce_clean"]
         ce["zero_ablation_cost_rel"] = ce["zero_ablation_cost"] / ce["ce_clean"]

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from nlrewrite_core import activations, subject, transcoder  # noqa: E402
+from nlrewrite_core import activations, subject, transcoder_train  # noqa: E402
 from nlrewrite_core.config import load_config  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     cfg = load_config("tiny")
     torch.manual_seed(0)
     model = subject.build_model(cfg.subject, cfg.corpus.vocab_size, cfg.corpus.seq_len).eval()
-    sae = transcoder.new_transcoder(cfg.subject.hidden_size, cfg.transcoder).eval()
+    sae = transcoder_train.new_transcoder(cfg.subject.hidden_size, cfg.transcoder).eval()
     with torch.no_grad():
         sae.encoder.weight.normal_()
     tokens = np.random.default_rng(0).integers(0, cfg.corpus.vocab_size, size=(args.seqs, cfg.corpus.seq_len))

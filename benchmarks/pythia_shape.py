@@ -76,7 +76,7 @@ def corpus_rate(work: Path, tokens: int) -> dict:
     import datasets  # noqa: F401  (imports are not part of the rates)
     from transformers import AutoTokenizer
 
-    from nlrewrite_core import corpus
+    from nlrewrite_core import corpus, corpus_sources
     from nlrewrite_core.config import CorpusConfig
 
     cfg = CorpusConfig(source="hf", dataset=str(work / "pile-like"), tokenizer=str(work / "pythia-160m-random"),
@@ -86,12 +86,12 @@ def corpus_rate(work: Path, tokens: int) -> dict:
     table, _ = corpus.build_corpus(cfg)
     stream_s = time.perf_counter() - t0
     n_stream = len(table) * cfg.seq_len
-    docs = list(corpus.hf_documents(cfg))
+    docs = list(corpus_sources.hf_documents(cfg))
 
     def rate(encode) -> float:
         n_tok, t0 = 0, time.perf_counter()
-        for start in range(0, len(docs), corpus.DOC_BATCH):
-            n_tok += sum(len(x) + 1 for x in encode(docs[start:start + corpus.DOC_BATCH]))
+        for start in range(0, len(docs), corpus_sources.DOC_BATCH):
+            n_tok += sum(len(x) + 1 for x in encode(docs[start:start + corpus_sources.DOC_BATCH]))
             if n_tok >= n_stream:
                 break
         return n_tok / (time.perf_counter() - t0)

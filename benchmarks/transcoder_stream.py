@@ -28,8 +28,7 @@ def train_once(storage: str, mode: str, budget: int) -> dict:
     import numpy as np
     import torch
 
-    from nlrewrite_core import artifacts, stages
-    from nlrewrite_core import transcoder as tc
+    from nlrewrite_core import artifacts, stages, transcoder as tc, transcoder_train as tc_train
     from nlrewrite_core.config import load_config
     from nlrewrite_core.storage import Store
 
@@ -45,10 +44,10 @@ def train_once(storage: str, mode: str, budget: int) -> dict:
     t0 = time.perf_counter()
     if mode == "in_memory":
         X, Y = tc.collect_mlp_io(model, layer, train, bs)
-        sae, m = tc.train_transcoder(X, Y, cfg.transcoder)
+        sae, m = tc_train.train_transcoder(X, Y, cfg.transcoder)
         del X, Y
     else:
-        sae, m = tc.train_streaming(model, layer, train, cfg.transcoder, bs)
+        sae, m = tc_train.train_streaming(model, layer, train, cfg.transcoder, bs)
     seconds = time.perf_counter() - t0
     _, eval_tokens = artifacts.load_tokens(store, keys, ("eval",))
     Xe, Ye = tc.collect_mlp_io(model, layer, eval_tokens, bs)

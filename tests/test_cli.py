@@ -131,11 +131,12 @@ def test_headline_rows_average_random_seeds_and_filter_positions():
 
 # ---- every bad setting of issue 12: exit 2, one line naming the field, nothing written -----------------------
 def _checkpoint(tmp_path: Path, d_in: int, num_latents: int, k: int) -> str:
-    from nlrewrite_core import transcoder
+    from nlrewrite_core import transcoder, transcoder_train
     from nlrewrite_core.config import TranscoderConfig
 
     path = tmp_path / f"ckpt-{d_in}-{num_latents}-{k}"
-    transcoder.save_transcoder(transcoder.new_transcoder(d_in, TranscoderConfig(num_latents=num_latents, k=k)), path)
+    sae = transcoder_train.new_transcoder(d_in, TranscoderConfig(num_latents=num_latents, k=k))
+    transcoder.save_transcoder(sae, path)
     return str(path)
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nlrewrite_core import corpus
+from nlrewrite_core import corpus, corpus_sources
 from nlrewrite_core.config import ConfigError, CorpusConfig, load_config
 
 from conftest import moto_s3
@@ -93,7 +93,7 @@ def test_budget_bounds_reading() -> None:
 
     tok = corpus.train_tokenizer("one two three four five six seven\n\nseven six", 270)
     seqs = corpus.cut_sequences(corpus.tokenizer_encoder(tok), endless(), corpus.eos_id(tok), 8, max_tokens=8 * 500)
-    assert seqs.shape == (500, 8) and read <= 2 * corpus.DOC_BATCH
+    assert seqs.shape == (500, 8) and read <= 2 * corpus_sources.DOC_BATCH
     # without a budget the same documents give the same first windows
     some = corpus.cut_sequences(corpus.tokenizer_encoder(tok), ["one two three four five six seven"] * 3000,
                                 corpus.eos_id(tok), 8)
@@ -134,7 +134,7 @@ def test_files_local_and_s3(docs, tmp_path) -> None:
 
     write_files(docs, tmp_path / "data")
     cfg = files_cfg([tmp_path / "data" / "*.*"])
-    assert list(corpus.file_documents(cfg)) == docs
+    assert list(corpus_sources.file_documents(cfg)) == docs
     local, _ = corpus.build_corpus(cfg)
     seqs, splits = reference(docs, cfg)
     assert np.array_equal(tokens_of(local), seqs) and local.column("split").to_pylist() == splits.tolist()
@@ -152,10 +152,10 @@ def test_files_local_and_s3(docs, tmp_path) -> None:
             s3.upload_file(str(f), "corpus", f"mine/2026/{f.name}")
         s3_cfg = files_cfg(["s3://corpus/mine/**/*.jsonl", "s3://corpus/mine/2026/a.txt", "s3://corpus/mine/*/c.parquet"],
                            endpoint_url=url)
-        got = list(corpus.file_documents(s3_cfg))
+        got = list(corpus_sources.file_documents(s3_cfg))
         assert got == docs[1:100] + docs[:1] + docs[100:]
         with pytest.raises(ValueError, match=r"corpus.paths: no file matches 's3://corpus/other/\*.txt'"):
-            list(corpus.file_documents(files_cfg(["s3://corpus/other/*.txt"], endpoint_url=url)))
+            list(corpus_sources.file_documents(files_cfg(["s3://corpus/other/*.txt"], endpoint_url=url)))
 
 
 def test_files_errors(docs, tmp_path) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nlrewrite_core import evaluate as ev
-from nlrewrite_core import subject, transcoder
+from nlrewrite_core import subject, transcoder, transcoder_train
 from nlrewrite_core.config import SubjectConfig, TranscoderConfig
 from nlrewrite_core.simulate import linear_prediction, predictions_table
 
@@ -17,7 +17,7 @@ def model_and_sae():
     torch.manual_seed(0)
     model = subject.build_model(SubjectConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), 64, 16)
     model.eval()
-    sae = transcoder.new_transcoder(32, TranscoderConfig(num_latents=96, k=6))
+    sae = transcoder_train.new_transcoder(32, TranscoderConfig(num_latents=96, k=6))
     with torch.no_grad():
         for p in (sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec, sae.W_skip):
             p.normal_(0, 0.1)
@@ -74,7 +74,7 @@ def test_truly_active_latents_simulated_as_zero_leak_nothing():
     From the true post-TopK vector (the paper's base) that is exactly zero-ablation; from the
     pre-TopK values (the leaky ablation) other latents refill the slots with their true values."""
     torch.manual_seed(1)
-    sae = transcoder.new_transcoder(32, TranscoderConfig(num_latents=256, k=8))
+    sae = transcoder_train.new_transcoder(32, TranscoderConfig(num_latents=256, k=8))
     with torch.no_grad():
         for p in (sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec, sae.W_skip):
             p.normal_(0, 0.1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nlrewrite_core import subject, transcoder
+from nlrewrite_core import subject, transcoder, transcoder_train
 from nlrewrite_core.config import SubjectConfig, TranscoderConfig
 
 D = 16
@@ -26,7 +26,7 @@ def data(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def trained():
     X, Y = data()
-    return transcoder.train_transcoder(X, Y, CFG)
+    return transcoder_train.train_transcoder(X, Y, CFG)
 
 
 def test_output_matches_formula(trained) -> None:
@@ -50,7 +50,7 @@ def test_output_matches_formula(trained) -> None:
 def test_training_metrics_and_determinism(trained) -> None:
     sae, metrics = trained
     assert 0 <= metrics["fvu"] < 1 and 0 <= metrics["dead_fraction"] <= 1 and metrics["steps"] == CFG.steps
-    sae2, metrics2 = transcoder.train_transcoder(*data(), CFG)
+    sae2, metrics2 = transcoder_train.train_transcoder(*data(), CFG)
     for k, v in sae.state_dict().items():
         assert torch.equal(v, sae2.state_dict()[k]), k
     assert metrics["fvu"] == metrics2["fvu"]
@@ -59,13 +59,13 @@ def test_training_metrics_and_determinism(trained) -> None:
 def test_init_like_sparsify() -> None:
     X, Y = data(200)
     cfg = CFG.model_copy(update={"steps": 1})
-    sae = transcoder.new_transcoder(D, cfg)
+    sae = transcoder_train.new_transcoder(D, cfg)
     assert not sae.W_dec.any() and not sae.W_skip.any()
-    transcoder.init_biases(sae, X, Y)
+    transcoder_train.init_biases(sae, X, Y)
     torch.testing.assert_close(sae.b_dec.data, Y.mean(0))
     torch.testing.assert_close(X.mean(0) @ sae.encoder.weight.T + sae.encoder.bias, torch.zeros(64),
                                atol=1e-5, rtol=0)
-    assert transcoder.default_lr(2**14) == pytest.approx(2e-4)
+    assert transcoder_train.default_lr(2**14) == pytest.approx(2e-4)
 
 
 def test_save_reload_bit_identical(trained, tmp_path) -> None:
@@ -108,7 +108,7 @@ def test_collect_mlp_io_and_ce() -> None:
     mlp = subject.mlp_module(model, 1)
     with torch.no_grad():
         torch.testing.assert_close(mlp(X), Y)
-    sae, _ = transcoder.train_transcoder(X, Y, TranscoderConfig(num_latents=32, k=2, steps=5, batch_tokens=16,
+    sae, _ = transcoder_train.train_transcoder(X, Y, TranscoderConfig(num_latents=32, k=2, steps=5, batch_tokens=16,
                                                                 max_train_tokens=1000, layer=1))
     ce = transcoder.transcoder_ce(model, 1, sae, toks, batch_size=2)
     assert set(ce) >= {"ce_clean", "ce_transcoder", "ce_zero_ablation", "ce_recovered", "ce_mlp_zero"}
@@ -117,7 +117,7 @@ def test_collect_mlp_io_and_ce() -> None:
 def test_loads_checkpoint_from_the_hub_cache(tmp_path, monkeypatch) -> None:
     """hf://owner/repo/hookpoint goes through sparsify's hub loader (huggingface_hub's
     snapshot_download), here answered offline from a local HF cache laid out as the hub would."""
-    sae = transcoder.new_transcoder(D, CFG)
+    sae = transcoder_train.new_transcoder(D, CFG)
     snap = tmp_path / "hub" / "models--acme--tc-tiny" / "snapshots" / ("0" * 40)
     transcoder.save_transcoder(sae, snap / "layers.1.mlp")
     (snap.parents[1] / "refs").mkdir()

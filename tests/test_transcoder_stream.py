@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from nlrewrite_core import subject, transcoder
+from nlrewrite_core import subject, transcoder, transcoder_train
 from nlrewrite_core.config import SubjectConfig, TranscoderConfig
 from nlrewrite_core.storage import Store
 
@@ -38,8 +38,8 @@ def tokens(n_seq: int = 60, seed: int = 0, seq: int = SEQ) -> np.ndarray:
 
 def test_stream_is_a_function_of_the_step() -> None:
     model = tiny_subject()
-    train, _ = transcoder.held_out_sequences(60, SEQ, 0)
-    s = transcoder.BufferStream(model, 1, tokens(), train, CFG, 8, "cpu")
+    train, _ = transcoder_train.held_out_sequences(60, SEQ, 0)
+    s = transcoder_train.BufferStream(model, 1, tokens(), train, CFG, 8, "cpu")
     assert s.seqs_per_buffer == 16 and s.batch == 64 and s.batches_per_buffer == 4
     first = [b for _, b in zip(range(12), s.batches(0))]
     later = [b for _, b in zip(range(5), s.batches(7))]
@@ -60,16 +60,16 @@ def test_streaming_matches_in_memory_training() -> None:
     model = tiny_subject()
     toks = tokens(200)
     cfg = CFG.model_copy(update={"steps": 150, "checkpoint_every": 0, "buffer_tokens": 1024})
-    sae, m = transcoder.train_streaming(model, 1, toks, cfg, 16)
+    sae, m = transcoder_train.train_streaming(model, 1, toks, cfg, 16)
     X, Y = transcoder.collect_mlp_io(model, 1, toks, 16)
-    _, ref = transcoder.train_transcoder(X, Y, cfg)
+    _, ref = transcoder_train.train_transcoder(X, Y, cfg)
     assert m["steps"] == 150 and m["resumed_from"] == 0 and m["held_out_tokens"] >= 320
     assert m["fvu"] < 0.5 and abs(m["fvu"] - ref["fvu"]) < 0.15 * ref["fvu"]
     # init: b_dec is the mean output of the training tokens (sparsify's rule), before any step
-    fresh = transcoder.new_transcoder(16, cfg)
-    train, _ = transcoder.held_out_sequences(200, SEQ, cfg.seed)
-    mx, my = transcoder.mean_mlp_io(model, 1, toks[train], 16, "cpu")
-    transcoder.init_biases(fresh, mx[None], my[None])
+    fresh = transcoder_train.new_transcoder(16, cfg)
+    train, _ = transcoder_train.held_out_sequences(200, SEQ, cfg.seed)
+    mx, my = transcoder_train.mean_mlp_io(model, 1, toks[train], 16, "cpu")
+    transcoder_train.init_biases(fresh, mx[None], my[None])
     torch.testing.assert_close(fresh.b_dec, Y.reshape(200, SEQ, -1)[train].reshape(-1, 16).mean(0), atol=1e-5, rtol=0)
 
 
@@ -79,10 +79,10 @@ import numpy as np, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_transcoder_stream import CFG, tiny_subject, tokens
-from nlrewrite_core import transcoder
+from nlrewrite_core import transcoder_train
 from nlrewrite_core.storage import Store
 
-class DieAfter(transcoder.Checkpoints):
+class DieAfter(transcoder_train.Checkpoints):
     def save(self, sae, opt, state):
         super().save(sae, opt, state)
         if state.step >= {kill_at}:
@@ -90,7 +90,7 @@ class DieAfter(transcoder.Checkpoints):
 
 st = Store({store!r})
 ck = DieAfter(st, st.path("ckpt"), "layers.1.mlp")
-transcoder.train_streaming(tiny_subject(), 1, tokens(), CFG, 8, "cpu", ck)
+transcoder_train.train_streaming(tiny_subject(), 1, tokens(), CFG, 8, "cpu", ck)
 """
 
 
@@ -100,7 +100,7 @@ def test_resume_after_sigkill_is_exact(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     store = Store(str(tmp_path / "store"))
-    ck = transcoder.Checkpoints(store, store.path("ckpt"), "layers.1.mlp")
+    ck = transcoder_train.Checkpoints(store, store.path("ckpt"), "layers.1.mlp")
     root = tmp_path / "store" / "ckpt"
     assert ck.latest() == 20 and json.loads((root / "latest.json").read_text()) == {"step": 20}
     # sparsify's layout; the step-10 checkpoint was replaced by step 20's
@@ -111,8 +111,8 @@ def test_resume_after_sigkill_is_exact(tmp_path) -> None:
     mid = transcoder.load_transcoder(root / "step-20" / "layers.1.mlp")
     assert mid.cfg.transcode and mid.num_latents == CFG.num_latents
     # resume: the result equals an uninterrupted run's, bit for bit
-    resumed, m = transcoder.train_streaming(tiny_subject(), 1, tokens(), CFG, 8, "cpu", ck)
-    whole, m2 = transcoder.train_streaming(tiny_subject(), 1, tokens(), CFG, 8, "cpu")
+    resumed, m = transcoder_train.train_streaming(tiny_subject(), 1, tokens(), CFG, 8, "cpu", ck)
+    whole, m2 = transcoder_train.train_streaming(tiny_subject(), 1, tokens(), CFG, 8, "cpu")
     assert m["resumed_from"] == 20 and m2["resumed_from"] == 0
     for k, v in whole.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
@@ -125,13 +125,13 @@ import numpy as np, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_transcoder_stream import tiny_subject, tokens
-from nlrewrite_core import transcoder
+from nlrewrite_core import transcoder_train
 from nlrewrite_core.config import TranscoderConfig
 n_tokens = int(sys.argv[1])
 toks = tokens(n_tokens // 64, seq=64)
 cfg = TranscoderConfig(num_latents=256, k=8, steps=20, batch_tokens=512, buffer_tokens=8192, checkpoint_every=0,
                        max_train_tokens=n_tokens)
-_, m = transcoder.train_streaming(tiny_subject(hidden=64, layers=1), 0, toks, cfg, 64)
+_, m = transcoder_train.train_streaming(tiny_subject(hidden=64, layers=1), 0, toks, cfg, 64)
 print(json.dumps({{"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "fvu": m["fvu"],
                   "train_tokens": m["train_tokens"]}}))
 """
@@ -162,16 +162,16 @@ STAGE_CHILD = """
 import os, signal, sys
 import numpy as np, torch
 torch.set_num_threads(1)
-from nlrewrite_core import stages, transcoder
+from nlrewrite_core import stages, transcoder_train
 from nlrewrite_core.config import load_config
 from nlrewrite_core.storage import Store
 
-class DieAfter(transcoder.Checkpoints):
+class DieAfter(transcoder_train.Checkpoints):
     def save(self, sae, opt, state):
         super().save(sae, opt, state)
         os.kill(os.getpid(), signal.SIGKILL)
 
-transcoder.Checkpoints = DieAfter  # the stage's own checkpoints: killed right after the first one
+transcoder_train.Checkpoints = DieAfter  # the stage's own checkpoints: killed right after the first one
 cfg = load_config("micro", overrides={overrides!r})
 stages.run("transcoder", Store({store!r}), cfg, stages.plan(cfg))
 """

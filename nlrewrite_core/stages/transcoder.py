@@ -1,5 +1,6 @@
 """The transcoder stage: a TopK skip transcoder of one MLP (trained streaming from the subject, or a
-checkpoint), its fit on the eval split (FVU, dead latents, CE) (nlrewrite_core.transcoder)."""
+checkpoint), its fit on the eval split (FVU, dead latents, CE) (nlrewrite_core.transcoder,
+nlrewrite_core.transcoder_train)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .. import artifacts as art, evaluate as eval_lib, stages, transcoder as tc_lib
+from .. import artifacts as art, evaluate as eval_lib, stages, transcoder as tc_lib, transcoder_train as train_lib
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
@@ -39,9 +40,9 @@ def train_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> 
         train = train[:n_seq].astype(np.int32)  # token ids only: MLP inputs/outputs are streamed
         # Checkpoints live in the artifact directory (a directory without a manifest survives a restart)
         # and go once the stage is done.
-        checkpoints = tc_lib.Checkpoints(store, store.artifact_dir("transcoder", keys["transcoder"], "checkpoints"),
+        checkpoints = train_lib.Checkpoints(store, store.artifact_dir("transcoder", keys["transcoder"], "checkpoints"),
                                          f"layers.{layer}.mlp")
-        sae, metrics = tc_lib.train_streaming(model, layer, train, cfg.transcoder, cfg.evaluate.batch_size, device,
+        sae, metrics = train_lib.train_streaming(model, layer, train, cfg.transcoder, cfg.evaluate.batch_size, device,
                                               checkpoints)
         del train
     sae.eval()
