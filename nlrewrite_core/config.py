@@ -663,7 +663,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
+def format_validation_error(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) if _PLAIN_NAME.fullmatch(str(p)) else repr(p) for p in e["loc"]) or "<root>"
@@ -711,4 +711,4 @@ def load_config(preset: str = "tiny", config_file: str | Path | None = None,
     try:
         return RewriteConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, origin)) from None
+        raise ConfigError(format_validation_error(e, origin)) from None

@@ -72,7 +72,7 @@ DPI = 110
 # ---------------------------------------------------------------------------------------------
 
 
-def _has_columns(frame: pd.DataFrame | None, columns: list[str]) -> TypeGuard[pd.DataFrame]:
+def has_columns(frame: pd.DataFrame | None, columns: list[str]) -> TypeGuard[pd.DataFrame]:
     """Whether ``frame`` is a non-empty DataFrame holding ``columns``."""
     return isinstance(frame, pd.DataFrame) and not frame.empty and set(columns) <= set(frame.columns)
 
@@ -89,7 +89,7 @@ def aggregate_ce(ce: pd.DataFrame | None, value: str = "ce", condition: str = "s
     mean_col, lo_col, hi_col = f"{value}_mean", f"{value}_lo", f"{value}_hi"
     out_cols = ["selection", "calibration", "fraction", mean_col, lo_col, hi_col, "n_seeds"]
     needed = ["condition", "selection", "fraction", "calibration", mean_col]
-    if not _has_columns(ce, needed):
+    if not has_columns(ce, needed):
         return pd.DataFrame(columns=out_cols)
     sim = ce[ce["condition"] == condition].copy()
     sim["fraction"] = pd.to_numeric(sim["fraction"], errors="coerce")
@@ -114,7 +114,7 @@ def aggregate_ce(ce: pd.DataFrame | None, value: str = "ce", condition: str = "s
 def baselines(ce: pd.DataFrame | None, column: str = "ce_mean") -> dict[str, float]:
     """Mean ``column`` (the CE; or ``delta_zero_mean``) of each non-simulated condition (clean,
     transcoder, ablations): name -> mean."""
-    if not _has_columns(ce, ["condition", column]):
+    if not has_columns(ce, ["condition", column]):
         return {}
     rows = ce[~ce["condition"].astype(str).str.startswith("simulated")]
     means = pd.to_numeric(rows[column], errors="coerce").groupby(rows["condition"], sort=True).mean()
@@ -343,7 +343,7 @@ def plot_specificity_sensitivity(
     with the binned means (lines) and Spearman rho of ``relation`` (the ``score_relation`` table)."""
     fig = _new_figure(11.0, 4.6)
     axes = fig.subplots(1, 2)
-    if not _has_columns(latent_metrics, METRIC_COLUMNS):
+    if not has_columns(latent_metrics, METRIC_COLUMNS):
         for ax in axes:
             _note(ax, "No per-latent metrics.")
         _save(fig, path, stamp)
@@ -353,7 +353,7 @@ def plot_specificity_sensitivity(
     if "threshold_rule" in latent_metrics.columns:
         rules = latent_metrics.groupby("calibration")["threshold_rule"].first().astype(str).to_dict()
         suffix = ""
-    rel_table = relation if _has_columns(relation, ["calibration", "metric", "score_mean", "mean", "rho"]) else None
+    rel_table = relation if has_columns(relation, ["calibration", "metric", "score_mean", "mean", "rho"]) else None
     for ax, metric in zip(axes, ("specificity", "sensitivity")):
         frame = pd.DataFrame({
             "detection_score": pd.to_numeric(latent_metrics["detection_score"], errors="coerce"),
@@ -390,7 +390,7 @@ def calibration_comparison(ce: pd.DataFrame | None, latent_metrics: pd.DataFrame
     and mean per-latent specificity, sensitivity, precision, Spearman and AUROC, with the stated
     activity threshold."""
     out: dict[str, dict[str, Any]] = {}
-    if _has_columns(ce, ["condition", "selection", "fraction", "calibration", "ce_mean"]):
+    if has_columns(ce, ["condition", "selection", "fraction", "calibration", "ce_mean"]):
         sim = ce[(ce["condition"] == "simulated") & (ce["selection"] == "top")]
         for _, r in sim.iterrows():
             frac = float(r["fraction"])
@@ -400,7 +400,7 @@ def calibration_comparison(ce: pd.DataFrame | None, latent_metrics: pd.DataFrame
             row[f"ce@{frac:g}"] = float(r["ce_mean"])
             row[f"ce@{frac:g} lo"] = float(r.get("ce_lo", np.nan))
             row[f"ce@{frac:g} hi"] = float(r.get("ce_hi", np.nan))
-    if _has_columns(latent_metrics, ["calibration"]):
+    if has_columns(latent_metrics, ["calibration"]):
         for cal, group in latent_metrics.groupby("calibration", sort=True):
             row = out.setdefault(str(cal), {"calibration": str(cal)})
             for col in ("specificity", "sensitivity", "precision", "spearman", "auroc"):
@@ -465,7 +465,7 @@ def plot_oracle(oracle: pd.DataFrame | None, path: Path, lines: Mapping[str, flo
     false-negative rate; zero-ablation and the transcoder as horizontal lines."""
     fig = _new_figure(7.5, 4.8)
     ax = fig.add_subplot()
-    if not _has_columns(oracle, ["fp_rate", "fn_rate", "specificity", "ce_mean"]):
+    if not has_columns(oracle, ["fp_rate", "fn_rate", "specificity", "ce_mean"]):
         _note(ax, "No oracle results.")
         _save(fig, path, stamp)
         return
@@ -499,7 +499,7 @@ def plot_sample_size(sizes: pd.DataFrame | None, path: Path, zero: float | None 
     """Figure A2: CE (left) and mean specificity/sensitivity (right) against calib contexts used."""
     fig = _new_figure(11.0, 4.4)
     left, right = fig.subplots(1, 2)
-    if not _has_columns(sizes, ["calibration", "n_calib_contexts", "fraction", "ce_mean"]):
+    if not has_columns(sizes, ["calibration", "n_calib_contexts", "fraction", "ce_mean"]):
         _note(left, "No sample-size ablation.")
         _note(right, "No sample-size ablation.")
         _save(fig, path, stamp)

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import stages
-from .config import PRESETS, ConfigError, RewriteConfig, _format_validation_error, deep_merge, load_config
+from .config import PRESETS, ConfigError, RewriteConfig, deep_merge, format_validation_error, load_config
 from .storage import Store
 
 log = logging.getLogger("nlrewrite")
@@ -50,7 +50,7 @@ def patch_config(run_record: dict[str, Any], overrides: dict[str, Any] | None, o
     try:
         return RewriteConfig.model_validate(deep_merge(run_record["config"], overrides))
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, f"{origin} over run {run_record.get('run_id')!r}")) from None
+        raise ConfigError(format_validation_error(e, f"{origin} over run {run_record.get('run_id')!r}")) from None
 
 
 def upstream_artifacts(cfg: RewriteConfig, keys: dict[str, str]) -> list[tuple[str, str, int | None]]:

@@ -29,9 +29,9 @@ from .figures import (
     FIGA2,
     HEADLINE_FRACTIONS,
     METRIC_COLUMNS,
-    _has_columns,
     baselines,
     calibration_comparison,
+    has_columns,
     plot_calibration_comparison,
     plot_ce_sweep,
     plot_distributions,
@@ -126,7 +126,7 @@ def _sorted_ce(ce: pd.DataFrame | None) -> pd.DataFrame | None:
 
 def metrics_summary(latent_metrics: pd.DataFrame | None) -> pd.DataFrame | None:
     """Mean detection score, specificity and sensitivity per calibration method."""
-    if not _has_columns(latent_metrics, METRIC_COLUMNS):
+    if not has_columns(latent_metrics, METRIC_COLUMNS):
         return None
     numeric = ["detection_score", "specificity", "sensitivity"] + [
         c for c in ("precision", "spearman", "auroc") if c in latent_metrics.columns]
@@ -175,7 +175,7 @@ def headline(ce: pd.DataFrame | None, positions: str | None = None) -> pd.DataFr
     """The headline rows of the ``ce`` table: every baseline, and the top selection at the
     headline fractions for each calibration method (primary positions), numbers as in ``ce``."""
     ce = primary_rows(ce, positions)
-    if not _has_columns(ce, ["condition", "ce_mean"]):
+    if not has_columns(ce, ["condition", "ce_mean"]):
         return None
     base = ce[~ce["condition"].astype(str).str.startswith("simulated")]
     sim = ce[ce["condition"] == "simulated"]
