@@ -1,7 +1,7 @@
 """Scale benchmark (issue 6): time and peak RSS of the simulate and calibrate stages at fractions
 of the paper's shape (32,768 latents x 10,000 calib contexts = 327M calib predictions), run
 through the same library code as the pipeline's stages (simulate_shard_blocks + BlockWriter, as in
-nlrewrite_core.stages.simulate.simulate_shard; calibrate.stream_calibration, as in
+nlrewrite_core.stages.simulate.simulate_shard; calibrate_stream.stream_calibration, as in
 nlrewrite_core.stages.calibrate.calibrate_predictions).
 
 The upstream artifacts are synthetic, at the `paper-shape` preset's shapes: unit-norm context and
@@ -131,18 +131,18 @@ def stage_calibrate(d: Path, n_latents: int, n_eval: int, n_calib: int = PAPER_C
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from nlrewrite_core import calibrate as C
+    from nlrewrite_core import calibrate_stream as CS
     from nlrewrite_core import simulate as S
     from nlrewrite_core.simulate import CALIBRATED_SCHEMA
 
     cids = np.load(d / "cids.npy")
     calib_cids, eval_cids = cids[:n_calib], cids[n_calib:]
-    true = C.SparseColumns(np.load(d / "true_rows.npy"), np.load(d / "true_lat.npy"), np.load(d / "true_act.npy"),
+    true = CS.SparseColumns(np.load(d / "true_rows.npy"), np.load(d / "true_lat.npy"), np.load(d / "true_act.npy"),
                            n_calib)
     files = sorted((d / "simulate").glob("shard-*/predictions.parquet"))
     w = S.BlockWriter(pafs.LocalFileSystem(), str(d / "calibrated.parquet"), schema=CALIBRATED_SCHEMA)
     t0 = time.perf_counter()
-    res = C.stream_calibration((C.ShardReader(pq.ParquetFile(f)) for f in files),
+    res = CS.stream_calibration((CS.ShardReader(pq.ParquetFile(f)) for f in files),
                                METHODS, N_KNOTS, calib_cids, eval_cids, true, w.write)
     w.close()
     total = time.perf_counter() - t0
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_latents", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._stage:
-        import nlrewrite_core.calibrate  # noqa: F401  (imports are not the stage's time; their memory is)
+        import nlrewrite_core.calibrate_stream  # noqa: F401  (imports are not the stage's time; their memory is)
         import nlrewrite_core.simulate  # noqa: F401
 
         t = time.perf_counter()

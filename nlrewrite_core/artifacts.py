@@ -18,7 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from . import calibrate as calib_lib, embedding as emb_lib, evaluate as eval_lib, transcoder as tc_lib
+from . import (
+    calibrate_stream as stream_lib,
+    embedding as emb_lib,
+    evaluate as eval_lib,
+    quantile as quantile_lib,
+    transcoder as tc_lib,
+)
 from .config import RewriteConfig
 from .storage import Store
 from .subject import to_device
@@ -164,14 +170,14 @@ def true_activations(store: Store, keys: dict[str, str], split: str, seq_len: in
 
 
 def true_sparse(store: Store, keys: dict[str, str], split: str, seq_len: int,
-                cids: np.ndarray) -> calib_lib.SparseColumns:
+                cids: np.ndarray) -> stream_lib.SparseColumns:
     """A split's true activations at the contexts `cids` as sparse columns (rows in `cids` order)."""
     row, lat, act = sparse_activations(store, keys, split, seq_len, cids)
-    return calib_lib.SparseColumns(row, lat, act, len(cids))
+    return stream_lib.SparseColumns(row, lat, act, len(cids))
 
 
 def true_sample(store: Store, keys: dict[str, str], seq_len: int, seq_ids: np.ndarray | None = None
-                ) -> tuple[calib_lib.TrueSample, int]:
+                ) -> tuple[quantile_lib.TrueSample, int]:
     """The true sample quantile normalisation maps onto (calibrate.true_sample 'cache'): every cached
     token outside the eval split (explain, calib and the `sample` split), or only the sequences
     `seq_ids` of them; sparse. Returns it and its token count."""
@@ -182,7 +188,7 @@ def true_sample(store: Store, keys: dict[str, str], seq_len: int, seq_ids: np.nd
         flt = flt & pc.field("seq_id").isin(pa.array(np.asarray(seq_ids, dtype=np.int64)))
     t = read_table(store, "activations", keys["activations"], "activations", columns=["latent", "act"], filters=flt)
     m = int(sum(n_tokens[s] for s in splits)) if seq_ids is None else int(len(np.unique(seq_ids)) * seq_len)
-    return calib_lib.TrueSample(t.column("latent").to_numpy(), t.column("act").to_numpy(), m), m
+    return quantile_lib.TrueSample(t.column("latent").to_numpy(), t.column("act").to_numpy(), m), m
 
 
 def true_sample_sequences(store: Store, keys: dict[str, str]) -> np.ndarray:
@@ -240,7 +246,7 @@ def read_predictions(store: Store, keys: dict[str, str], filters: Any = None,
 
 def shard_readers(store: Store, keys: dict[str, str]):
     """The simulation shards' prediction files, one ShardReader at a time (opened lazily)."""
-    return (calib_lib.ShardReader(pq.ParquetFile(store.fs.open_input_file(f))) for f in prediction_files(store, keys))
+    return (stream_lib.ShardReader(pq.ParquetFile(store.fs.open_input_file(f))) for f in prediction_files(store, keys))
 
 
 def llm_with_usage(llm_cfg):

@@ -12,26 +12,9 @@ around and stays NaN: it is never given a value here.
 Methods (registry :data:`METHODS`, name -> :class:`CalibrationMethod`):
 
 - ``none``: the identity (knots ``(0, 0), (1, 1)``, extrapolated).
-- ``quantile``: the paper's quantile normalisation, exact. A prediction ``p`` goes to
-  ``Q_true(F_pred(p))``: ``F_pred`` is the empirical CDF of the latent's calib predictions and
-  ``Q_true`` the empirical inverse CDF of its *true sample* (:class:`TrueSample`: in the paper,
-  ~10M true activations of the latent cache, disjoint from eval). A right-continuous step
-  function (``CalibrationMethod.step``), stored as the knots where its value steps up after a
-  floor knot at the lowest float32; nothing is interpolated, so no prediction gets a value
-  between two true quantiles (fit predictions [1, 3] onto true [0, 2]: 2 maps to 0, not 1).
-- ``quantile-interp``: an ablation, the interpolated map nlrewrite used before: knots
-  ``x_j = Q_pred(p_j)``, ``y_j = Q_true(p_j)`` on ``n_knots`` probabilities ``p_j``
-  (:func:`quantile_grid`: even on [0, 0.5], crowded towards 1 where sparse latents are active;
-  linear interpolation between order statistics, numpy's default type 7) of the calib contexts'
-  *paired* true values, joined by straight lines. A run of tied prediction quantiles gets one
-  value: ``Q_true`` at the run's middle probability, so a constant-prediction latent maps to
-  the median true activation.
-- ``quantile-hf1`` .. ``quantile-hf9``: the same quantile normalisation with each of Hyndman &
-  Fan's (1996) sample-quantile definitions (numpy.quantile's ``method=``: 1 inverted_cdf,
-  2 averaged_inverted_cdf, 3 closest_observation, 4 interpolated_inverted_cdf, 5 hazen,
-  6 weibull, 7 linear, 8 median_unbiased, 9 normal_unbiased) for both the prediction and the
-  true quantiles, on the same knot grid and with the same tie rule (the paired calib true
-  values, like ``quantile-interp``). ``quantile-hf7`` equals ``quantile-interp`` up to rounding.
+- ``quantile``, ``quantile-interp``, ``quantile-hf1`` .. ``quantile-hf9``: the paper's quantile
+  normalisation, exact (a step map onto each latent's true sample) and its interpolated variants;
+  described with their fits, and the true sample, in :mod:`nlrewrite_core.quantile`.
 - ``isotonic``: scikit-learn's ``IsotonicRegression`` of true on predicted activation (the
   least-squares monotone fit), clamped outside the calib range. Its knots are the fit's
   thresholds, so on its own fit data it reproduces ``IsotonicRegression.predict`` and the mean of
@@ -48,23 +31,33 @@ latents (:data:`METHODS`).
 Maps are joined to prediction columns by latent id, never by position:
 :func:`apply_calibration` takes the latent id of each column, and :func:`maps_from_table`
 sorts rows by latent id whatever their order in the table.
+
+Where the rest is: the true sample (:class:`~nlrewrite_core.quantile.TrueSample`), the knot-fit
+signature and the quantile fits are in :mod:`nlrewrite_core.quantile`; fitting and applying the maps
+shard by shard over the simulation's prediction files, with the sparse true activations
+(``SparseColumns``, ``ShardReader``, ``stream_calibration``...), is in
+:mod:`nlrewrite_core.calibrate_stream`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-KnotFit = Callable[[np.ndarray, np.ndarray, int, "SampleBlock"], tuple[np.ndarray, np.ndarray]]
-"""Fit for a block of latents: (pred [n, L], true [n, L], n_knots, the block's true sample) ->
-(x [L, K], y [L, K]). ``true`` holds the true activations of the same contexts as ``pred``
-(paired methods use it); the true sample is each latent's distribution of true activations
-(quantile normalisation uses it; see :class:`TrueSample`)."""
+from .quantile import (
+    HF_TYPES,
+    KnotFit,
+    SampleBlock,
+    TrueSample,
+    _fit_quantile,
+    _fit_quantile_hf,
+    _fit_quantile_interp,
+    _pad_rows,
+    _sort_columns,
+)
 
 LATENT_BLOCK = 512
 """Latents fitted at once: bounds the memory of the sorted copies to n_contexts x 512 values."""
@@ -119,234 +112,6 @@ def _fit_identity(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: Samp
     n_latents = pred.shape[1]
     knots = np.tile(np.array([0.0, 1.0]), (n_latents, 1))
     return knots, knots.copy()
-
-
-def _quantile_sorted(sorted_cols: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Quantiles of each column of ``sorted_cols`` [n, L] at per-column probabilities [K, L].
-
-    Linear interpolation between order statistics (Hyndman & Fan type 7, numpy's default):
-    ``h = (n - 1) p``, ``Q = s[floor h] + (h - floor h) (s[floor h + 1] - s[floor h])``.
-    """
-    n = sorted_cols.shape[0]
-    h = np.clip(probs, 0.0, 1.0) * (n - 1)
-    lo = np.floor(h).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    frac = h - lo
-    s_lo = np.take_along_axis(sorted_cols, lo, axis=0)
-    s_hi = np.take_along_axis(sorted_cols, hi, axis=0)
-    return s_lo + frac * (s_hi - s_lo)
-
-
-def _sort_columns(a: np.ndarray) -> np.ndarray:
-    """``np.sort(a.astype(float64), axis=0)``, the same values, about 4x faster: each column is
-    sorted as a contiguous row of the transpose (numpy's axis-0 sort copies strided columns)."""
-    t = a.T.astype(np.float64, order="C")
-    t.sort(axis=1)
-    return t.T
-
-
-def _tie_runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First and last index of the run of equal values containing each entry, along axis 0.
-
-    ``x`` is [K, L] and non-decreasing along axis 0.
-    """
-    k = x.shape[0]
-    idx = np.arange(k)[:, None]
-    starts = np.ones(x.shape, dtype=bool)
-    starts[1:] = x[1:] != x[:-1]
-    ends = np.ones(x.shape, dtype=bool)
-    ends[:-1] = x[:-1] != x[1:]
-    first = np.maximum.accumulate(np.where(starts, idx, 0), axis=0)
-    last = np.minimum.accumulate(np.where(ends, idx, k - 1)[::-1], axis=0)[::-1]
-    return first, last
-
-
-def quantile_grid(n_knots: int, n_contexts: int) -> np.ndarray:
-    """Probabilities of the ``n_knots`` quantile knots: strictly increasing from 0 to 1.
-
-    Half the knots are evenly spaced on [0, 0.5]; the other half crowd geometrically towards 1,
-    with ``1 - p`` running from 0.5 down to ``1 / (n_contexts - 1)`` (the spacing of the order
-    statistics) before the final knot at 1. Latents are sparse: their non-zero activations
-    fill only the top fraction of a percent of the probability range, and an even grid would
-    leave that part to one linear segment. With too few knots or contexts for a tail, the
-    grid is even on [0, 1].
-    """
-    n_even = n_knots // 2 + 1
-    n_tail = n_knots - n_even
-    even = np.linspace(0.0, 0.5, n_even)
-    smallest = 1.0 / max(n_contexts - 1, 1)
-    if n_tail < 2 or smallest >= 0.5:
-        return np.linspace(0.0, 1.0, n_knots)
-    tail = 1.0 - np.geomspace(0.5, smallest, n_tail)[1:]
-    return np.concatenate([even, tail, [1.0]])
-
-
-def _fit_quantile_interp(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Interpolated quantile-normalisation knots on the calib contexts' paired true values (``quantile-interp``;
-    see the module docstring)."""
-    n_latents = pred.shape[1]
-    probs = quantile_grid(n_knots, pred.shape[0])
-    grid = np.broadcast_to(probs[:, None], (n_knots, n_latents))
-    sorted_pred = _sort_columns(pred)
-    sorted_true = _sort_columns(true)
-    # Ties are found on the stored (float32) knots, so rounding cannot create a jump.
-    x = _quantile_sorted(sorted_pred, grid).astype(np.float32)
-    first, last = _tie_runs(x)
-    mid_probs = 0.5 * (probs[first] + probs[last])
-    y = _quantile_sorted(sorted_true, mid_probs)
-    # Guard against rounding: quantiles of sorted data at increasing probabilities never decrease.
-    y = np.maximum.accumulate(y, axis=0)
-    return x.T.astype(np.float64), y.T
-
-
-class SampleBlock:
-    """The true samples of a block of latents, sparse: column ``c`` holds ``m`` values of which
-    ``counts[c]`` are positive (``values[offsets[c]:offsets[c] + counts[c]]``, sorted ascending)
-    and the rest are 0. True post-TopK activations are never negative, so the zeros are the
-    smallest order statistics."""
-
-    def __init__(self, m: int, offsets: np.ndarray, counts: np.ndarray, values: np.ndarray) -> None:
-        if m < 1:
-            raise ValueError("a true sample needs at least one token")
-        if np.any(counts > m):
-            raise ValueError("a true sample has more active values than tokens")
-        if values.size and values.min() <= 0:
-            raise ValueError("a true sample's active values must be positive")
-        self.m, self.offsets, self.counts, self.values = int(m), offsets, counts, values
-
-    @classmethod
-    def from_dense(cls, true: np.ndarray) -> SampleBlock:
-        """The columns of a dense [m, L] array as true samples (the calib-only design)."""
-        srt = _sort_columns(true)
-        pos = srt > 0
-        counts = pos.sum(axis=0)
-        values = srt.T[pos.T].astype(np.float32)  # column-major: each column's positive values, ascending
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        return cls(true.shape[0], offsets, counts.astype(np.int64), values)
-
-    def order_stat(self, cols: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """The ``j``-th smallest value (0-based) of column ``cols`` (arrays broadcast together)."""
-        zeros = self.m - self.counts[cols]
-        k = j - zeros
-        idx = self.offsets[cols] + np.maximum(k, 0)
-        got = self.values[np.minimum(idx, max(self.values.size - 1, 0))] if self.values.size else np.zeros(idx.shape)
-        return np.where(k >= 0, got, 0.0)
-
-
-class TrueSample:
-    """Each latent's true activations over a large sample of tokens disjoint from eval (the
-    latent cache), kept sparse: its positive values, sorted, plus the sample's token count
-    ``m``. The paper maps predictions onto the empirical inverse CDF of ~10M true activations:
-    cheap, because they are the latent cache. Memory: 12 bytes per cached active value."""
-
-    def __init__(self, latents: np.ndarray, values: np.ndarray, m: int) -> None:
-        latents = np.asarray(latents, dtype=np.int64)
-        values = np.asarray(values, dtype=np.float32)
-        keep = values > 0
-        latents, values = latents[keep], values[keep]
-        order = np.lexsort((values, latents))
-        self.latents, self.values, self.m = latents[order], values[order], int(m)
-
-    def block(self, latents: np.ndarray) -> SampleBlock:
-        """The true samples of the given latent ids (a sorted array)."""
-        latents = np.asarray(latents, dtype=np.int64)
-        lo = np.searchsorted(self.latents, latents, side="left")
-        hi = np.searchsorted(self.latents, latents, side="right")
-        counts = hi - lo
-        values = np.concatenate([self.values[a:b] for a, b in zip(lo, hi)]) if latents.size else np.zeros(0, np.float32)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        return SampleBlock(self.m, offsets, counts, values)
-
-
-FLOOR = float(np.finfo(np.float32).min)
-"""The first knot of a step map: every prediction is at or above it."""
-
-
-def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's quantile normalisation, exact: a prediction ``p`` goes to ``Q_true(F_pred(p))``,
-    where ``F_pred`` is the empirical CDF of the latent's ``n`` calib predictions (the fraction
-    at or below ``p``) and ``Q_true`` the empirical inverse CDF of its true sample of ``m``
-    values, ``Q_true(u) = `` the ``ceil(u m)``-th smallest value (Hyndman & Fan type 1; the
-    smallest at ``u = 0``). A step function: its knots are the distinct calib predictions
-    where the value changes, after a floor knot for predictions below all of them. ``n_knots``
-    is ignored (the data decide). Computed in integers: the index is ``ceil(i m / n) - 1``.
-
-    Where we follow and differ from the paper: the paper maps ~10K predictions onto ~10M true
-    activations of the latent cache, which is what ``sample`` holds (``calibrate.true_sample``);
-    its released scripts only keep the normalised values, so the tie rule here (the CDF counts
-    ties, i.e. a prediction equal to others takes the highest of their quantiles) is ours."""
-    n, n_latents = pred.shape
-    srt = _sort_columns(pred)  # float64 copy of float32 values
-    idx = np.arange(1, n + 1, dtype=np.int64)[:, None]
-    last = np.ones(srt.shape, dtype=bool)
-    last[:-1] = srt[1:] != srt[:-1]  # the last of each run of ties: F_pred there counts the whole run
-    j = (idx * sample.m + n - 1) // n - 1
-    cols = np.broadcast_to(np.arange(n_latents)[None, :], srt.shape)
-    y = sample.order_stat(cols, j)
-    floor = sample.order_stat(np.arange(n_latents), np.zeros(n_latents, dtype=np.int64))
-    rows = []
-    for c in range(n_latents):
-        xs, ys = srt[last[:, c], c], y[last[:, c], c]
-        prev = np.concatenate([[floor[c]], ys[:-1]])
-        keep = ys > prev  # a knot only where the value steps up (y never decreases along x)
-        rows.append((np.concatenate([[FLOOR], xs[keep]]), np.concatenate([[floor[c]], ys[keep]])))
-    return _pad_rows(rows)
-
-
-QuantileMethod = Literal[
-    "inverted_cdf", "averaged_inverted_cdf", "closest_observation", "interpolated_inverted_cdf",
-    "hazen", "weibull", "linear", "median_unbiased", "normal_unbiased",
-]
-"""The numpy.quantile ``method=`` names of the nine Hyndman & Fan types."""
-
-HF_TYPES: dict[int, QuantileMethod] = {
-    1: "inverted_cdf",
-    2: "averaged_inverted_cdf",
-    3: "closest_observation",
-    4: "interpolated_inverted_cdf",
-    5: "hazen",
-    6: "weibull",
-    7: "linear",
-    8: "median_unbiased",
-    9: "normal_unbiased",
-}
-"""Hyndman & Fan (1996) sample-quantile type -> numpy.quantile ``method=`` name."""
-
-
-def _fit_quantile_hf(hf_type: int) -> KnotFit:
-    """Quantile-normalisation knots with Hyndman & Fan type ``hf_type`` quantiles."""
-    method = HF_TYPES[hf_type]
-
-    def fit(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock) -> tuple[np.ndarray, np.ndarray]:
-        probs = quantile_grid(n_knots, pred.shape[0])
-        x = np.quantile(pred.astype(np.float64), probs, axis=0, method=method)
-        # Sample quantiles never decrease in p; the guard only absorbs rounding.
-        x = np.maximum.accumulate(x.astype(np.float32), axis=0)
-        first, last = _tie_runs(x)
-        mid_probs = 0.5 * (probs[first] + probs[last])
-        sorted_true = _sort_columns(true)
-        y = np.empty(mid_probs.shape, dtype=np.float64)
-        for j in range(x.shape[1]):
-            unique, inverse = np.unique(mid_probs[:, j], return_inverse=True)
-            y[:, j] = np.quantile(sorted_true[:, j], unique, method=method)[inverse]
-        y = np.maximum.accumulate(y, axis=0)
-        return x.T.astype(np.float64), y.T
-
-    fit.__name__ = f"_fit_quantile_hf{hf_type}"
-    return fit
-
-
-def _pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged per-latent knots as [L, K] arrays, each row padded with its last knot."""
-    width = max((r[0].size for r in rows), default=1)
-    xs = np.empty((len(rows), width), dtype=np.float64)
-    ys = np.empty((len(rows), width), dtype=np.float64)
-    for i, (x, y) in enumerate(rows):
-        xs[i, : x.size], xs[i, x.size :] = x, x[-1]
-        ys[i, : y.size], ys[i, y.size :] = y, y[-1]
-    return xs, ys
 
 
 def _fit_isotonic(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
@@ -667,199 +432,3 @@ def maps_from_table(table: pa.Table, method: str) -> CalibrationMaps:
         raise ValueError("calibration table rows have x and y of different lengths")
     width = int(x_len.max()) if x_len.size else 2
     return _make_maps(method, latents, _padded(rows["x"], x_len, width), _padded(rows["y"], y_len, width))
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming over simulation shards
-# ---------------------------------------------------------------------------------------------
-# Every map is fit on its own latent's column alone (see fit_calibration), so fitting the latents
-# of each shard separately gives exactly the maps of one fit over all latents at once. The helpers
-# below turn one shard's long-format predictions and the sparse true activations into the dense
-# [contexts x shard latents] blocks that fit_calibration and apply_calibration take.
-
-
-class SparseColumns:
-    """Sparse values (row, latent, value), e.g. the true activations of a split, from which dense
-    [n_rows, len(latents)] blocks of chosen latents are cut without ever building [n_rows x all
-    latents]. Memory: the sparse entries, sorted by latent once."""
-
-    def __init__(self, rows: np.ndarray, latents: np.ndarray, values: np.ndarray, n_rows: int):
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
-            raise ValueError("sparse rows outside [0, n_rows)")
-        order = np.argsort(latents, kind="stable")
-        self.rows, self.latents = rows[order], np.asarray(latents, dtype=np.int64)[order]
-        self.values = np.asarray(values, dtype=np.float32)[order]
-        self.n_rows = n_rows
-
-    def dense(self, latents: np.ndarray) -> np.ndarray:
-        """float32 [n_rows, len(latents)]: column j holds latent latents[j] (zero where absent).
-        `latents` must be sorted and unique."""
-        latents = np.asarray(latents, dtype=np.int64)
-        out = np.zeros((self.n_rows, len(latents)), dtype=np.float32)
-        if not len(latents):
-            return out
-        a, b = np.searchsorted(self.latents, [latents[0], latents[-1] + 1])
-        lat = self.latents[a:b]
-        col = np.searchsorted(latents, lat)
-        hit = (col < len(latents)) & (latents[np.minimum(col, len(latents) - 1)] == lat)
-        out[self.rows[a:b][hit], col[hit]] = self.values[a:b][hit]
-        return out
-
-
-@dataclass(frozen=True)
-class ShardBlock:
-    """One shard's predictions, dense: calib rows [n_calib, L] and eval rows [n_eval, L], columns
-    the shard's latents (sorted ids); NaN where a prediction is missing (a failed answer)."""
-
-    latents: np.ndarray
-    calib: np.ndarray
-    eval: np.ndarray
-
-    def failed_fraction(self) -> np.ndarray:
-        """Per latent, the fraction of its calib and eval contexts without a prediction."""
-        n = self.calib.shape[0] + self.eval.shape[0]
-        return (np.isnan(self.calib).sum(0) + np.isnan(self.eval).sum(0)) / max(n, 1)
-
-    def columns(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(calib, eval) predictions of the given latents (a sorted subset of this shard's)."""
-        col = np.searchsorted(self.latents, latents)
-        return self.calib[:, col], self.eval[:, col]
-
-
-class ShardReader:
-    """A shard's prediction file read in pieces: its latent ids first (one small column), then its
-    row groups (context blocks) one at a time, so a shard's long rows are never all in memory."""
-
-    def __init__(self, parquet_file):
-        self.file = parquet_file
-
-    def latents(self) -> np.ndarray:
-        return np.unique(self.file.read(columns=["latent"]).column("latent").to_numpy())
-
-    def batches(self):
-        for i in range(self.file.num_row_groups):
-            yield self.file.read_row_group(i, columns=["context_id", "latent", "pred"])
-
-
-def shard_block(context_ids: np.ndarray, latents: np.ndarray, pred: np.ndarray, calib_cids: np.ndarray,
-                eval_cids: np.ndarray) -> ShardBlock:
-    """Dense calib and eval blocks of one shard's long-format predictions, joined by context id and
-    latent id (rows in calib_cids / eval_cids order). Predictions of other contexts are ignored;
-    a (context, latent) pair given twice is an error."""
-    import pyarrow as pa
-
-    t = pa.table({"context_id": np.asarray(context_ids), "latent": np.asarray(latents), "pred": np.asarray(pred)})
-    return shard_block_batches(np.unique(latents), [t], calib_cids, eval_cids)
-
-
-def shard_block_batches(lat_ids: np.ndarray, batches, calib_cids: np.ndarray, eval_cids: np.ndarray) -> ShardBlock:
-    """`shard_block` over a shard given as its sorted latent ids and an iterable of long-format
-    tables (context_id, latent, pred): each batch is scattered into the dense block and dropped."""
-    lat_ids = np.asarray(lat_ids, dtype=np.int64)
-    lo = int(lat_ids[0]) if lat_ids.size else 0
-    lookup = np.full(int(lat_ids[-1]) - lo + 1 if lat_ids.size else 0, -1, dtype=np.int64)
-    lookup[lat_ids - lo] = np.arange(len(lat_ids))
-    all_cids = np.concatenate([calib_cids, eval_cids]).astype(np.int64)
-    index = np.full(int(all_cids.max(initial=-1)) + 1, -1, dtype=np.int64)
-    index[all_cids] = np.arange(len(all_cids))
-    out = np.full((len(all_cids), len(lat_ids)), np.nan, dtype=np.float32)
-    flat_out = out.reshape(-1)
-    n_values = 0
-    for t in batches:
-        cid = t.column("context_id").to_numpy()
-        lat = t.column("latent").to_numpy()
-        known = (lat >= lo) & (lat - lo < len(lookup))
-        col = np.where(known, lookup[np.where(known, lat - lo, 0)], -1)
-        if (col < 0).any():
-            raise ValueError("a batch holds latents outside the shard's latent ids")
-        inside = cid < len(index)
-        row = np.where(inside, index[np.where(inside, cid, 0)], -1)
-        keep = row >= 0
-        values = t.column("pred").to_numpy().astype(np.float32)[keep]
-        if not np.isfinite(values).all():
-            raise ValueError("predictions contain NaN or inf")
-        flat_out[row[keep] * len(lat_ids) + col[keep]] = values
-        n_values += len(values)
-        del t, cid, lat, col, row, keep, values
-    if np.count_nonzero(~np.isnan(out)) != n_values:
-        raise ValueError("a shard holds two predictions for one (context, latent) pair")
-    n = len(calib_cids)
-    return ShardBlock(lat_ids, out[:n], out[n:])
-
-
-@dataclass
-class StreamResult:
-    """What :func:`stream_calibration` fit: maps tables per method, calibrated latents, latents
-    left out (failed predictions above the allowed fraction, or no calib prediction at all),
-    latents kept with some failed contexts (fit without them; their eval contexts are left out
-    of the calibrated table and patched as 0 by evaluate), failed contexts kept, calib
-    predictions fit, seconds per method (fit only)."""
-
-    maps: dict[str, list[pa.Table]]
-    latents: list[np.ndarray]
-    excluded: list[np.ndarray]
-    with_failures: list[np.ndarray] = field(default_factory=list)
-    n_failed_kept: int = 0
-    n_fit: int = 0
-    fit_seconds: dict[str, float] = field(default_factory=dict)
-
-
-def stream_calibration(shards, methods: list[str], n_knots: int, calib_cids: np.ndarray, eval_cids: np.ndarray,
-                       true_calib: SparseColumns, write, *, sample: TrueSample | None = None,
-                       max_failed_fraction: float = 0.0) -> StreamResult:
-    """Fit every method's maps shard by shard and write the calibrated eval predictions.
-
-    ``shards`` yields, per simulation shard, a long-format prediction table (context_id, latent,
-    pred) holding all predictions of its latents, or a :class:`ShardReader` (read a row group at
-    a time). A missing prediction is a failed one: a latent whose failed fraction (over its calib
-    and eval contexts) exceeds ``max_failed_fraction`` is left out (``excluded``); below it, its
-    maps are fit without the failed calib contexts and its failed eval contexts get no row.
-    ``sample`` is the true sample the quantile methods map onto (None: the calib contexts' own true
-    values). ``write`` receives one table per (shard, method): context_id, latent, pred (float32),
-    method. Memory: one shard's dense [calib + eval contexts x shard latents]. Equal, map for map,
-    to one :func:`fit_calibration` over all latents at once."""
-    import time
-
-    res = StreamResult({m: [] for m in methods}, [], [], fit_seconds={m: 0.0 for m in methods})
-    for t in shards:
-        if isinstance(t, ShardReader):
-            block = shard_block_batches(t.latents(), t.batches(), calib_cids, eval_cids)
-        else:
-            block = shard_block(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
-                                t.column("pred").to_numpy(), calib_cids, eval_cids)
-        del t
-        frac = block.failed_fraction()
-        no_calib = np.isnan(block.calib).all(axis=0)
-        ok = (frac <= max_failed_fraction) & ~no_calib
-        latents = block.latents[ok]
-        res.latents.append(latents)
-        res.excluded.append(block.latents[~ok])
-        res.with_failures.append(block.latents[ok & (frac > 0)])
-        if not len(latents):
-            continue
-        pred_c, pred_e = block.columns(latents)
-        del block
-        res.n_failed_kept += int(np.isnan(pred_c).sum() + np.isnan(pred_e).sum())
-        true_c = true_calib.dense(latents)
-        res.n_fit += int((~np.isnan(pred_c)).sum())
-        for method in methods:
-            t0 = time.perf_counter()
-            maps = fit_calibration(method, pred_c, true_c, n_knots, latents=latents, sample=sample)
-            res.fit_seconds[method] += time.perf_counter() - t0
-            res.maps[method].append(maps_to_table(maps))
-            out = apply_calibration(maps, pred_e, latents=latents)
-            write(long_table(eval_cids, latents, out).append_column(
-                "calibration", pa.repeat(pa.scalar(method, pa.string()), int((~np.isnan(out)).sum()))))
-    return res
-
-
-def long_table(context_ids: np.ndarray, latents: np.ndarray, values: np.ndarray) -> pa.Table:
-    """Dense [n_contexts, n_latents] values as long rows (context_id, latent, pred float32), grouped by
-    latent; NaN entries (failed predictions) get no row."""
-    keep = ~np.isnan(values.T)
-    return pa.table({
-        "context_id": pa.array(np.broadcast_to(context_ids.astype(np.int64)[None, :], keep.shape)[keep]),
-        "latent": pa.array(np.broadcast_to(latents.astype(np.int32)[:, None], keep.shape)[keep]),
-        "pred": pa.array(values.T[keep].astype(np.float32)),
-    })

@@ -1,4 +1,5 @@
-"""Tests of per-latent calibration maps (nlrewrite_core.calibrate)."""
+"""Tests of per-latent calibration maps (nlrewrite_core.calibrate; the quantile fits and the true sample:
+nlrewrite_core.quantile)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from nlrewrite_core.calibrate import (
     fit_calibration,
     maps_from_table,
     maps_to_table,
-    quantile_grid,
 )
+from nlrewrite_core.quantile import quantile_grid
 
 
 def sparse_data(
@@ -366,7 +367,7 @@ def test_hf7_equals_the_interpolated_quantile() -> None:
 
 @pytest.mark.parametrize("hf_type", range(1, 10))
 def test_hf_types_match_the_target_distribution_on_fit_data(hf_type: int) -> None:
-    from nlrewrite_core.calibrate import HF_TYPES
+    from nlrewrite_core.quantile import HF_TYPES
 
     pred, true = sparse_data(n=4000, n_latents=3, active=0.03, seed=9)
     maps = fit_calibration(f"quantile-hf{hf_type}", pred, true, n_knots=257)
@@ -451,7 +452,7 @@ def test_exact_quantile_is_q_true_of_f_pred_by_brute_force() -> None:
     rng = np.random.default_rng(21)
     pred = np.round(rng.uniform(0, 5, size=(300, 4)), 1).astype(np.float32)  # ties included
     sample_true = (rng.exponential(size=(5000, 4)) * (rng.uniform(size=(5000, 4)) < 0.05)).astype(np.float32)
-    from nlrewrite_core.calibrate import TrueSample
+    from nlrewrite_core.quantile import TrueSample
 
     lat, ctx = np.nonzero(sample_true.T)
     sample = TrueSample(lat, sample_true.T[lat, ctx], 5000)
@@ -477,7 +478,7 @@ def test_exact_quantile_reproduces_the_target_exactly_on_distinct_fit_data() -> 
 
 
 def test_true_sample_blocks_match_a_dense_sample() -> None:
-    from nlrewrite_core.calibrate import SampleBlock, TrueSample
+    from nlrewrite_core.quantile import SampleBlock, TrueSample
 
     rng = np.random.default_rng(23)
     dense = (rng.exponential(size=(400, 6)) * (rng.uniform(size=(400, 6)) < 0.1)).astype(np.float32)

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nlrewrite_core import calibrate as C
+from nlrewrite_core import calibrate_stream as CS
 from nlrewrite_core import simulate as S
 
 
@@ -51,7 +52,7 @@ def test_streaming_calibration_equals_in_memory(method, shard):
     whole_out = C.apply_calibration(whole, pred[n_c:], latents=latents)
     # The true activations as the activations table holds them: sparse (row, latent, act).
     r, c = np.nonzero(true)
-    sparse = C.SparseColumns(r, latents[c], true[r, c], n_c)
+    sparse = CS.SparseColumns(r, latents[c], true[r, c], n_c)
     cids = np.concatenate([calib_cids, eval_cids])
     tables, outs = [], []
     for a in range(0, len(latents), shard):
@@ -59,7 +60,7 @@ def test_streaming_calibration_equals_in_memory(method, shard):
         # The shard's long rows, shuffled: joins are by id, never by position.
         t = S.predictions_table(cids, lat, pred[:, a:a + shard], S.STORED_SCHEMA)
         perm = np.random.default_rng(a).permutation(len(t))
-        block = C.shard_block(t.column("context_id").to_numpy()[perm], t.column("latent").to_numpy()[perm],
+        block = CS.shard_block(t.column("context_id").to_numpy()[perm], t.column("latent").to_numpy()[perm],
                               t.column("pred").to_numpy()[perm], calib_cids, eval_cids)
         assert (block.failed_fraction() == 0).all() and np.array_equal(block.latents, lat)
         ok = block.latents
@@ -80,8 +81,8 @@ def test_shard_block_rejects_duplicates_and_marks_missing():
     t = S.predictions_table(cids, np.array([3, 9]), np.ones((6, 2), np.float32))
     c, l, p = (t.column(k).to_numpy() for k in ("context_id", "latent", "pred"))
     with pytest.raises(ValueError, match="two predictions"):
-        C.shard_block(np.r_[c, c[:1]], np.r_[l, l[:1]], np.r_[p, p[:1]], cids[:4], cids[4:])
-    block = C.shard_block(c[1:], l[1:], p[1:], cids[:4], cids[4:])  # (context 0, latent 3) failed
+        CS.shard_block(np.r_[c, c[:1]], np.r_[l, l[:1]], np.r_[p, p[:1]], cids[:4], cids[4:])
+    block = CS.shard_block(c[1:], l[1:], p[1:], cids[:4], cids[4:])  # (context 0, latent 3) failed
     assert block.latents.tolist() == [3, 9] and block.failed_fraction().tolist() == [1 / 6, 0.0]
     assert np.isnan(block.calib[0, 0]) and np.isfinite(block.calib[:, 1]).all()
 
@@ -100,9 +101,9 @@ def test_streaming_calibration_fits_around_failed_predictions():
     t = pa.table({"context_id": np.array([r[0] for r in rows]), "latent": np.array([r[1] for r in rows]),
                   "pred": np.array([r[2] for r in rows], dtype=np.float32)})
     r, c = np.nonzero(true)
-    sparse = C.SparseColumns(r, latents[c], true[r, c], n_c)
+    sparse = CS.SparseColumns(r, latents[c], true[r, c], n_c)
     written = []
-    res = C.stream_calibration([t], ["quantile", "isotonic"], 33, calib_cids, eval_cids, sparse, written.append,
+    res = CS.stream_calibration([t], ["quantile", "isotonic"], 33, calib_cids, eval_cids, sparse, written.append,
                                max_failed_fraction=0.05)
     assert np.concatenate(res.excluded).tolist() == [latents[2]]
     assert np.concatenate(res.with_failures).tolist() == [latents[1]] and res.n_failed_kept == 2

@@ -1,5 +1,5 @@
 """The calibrate stage: per-latent maps from simulated to true activations fit on the calib split, streamed
-over the simulation shards, applied to the eval predictions (nlrewrite_core.calibrate)."""
+over the simulation shards, applied to the eval predictions (nlrewrite_core.calibrate, calibrate_stream)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import artifacts as art, calibrate as calib_lib, simulate as sim_lib, stages
+from .. import (
+    artifacts as art,
+    calibrate as calib_lib,
+    calibrate_stream as stream_lib,
+    quantile as quantile_lib,
+    simulate as sim_lib,
+    stages,
+)
 from ..config import RewriteConfig
 from ..storage import ArtifactRef, Store
 
@@ -19,10 +26,10 @@ log = logging.getLogger("nlrewrite")
 
 def calibrate_shards(store: Store, cfg: RewriteConfig, keys: dict[str, str], calib_cids: np.ndarray,
                      eval_cids: np.ndarray, methods: list[str], write,
-                     sample: calib_lib.TrueSample | None) -> calib_lib.StreamResult:
-    """calib_lib.stream_calibration over the simulation shards with the run's settings (the calibrate
+                     sample: quantile_lib.TrueSample | None) -> stream_lib.StreamResult:
+    """stream_lib.stream_calibration over the simulation shards with the run's settings (the calibrate
     stage and the sample-size ablations share it)."""
-    return calib_lib.stream_calibration(
+    return stream_lib.stream_calibration(
         art.shard_readers(store, keys), methods, cfg.calibrate.n_knots, calib_cids, eval_cids,
         art.true_sparse(store, keys, "calib", cfg.corpus.seq_len, calib_cids), write, sample=sample,
         max_failed_fraction=cfg.simulate.max_failed_fraction)

@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import torch
 
 from .. import artifacts as art, evaluate as eval_lib, progress, stages, subject as subject_lib, transcoder as tc_lib
-from ..calibrate import TrueSample
 from ..config import RewriteConfig
+from ..quantile import TrueSample
 from ..storage import ArtifactRef, Store
 from .calibrate import calibrate_shards
 
