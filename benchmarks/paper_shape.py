@@ -85,7 +85,7 @@ def ce_throughput(preset: str, storage: str, fraction: Fraction = Fraction(1), r
     cids = artifacts.sim_context_ids(cfg, "eval", seq_ids)
     cal = artifacts.read_table(store, "calibrate", keys["calibrate"], "calibrated")
     method = "quantile" if "quantile" in cfg.calibrate.methods else cfg.calibrate.methods[0]
-    t = cal.filter(pc.field("method") == method)
+    t = cal.filter(pc.field("calibration") == method)
     live = np.unique(t.column("latent").to_numpy())
     values = artifacts.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(), t.column("pred").to_numpy(),
                           artifacts.context_index(cids), (len(cids), sae.num_latents))[:, live]

@@ -52,11 +52,11 @@ from .quantile import (
     KnotFit,
     SampleBlock,
     TrueSample,
-    _fit_quantile,
-    _fit_quantile_hf,
-    _fit_quantile_interp,
-    _pad_rows,
-    _sort_columns,
+    fit_quantile,
+    fit_quantile_hf,
+    fit_quantile_interp,
+    pad_rows,
+    sort_columns,
 )
 
 LATENT_BLOCK = 512
@@ -141,7 +141,7 @@ def _fit_isotonic(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: Samp
         keep = np.ones(x.size, dtype=bool)
         keep[1:-1] = (y[1:-1] != y[:-2]) | (y[1:-1] != y[2:])
         rows.append((x[keep].astype(np.float64), y[keep]))
-    return _pad_rows(rows)
+    return pad_rows(rows)
 
 
 AFFINE_SPACING = 1e-3
@@ -153,7 +153,7 @@ def _fit_affine(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: Sample
     """Affine knots ``(t - d, 0), (t, 0), (t + d, s d)`` (see the module docstring)."""
     n, n_latents = pred.shape
     cols = np.arange(n_latents)
-    p = _sort_columns(pred)
+    p = sort_columns(pred)
     t = true.astype(np.float64)
     n_active = (t > 0).sum(axis=0)
     span = p[-1] - p[0]
@@ -176,9 +176,9 @@ def _fit_affine(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: Sample
 
 METHODS: dict[str, CalibrationMethod] = {
     "none": CalibrationMethod(fit=_fit_identity, extrapolate=True),
-    "quantile": CalibrationMethod(fit=_fit_quantile, extrapolate=False, step=True),
-    "quantile-interp": CalibrationMethod(fit=_fit_quantile_interp, extrapolate=False),
-    **{f"quantile-hf{k}": CalibrationMethod(fit=_fit_quantile_hf(k), extrapolate=False) for k in HF_TYPES},
+    "quantile": CalibrationMethod(fit=fit_quantile, extrapolate=False, step=True),
+    "quantile-interp": CalibrationMethod(fit=fit_quantile_interp, extrapolate=False),
+    **{f"quantile-hf{k}": CalibrationMethod(fit=fit_quantile_hf(k), extrapolate=False) for k in HF_TYPES},
     "isotonic": CalibrationMethod(fit=_fit_isotonic, extrapolate=False),
     "affine": CalibrationMethod(fit=_fit_affine, extrapolate=True),
 }

@@ -63,7 +63,7 @@ def _quantile_sorted(sorted_cols: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return s_lo + frac * (s_hi - s_lo)
 
 
-def _sort_columns(a: np.ndarray) -> np.ndarray:
+def sort_columns(a: np.ndarray) -> np.ndarray:
     """``np.sort(a.astype(float64), axis=0)``, the same values, about 4x faster: each column is
     sorted as a contiguous row of the transpose (numpy's axis-0 sort copies strided columns)."""
     t = a.T.astype(np.float64, order="C")
@@ -107,15 +107,15 @@ def quantile_grid(n_knots: int, n_contexts: int) -> np.ndarray:
     return np.concatenate([even, tail, [1.0]])
 
 
-def _fit_quantile_interp(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
+def fit_quantile_interp(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Interpolated quantile-normalisation knots on the calib contexts' paired true values (``quantile-interp``;
     see the module docstring)."""
     n_latents = pred.shape[1]
     probs = quantile_grid(n_knots, pred.shape[0])
     grid = np.broadcast_to(probs[:, None], (n_knots, n_latents))
-    sorted_pred = _sort_columns(pred)
-    sorted_true = _sort_columns(true)
+    sorted_pred = sort_columns(pred)
+    sorted_true = sort_columns(true)
     # Ties are found on the stored (float32) knots, so rounding cannot create a jump.
     x = _quantile_sorted(sorted_pred, grid).astype(np.float32)
     first, last = _tie_runs(x)
@@ -144,7 +144,7 @@ class SampleBlock:
     @classmethod
     def from_dense(cls, true: np.ndarray) -> SampleBlock:
         """The columns of a dense [m, L] array as true samples (the calib-only design)."""
-        srt = _sort_columns(true)
+        srt = sort_columns(true)
         pos = srt > 0
         counts = pos.sum(axis=0)
         values = srt.T[pos.T].astype(np.float32)  # column-major: each column's positive values, ascending
@@ -189,7 +189,7 @@ FLOOR = float(np.finfo(np.float32).min)
 """The first knot of a step map: every prediction is at or above it."""
 
 
-def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
+def fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: SampleBlock
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The paper's quantile normalisation, exact: a prediction ``p`` goes to ``Q_true(F_pred(p))``,
     where ``F_pred`` is the empirical CDF of the latent's ``n`` calib predictions (the fraction
@@ -204,7 +204,7 @@ def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: Samp
     its released scripts only keep the normalised values, so the tie rule here (the CDF counts
     ties, i.e. a prediction equal to others takes the highest of their quantiles) is ours."""
     n, n_latents = pred.shape
-    srt = _sort_columns(pred)  # float64 copy of float32 values
+    srt = sort_columns(pred)  # float64 copy of float32 values
     idx = np.arange(1, n + 1, dtype=np.int64)[:, None]
     last = np.ones(srt.shape, dtype=bool)
     last[:-1] = srt[1:] != srt[:-1]  # the last of each run of ties: F_pred there counts the whole run
@@ -218,7 +218,7 @@ def _fit_quantile(pred: np.ndarray, true: np.ndarray, n_knots: int, sample: Samp
         prev = np.concatenate([[floor[c]], ys[:-1]])
         keep = ys > prev  # a knot only where the value steps up (y never decreases along x)
         rows.append((np.concatenate([[FLOOR], xs[keep]]), np.concatenate([[floor[c]], ys[keep]])))
-    return _pad_rows(rows)
+    return pad_rows(rows)
 
 
 QuantileMethod = Literal[
@@ -241,7 +241,7 @@ HF_TYPES: dict[int, QuantileMethod] = {
 """Hyndman & Fan (1996) sample-quantile type -> numpy.quantile ``method=`` name."""
 
 
-def _fit_quantile_hf(hf_type: int) -> KnotFit:
+def fit_quantile_hf(hf_type: int) -> KnotFit:
     """Quantile-normalisation knots with Hyndman & Fan type ``hf_type`` quantiles."""
     method = HF_TYPES[hf_type]
 
@@ -252,7 +252,7 @@ def _fit_quantile_hf(hf_type: int) -> KnotFit:
         x = np.maximum.accumulate(x.astype(np.float32), axis=0)
         first, last = _tie_runs(x)
         mid_probs = 0.5 * (probs[first] + probs[last])
-        sorted_true = _sort_columns(true)
+        sorted_true = sort_columns(true)
         y = np.empty(mid_probs.shape, dtype=np.float64)
         for j in range(x.shape[1]):
             unique, inverse = np.unique(mid_probs[:, j], return_inverse=True)
@@ -260,11 +260,11 @@ def _fit_quantile_hf(hf_type: int) -> KnotFit:
         y = np.maximum.accumulate(y, axis=0)
         return x.T.astype(np.float64), y.T
 
-    fit.__name__ = f"_fit_quantile_hf{hf_type}"
+    fit.__name__ = f"fit_quantile_hf{hf_type}"
     return fit
 
 
-def _pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Ragged per-latent knots as [L, K] arrays, each row padded with its last knot."""
     width = max((r[0].size for r in rows), default=1)
     xs = np.empty((len(rows), width), dtype=np.float64)

@@ -215,7 +215,7 @@ def test_micro_run_shards_rerun_and_streaming_calibration(micro_run):
     for method in cfg.calibrate.methods:
         maps = C.fit_calibration(method, cp[:, live], ct[:, live], cfg.calibrate.n_knots, latents=live, sample=sample)
         want = C.apply_calibration(maps, ep[:, live], latents=live)
-        t = cal.filter(pc.field("method") == method)
+        t = cal.filter(pc.field("calibration") == method)
         got = artifacts.dense(t.column("context_id").to_numpy(), t.column("latent").to_numpy(),
                            t.column("pred").to_numpy(), artifacts.context_index(ecids), ep.shape, fill=np.nan)
         assert np.array_equal(got[:, live], want)
