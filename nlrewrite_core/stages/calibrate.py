@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 
 from .. import artifacts as art, calibrate as calib_lib, simulate as sim_lib, stages
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 

@@ -18,7 +18,8 @@ import torch
 from .. import artifacts as art, evaluate as eval_lib, progress, stages, subject as subject_lib, transcoder as tc_lib
 from ..calibrate import TrueSample
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 from .calibrate import calibrate_shards
 
 log = logging.getLogger("nlrewrite")
