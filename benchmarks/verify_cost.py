@@ -1,5 +1,5 @@
 """Cost of verifying artifacts against their manifests (issue 12): the share of a warm run spent in
-Store.verify (every reused stage's files streamed through sha256, as in a new process), the time of
+manifest.verify (every reused stage's files streamed through sha256, as in a new process), the time of
 `nlrewrite verify` (a full rehash), and the raw hashing rate for larger shapes.
 
     python benchmarks/verify_cost.py [--preset micro] [--warm-runs 3] [--hash-mb 256]
@@ -34,20 +34,20 @@ def main() -> None:
         from prefect.testing.utilities import prefect_test_harness
 
         from flows.rewrite import rewrite
-        from nlrewrite_core import storage
+        from nlrewrite_core import manifest, storage
         from flows.cli import main as cli
 
         spent = [0.0]
-        real_verify = storage.Store.verify
+        real_verify = manifest.verify
 
-        def timed_verify(self, *a, **kw):
+        def timed_verify(store, *a, **kw):
             t0 = time.perf_counter()
             try:
-                return real_verify(self, *a, **kw)
+                return real_verify(store, *a, **kw)
             finally:
                 spent[0] += time.perf_counter() - t0
 
-        storage.Store.verify = timed_verify
+        manifest.verify = timed_verify
         root = f"{tmp}/store"
         rows = []
         with prefect_test_harness(server_startup_timeout=120):
@@ -55,7 +55,7 @@ def main() -> None:
             rewrite(preset=args.preset, storage=root, run_id="bench")
             cold = time.perf_counter() - t0
             for i in range(args.warm_runs):
-                storage._VERIFIED.clear()  # nothing verified yet, as in a new `nlrewrite run`
+                manifest._VERIFIED.clear()  # nothing verified yet, as in a new `nlrewrite run`
                 spent[0] = 0.0
                 t0 = time.perf_counter()
                 rewrite(preset=args.preset, storage=root, run_id="bench")

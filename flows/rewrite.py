@@ -21,7 +21,8 @@ from flows.patch_evaluate import patch_evaluate, publish, run_record
 from flows.prefect_sync import flow_run_id, sync
 from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig, load_config
-from nlrewrite_core.storage import DEFAULT_ROOT, MANIFEST, ArtifactRef, Store, check_name
+from nlrewrite_core.manifest import ArtifactRef
+from nlrewrite_core.storage import DEFAULT_ROOT, MANIFEST, Store, check_name
 from tasks.context import RunContext
 from tasks.stages import ensure, shard_sub
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import stages
+from . import manifest, stages
 from .config import PRESETS, ConfigError, RewriteConfig, deep_merge, format_validation_error, load_config
 from .storage import Store
 
@@ -71,11 +71,11 @@ def upstream_artifacts(cfg: RewriteConfig, keys: dict[str, str]) -> list[tuple[s
 
 def artifact_ok(store: Store, stage: str, key: str) -> bool:
     """Whether an upstream artifact is done and sound: its manifest exists and every file it lists has
-    its recorded size, sha256 and rows (Store.verify). Nothing is removed or rewritten here: a damaged
+    its recorded size, sha256 and rows (manifest.verify). Nothing is removed or rewritten here: a damaged
     upstream stage is reported, and `nlrewrite run` (or `nlrewrite verify --repair`) redoes it."""
     if not store.has_manifest(stage, key):
         return False
-    problems = store.verify(stage, key)
+    problems = manifest.verify(store, stage, key)
     if problems:
         log.warning("%s %s: %s", stage, key, problems[0])
     return not problems

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from . import manifest
 from .storage import Store
 
 # view name -> (stage, file name inside the stage directory)
@@ -98,7 +99,7 @@ def connect(store: Store, run_id: str, con: duckdb.DuckDBPyConnection | None = N
             try:
                 con.register(view, _dataset(files, store))
             except (OSError, pa.ArrowException) as e:  # a file that is not Parquet (any more)
-                broken[view] = (store.verify(stage, key) or [" ".join(str(e).split())])[0]
+                broken[view] = (manifest.verify(store, stage, key) or [" ".join(str(e).split())])[0]
     return con, views, broken
 
 
@@ -210,7 +211,7 @@ def query(store: Store, run_id: str, sql: str, memory_limit: str = DUCKDB_MEMORY
     The SQL must be reads only (`check_read_only`, else QueryRefused). The views are registered
     first, then the connection is locked down (`lock_down`) and its memory capped at `memory_limit`
     (sorts and joins beyond it spill to a temporary directory removed on exit). With `verify`, the
-    stages of the views the SQL names are verified against their manifests first (Store.verify:
+    stages of the views the SQL names are verified against their manifests first (manifest.verify:
     streaming sha256; ArtifactDamaged names the file)."""
     check_read_only(sql)
     with bounded_connection(memory_limit) as con:
@@ -224,7 +225,7 @@ def query(store: Store, run_id: str, sql: str, memory_limit: str = DUCKDB_MEMORY
             raise ArtifactDamaged(damaged_message(broken[view], run_id))
         if verify:
             for stage, key in sorted({views[v] for v in views if v in named}):
-                if problems := store.verify(stage, key):
+                if problems := manifest.verify(store, stage, key):
                     raise ArtifactDamaged(damaged_message(problems[0], run_id))
         cur = con.execute(sql)
         cols = [d[0] for d in cur.description] if cur.description else []

@@ -19,9 +19,10 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
 
-from nlrewrite_core import stages
+from nlrewrite_core import manifest, stages
+from nlrewrite_core.manifest import ArtifactRef
 from nlrewrite_core.stages import Stage, shard_sub
-from nlrewrite_core.storage import ArtifactRef, Store
+from nlrewrite_core.storage import Store
 from nlrewrite_core.transient import is_transient
 
 from .context import RunContext
@@ -85,7 +86,7 @@ SHARD_TASKS: dict[str, Task] = {s.name: stage_task(s, shard=True) for s in stage
 def ensure(stage: str, run: RunContext, store: Store, shard: int | None = None, task_run_name: str | None = None
            ) -> ArtifactRef:
     """Run a stage's task (or one shard's); if Prefect's cache answered but the manifest is gone, or a
-    file it lists is damaged (Store.reuse verifies every file's sha256), run it for real.
+    file it lists is damaged (manifest.reuse verifies every file's sha256), run it for real.
 
     The manifest and the files it lists, not Prefect's cache record, decide whether a stage is done.
     """
@@ -98,6 +99,6 @@ def ensure(stage: str, run: RunContext, store: Store, shard: int | None = None, 
     key = run.stage_keys[stage]
     if not store.has_manifest(stage, key, sub):
         get_run_logger().warning("%s: cached result points at a missing manifest; recomputing", stage)
-    elif store.reuse(stage, key, sub) is not None:  # intact (damage is named by reuse, in one warning)
+    elif manifest.reuse(store, stage, key, sub) is not None:  # intact (damage is named by reuse, in one warning)
         return ref
     return task_fn.with_options(refresh_cache=True)(run, **kwargs)

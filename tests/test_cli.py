@@ -109,7 +109,7 @@ def test_query_latent_metrics_columns(micro_run, capsys):
 
 
 def test_headline_rows_average_random_seeds_and_filter_positions():
-    from flows.cli import headline_rows
+    from flows.tables import headline_rows
 
     def row(cond, sel="all", frac=None, cal="", seed=-1, ce=4.0, positions="all"):
         return {"condition": cond, "selection": sel, "fraction": frac, "calibration": cal, "seed": seed,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import moto_s3
+from nlrewrite_core import manifest
 from nlrewrite_core.storage import MANIFEST, STAGING, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,12 @@ def run_three(storage: str, endpoint_url: str, tmp_path: Path, threads: int) -> 
 def check_same_as_alone(store: Store, reference: Store, keys: dict[str, str]) -> None:
     """Every stage of the concurrent runs is intact and its files are the alone run's bytes."""
     for stage, key in keys.items():
-        assert store.verify(stage, key, rehash=True) == [], stage
+        assert manifest.verify(store, stage, key, rehash=True) == [], stage
         ours = {f["file"]: f["sha256"] for f in store.read_manifest(stage, key)["files"]}
         alone = {f["file"]: f["sha256"] for f in reference.read_manifest(stage, key)["files"]}
         assert ours == alone, stage
         for sub in store.sub_artifacts(stage, key):
-            assert store.verify(stage, key, sub, rehash=True) == [], (stage, sub)
+            assert manifest.verify(store, stage, key, sub, rehash=True) == [], (stage, sub)
     listing = store.list_objects(store.path("artifacts"))
     assert not [o for o in listing if ".tmp-" in o["key"] or STAGING in o["key"]]
     for i in range(3):

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from flows.cli import print_result, rounded
+from flows.tables import print_result, rounded
 from flows.console import PROGRESS_LOGGER, Console, seconds
 from nlrewrite_core import progress
 

@@ -16,7 +16,8 @@ from nlrewrite_core import explain as explain_lib
 from nlrewrite_core import artifacts, stages
 from nlrewrite_core.config import ConfigError, ExplainConfig, load_config
 from nlrewrite_core.query import top_activations
-from nlrewrite_core.storage import StageWriter, Store
+from nlrewrite_core.manifest import StageWriter
+from nlrewrite_core.storage import Store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

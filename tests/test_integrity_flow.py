@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nlrewrite_core import storage
+from nlrewrite_core import manifest, storage
 from flows.cli import main
 from nlrewrite_core.storage import MANIFEST, STAGING, Store
 
@@ -77,7 +77,7 @@ def test_tampered_scores_are_found_on_reuse_even_when_prefect_cached(prefect_ser
     buf = io.BytesIO()
     pq.write_table(t, buf, compression="zstd")
     scores.write_bytes(buf.getvalue())
-    storage._VERIFIED.clear()  # as in a new process
+    manifest._VERIFIED.clear()  # as in a new process
     with warnings_of_nlrewrite() as warned:
         again = rewrite(preset="micro", storage=root, run_id="micro-test")
     assert len(warned) == 1 and "scores.parquet" in warned[0] and "recomputing" in warned[0], warned
@@ -105,7 +105,7 @@ def test_damaged_stage_is_recomputed_with_one_warning(prefect_server, run_copy, 
     if original is not None:
         assert path.read_bytes() == original  # recomputed, byte-identical
     store = Store(root)
-    assert store.verify(stage, result["keys"][stage], rehash=True) == []
+    assert manifest.verify(store, stage, result["keys"][stage], rehash=True) == []
     assert again["ce"] == result["ce"]
     assert leftovers(root) == []
 

@@ -148,7 +148,8 @@ def test_timeouts_surface_as_clear_errors(server, monkeypatch):
 
 def test_simulator_over_openai_and_no_key_in_artifacts(server, monkeypatch, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
-    from nlrewrite_core.storage import StageWriter, Store
+    from nlrewrite_core.manifest import StageWriter
+    from nlrewrite_core.storage import Store
 
     llm = _llm(server, monkeypatch, max_concurrency=4)
     suffixes = ["Text: <<a>>", "Text: b <<c>>", "Text: dd <<e>>"]
@@ -264,7 +265,8 @@ def test_key_echoed_in_an_answer_is_masked(server, monkeypatch, tmp_path):
     import pyarrow as pa
 
     from nlrewrite_core.llm.prompts import parse_explanation
-    from nlrewrite_core.storage import StageWriter, Store
+    from nlrewrite_core.manifest import StageWriter
+    from nlrewrite_core.storage import Store
 
     llm = _llm(server, monkeypatch)
     server.echo_auth = True

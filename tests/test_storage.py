@@ -9,7 +9,9 @@ import pyarrow as pa
 import pytest
 
 from conftest import moto_s3
-from nlrewrite_core.storage import MANIFEST, StageWriter, Store, stage_key
+from nlrewrite_core import manifest
+from nlrewrite_core.manifest import StageWriter, stage_key
+from nlrewrite_core.storage import MANIFEST, Store
 
 
 def test_stage_key_is_stable_and_sensitive():
@@ -46,11 +48,11 @@ def test_half_written_stage_is_not_done_and_its_files_are_left_alone(tmp_path):
     d.mkdir(parents=True)
     (d / "stale.parquet").write_bytes(b"half")
     (d / "t.parquet").write_bytes(b"half")
-    assert not store.has_manifest("demo", "k1") and store.reuse("demo", "k1") is None
+    assert not store.has_manifest("demo", "k1") and manifest.reuse(store, "demo", "k1") is None
     write_stage(store)
     assert (d / "stale.parquet").read_bytes() == b"half"  # not ours: untouched, and not in the manifest
     assert [f["file"] for f in store.read_manifest("demo", "k1")["files"]] == ["t.parquet"]
-    assert store.verify("demo", "k1", rehash=True) == []
+    assert manifest.verify(store, "demo", "k1", rehash=True) == []
     assert sorted(p.name for p in d.parent.iterdir()) == ["k1"]  # no staging directory left
 
 
@@ -65,7 +67,7 @@ def test_s3_round_trip(s3):
     store = Store("s3://nlr/prefix", endpoint_url=s3)
     write_stage(store)
     assert store.has_manifest("demo", "k1")
-    ref = store.ref("demo", "k1")
+    ref = manifest.ref(store, "demo", "k1")
     assert ref.uri == "s3://nlr/prefix/artifacts/demo/k1"
     assert store.read_parquet(store.artifact_dir("demo", "k1") + "/t.parquet").column("a").to_pylist() == [1, 2, 3]
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3).list_objects_v2(Bucket="nlr")["Contents"]]

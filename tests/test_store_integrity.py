@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import moto_s3
-from nlrewrite_core import storage
-from nlrewrite_core.storage import (MANIFEST, STAGING, ArtifactInvalid, StageWriter, StorageFull, Store,
-                                    UnsafeName, check_name)
+from nlrewrite_core import manifest, storage
+from nlrewrite_core.manifest import StageWriter
+from nlrewrite_core.storage import MANIFEST, STAGING, ArtifactInvalid, StorageFull, Store, UnsafeName, check_name
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +76,17 @@ DAMAGES = {
 @pytest.mark.parametrize("case", DAMAGES)
 def test_damage_means_not_done_with_one_warning_naming_the_file(store, case, caplog):
     write_demo(store)
-    assert store.reuse("demo", "k1") is not None
+    assert manifest.reuse(store, "demo", "k1") is not None
     name, data, why = DAMAGES[case]
     damage(store, name, data)
     with caplog.at_level(logging.WARNING, logger="nlrewrite"):
-        assert store.reuse("demo", "k1") is None
+        assert manifest.reuse(store, "demo", "k1") is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
     assert name in warnings[0] and why in warnings[0] and "recomputing" in warnings[0], warnings[0]
     assert not store.has_manifest("demo", "k1")  # "not done" for every later check too
     write_demo(store)  # recomputed: intact again
-    assert store.verify("demo", "k1", rehash=True) == []
+    assert manifest.verify(store, "demo", "k1", rehash=True) == []
     assert store.read_parquet(f"{store.artifact_dir('demo', 'k1')}/t.parquet").column("a").to_pylist() == [1, 2, 3]
 
 
@@ -94,7 +94,7 @@ def test_unreadable_manifest_error_names_the_file(store):
     write_demo(store)
     damage(store, MANIFEST, b"{truncated")
     with pytest.raises(ArtifactInvalid, match=r"demo/k1/_manifest.json: manifest is not JSON"):
-        store.ref("demo", "k1")
+        manifest.ref(store, "demo", "k1")
     with pytest.raises(ArtifactInvalid, match="_manifest.json"):
         store.read_manifest("demo", "k1")
 
@@ -106,7 +106,7 @@ def test_rows_are_checked_against_the_manifest(tmp_path):
     m = json.loads(path.read_text())
     m["files"][0]["rows"] = 4
     path.write_text(json.dumps(m))
-    assert store.verify("demo", "k1", rehash=True) == [f"{store.artifact_dir('demo', 'k1')}/t.parquet: 3 rows, "
+    assert manifest.verify(store, "demo", "k1", rehash=True) == [f"{store.artifact_dir('demo', 'k1')}/t.parquet: 3 rows, "
                                                        "the manifest says 4"]
 
 
@@ -116,15 +116,15 @@ def test_a_verified_file_is_hashed_once_per_process_unless_it_changes(tmp_path, 
     hashed: list[str] = []
     real = Store.file_sha256
     monkeypatch.setattr(Store, "file_sha256", lambda self, p: hashed.append(p) or real(self, p))
-    assert store.verify("demo", "k1") == [] and hashed == []
-    storage._VERIFIED.clear()  # a new process
-    assert store.verify("demo", "k1") == [] and len(hashed) == 2
-    assert store.verify("demo", "k1") == [] and len(hashed) == 2
+    assert manifest.verify(store, "demo", "k1") == [] and hashed == []
+    manifest._VERIFIED.clear()  # a new process
+    assert manifest.verify(store, "demo", "k1") == [] and len(hashed) == 2
+    assert manifest.verify(store, "demo", "k1") == [] and len(hashed) == 2
     p = Path(store.artifact_dir("demo", "k1"), "t.parquet")
     data = parquet_bytes([1, 2, 4])
     assert len(data) == p.stat().st_size  # same size, other bytes: the new mtime makes it hash again
     p.write_bytes(data)
-    assert "sha256" in store.verify("demo", "k1")[0] and len(hashed) == 3
+    assert "sha256" in manifest.verify(store, "demo", "k1")[0] and len(hashed) == 3
 
 
 def test_concurrent_writers_of_one_key_never_delete_each_others_files(store):
@@ -139,7 +139,7 @@ def test_concurrent_writers_of_one_key_never_delete_each_others_files(store):
     b.bytes("notes.txt", b"hello")
     ref_b = b.finish()
     assert ref_a.rows == ref_b.rows == {"t": 3}
-    assert store.verify("demo", "k1", rehash=True) == []
+    assert manifest.verify(store, "demo", "k1", rehash=True) == []
     listing = [o["key"] for o in store.list_objects(store.path("artifacts", "demo"))]
     assert sorted(listing) == ["k1/_manifest.json", "k1/notes.txt", "k1/t.parquet"]
     if not store.is_s3:
@@ -157,7 +157,7 @@ def test_first_local_publisher_wins(tmp_path):
     a.finish()
     assert b.finish().rows == {"t": 1}
     assert store.read_parquet(f"{store.artifact_dir('demo', 'k1')}/t.parquet").column("a").to_pylist() == [1]
-    assert store.verify("demo", "k1", rehash=True) == []
+    assert manifest.verify(store, "demo", "k1", rehash=True) == []
 
 
 def test_sub_artifacts_publish_into_their_stage_directory(tmp_path):
@@ -171,7 +171,7 @@ def test_sub_artifacts_publish_into_their_stage_directory(tmp_path):
                [{**e, "file": f"shard-{i:05d}/{e['file']}"} for e in store.read_manifest("demo", "k1", f"shard-{i:05d}")["files"]]]
     w.finish()
     assert store.sub_artifacts("demo", "k1") == ["shard-00000", "shard-00001"]
-    assert store.verify("demo", "k1", rehash=True) == []
+    assert manifest.verify(store, "demo", "k1", rehash=True) == []
     assert sorted(os.listdir(store.artifact_dir("demo", "k1"))) == [MANIFEST, "shard-00000", "shard-00001"]
 
 
@@ -188,7 +188,7 @@ def test_unfinished_writer_leaves_nothing(tmp_path):
 def test_a_dead_writers_staging_is_removed_a_live_ones_is_not(tmp_path):
     store = Store(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = storage._writer_id().rsplit("-", 1)[0]
+    host = manifest._writer_id().rsplit("-", 1)[0]
     parent = Path(store.path("artifacts", "demo"))
     stale = parent / f"{STAGING}k1-{host}-{dead.stdout.strip()}-abcd1234"
     live = parent / f"{STAGING}k1-{host}-{os.getppid()}-abcd1234"

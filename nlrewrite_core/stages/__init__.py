@@ -23,8 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import manifest
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, StageWriter, Store, stage_key
+from ..manifest import ArtifactRef, StageWriter, stage_key
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 
@@ -216,9 +218,9 @@ def writer(store: Store, stage: str, cfg: RewriteConfig, keys: dict[str, str], s
 
 
 def reuse(store: Store, stage: str, keys: dict[str, str], sub: str = "") -> ArtifactRef | None:
-    """The stage's ref when its manifest is there and every file it lists is intact (Store.reuse:
+    """The stage's ref when its manifest is there and every file it lists is intact (manifest.reuse:
     sha256, size, rows); None when it must be computed (a damaged one is named in one warning)."""
-    if ref := store.reuse(stage, keys[stage], sub):
+    if ref := manifest.reuse(store, stage, keys[stage], sub):
         log.info("%s: found manifest for key %s%s, nothing to do", stage, keys[stage], f"/{sub}" if sub else "")
     return ref
 

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 
 from .. import activations as acts_lib, artifacts as art, stages
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 

@@ -8,7 +8,8 @@ import time
 
 from .. import corpus as corpus_lib, stages
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 

@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from .. import artifacts as art, embedding as emb_lib, simulate as sim_lib, stages
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 

@@ -17,8 +17,9 @@ import torch
 
 from .. import artifacts as art, evaluate as eval_lib, progress, stages, subject as subject_lib, transcoder as tc_lib
 from ..config import RewriteConfig
+from ..manifest import ArtifactRef
 from ..quantile import TrueSample
-from ..storage import ArtifactRef, Store
+from ..storage import Store
 from .calibrate import calibrate_shards
 
 log = logging.getLogger("nlrewrite")

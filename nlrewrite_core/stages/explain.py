@@ -11,7 +11,8 @@ import numpy as np
 
 from .. import artifacts as art, explain as explain_lib, query as query_lib, stages
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 
 from .. import artifacts as art, evaluate as eval_lib, stages, subject as subject_lib, transcoder as tc_lib
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 from ..subject import MlpFn
 
 log = logging.getLogger("nlrewrite")

@@ -13,7 +13,8 @@ import pyarrow.compute as pc
 from .. import artifacts as art, report as report_lib, stages
 from ..config import RewriteConfig
 from ..figures import ALL_FIGURES
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 

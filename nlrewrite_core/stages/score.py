@@ -13,7 +13,8 @@ import pyarrow.compute as pc
 
 from .. import artifacts as art, embedding as emb_lib, score as score_lib, stages
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, StageWriter, Store
+from ..manifest import ArtifactRef, StageWriter
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 

@@ -13,7 +13,8 @@ import pyarrow.compute as pc
 
 from .. import artifacts as art, simulate as sim_lib, stages
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, StageWriter, Store
+from ..manifest import ArtifactRef, StageWriter
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 

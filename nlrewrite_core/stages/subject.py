@@ -11,7 +11,8 @@ import torch
 
 from .. import artifacts as art, evaluate as eval_lib, stages, subject as subject_lib
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 

@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from .. import artifacts as art, evaluate as eval_lib, stages, transcoder as tc_lib, transcoder_train as train_lib
 from ..config import RewriteConfig
-from ..storage import ArtifactRef, Store
+from ..manifest import ArtifactRef
+from ..storage import Store
 
 log = logging.getLogger("nlrewrite")
 
