@@ -20,6 +20,7 @@ log = logging.getLogger("nlrewrite")
 
 
 def cache_activations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """Every non-zero latent activation of the cached splits, and per-latent statistics."""
     if ref := stages.reuse(store, "activations", keys):
         return ref
 

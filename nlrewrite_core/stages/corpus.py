@@ -15,6 +15,7 @@ log = logging.getLogger("nlrewrite")
 
 
 def build_corpus(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """Tokens of every split (train, explain, calib, eval) and the tokenizer, from corpus.source."""
     if ref := stages.reuse(store, "corpus", keys):
         return ref
     w = stages.writer(store, "corpus", cfg, keys)

@@ -18,6 +18,7 @@ log = logging.getLogger("nlrewrite")
 
 
 def explain_latents(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """One explanation per latent from its top contexts in the explainer's half of the explain split."""
     if ref := stages.reuse(store, "explain", keys):
         return ref
     w = stages.writer(store, "explain", cfg, keys)

@@ -55,6 +55,7 @@ def _example_latents(store: Store, keys: dict[str, str], cfg: RewriteConfig, lm:
 
 
 def write_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """The HTML report with its figures and summary, from the evaluate stage's tables."""
     if ref := stages.reuse(store, "report", keys):
         return ref
     w = stages.writer(store, "report", cfg, keys)

@@ -24,6 +24,7 @@ SCORE_BLOCK = 1024
 
 
 def score_explanations(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """Each explanation's detection score on the scoring half of the explain split (score.method)."""
     if ref := stages.reuse(store, "score", keys):
         return ref
     w = stages.writer(store, "score", cfg, keys)

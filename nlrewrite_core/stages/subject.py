@@ -18,6 +18,7 @@ log = logging.getLogger("nlrewrite")
 
 
 def train_subject(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """The subject model (trained on the train split, or loaded from the hub), with its eval CE."""
     if ref := stages.reuse(store, "subject", keys):
         return ref
     w = stages.writer(store, "subject", cfg, keys)

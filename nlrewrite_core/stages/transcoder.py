@@ -20,6 +20,7 @@ log = logging.getLogger("nlrewrite")
 
 
 def train_transcoder(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> ArtifactRef:
+    """The transcoder of transcoder.layer (trained streaming, or a checkpoint) and its fit on eval."""
     if ref := stages.reuse(store, "transcoder", keys):
         return ref
     w = stages.writer(store, "transcoder", cfg, keys)
