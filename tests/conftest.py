@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import contextlib  # noqa: E402
+import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
@@ -74,3 +75,16 @@ def micro_run(prefect_server, tmp_path_factory):
     result = rewrite(preset="micro", storage=storage, run_id="micro-test")
     result["torch_threads"] = torch.get_num_threads()  # runs compared byte for byte with it must use the same
     return storage, result
+
+
+def copy_artifacts(src: str, dst: str, keys: dict[str, str], stage_names: tuple[str, ...]) -> None:
+    """Copy the artifacts of `stage_names` (at `keys`) from the local store `src` into the local store
+    `dst`: a test starts from the micro run's upstream stages instead of recomputing them."""
+    for stage in stage_names:
+        shutil.copytree(os.path.join(src, "artifacts", stage, keys[stage]), os.path.join(dst, "artifacts", stage, keys[stage]))
+
+
+def copy_run(src: str, dst: str) -> str:
+    """A private copy of a finished local store (`src`), free to change or damage; returns `dst`."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache"))
+    return dst
