@@ -421,6 +421,7 @@ def test_eval_positions_last_needs_last_positions():
     assert "eval_positions" not in load_config("micro").model_dump()["simulate"]  # default keeps stage keys
 
 
+@pytest.mark.slow
 def test_micro_run_eval_positions_last(micro_run, tmp_path):
     """simulate.eval_positions 'last' on a copy of the micro run's storage (corpus..explain reused): one simulated
     eval context per sentence (its last scored position), patched there alone; CE reported at the last

@@ -145,16 +145,18 @@ class EchoLLM:
         return [f"[EXPLANATION]: p{hashlib.sha256(repr(p).encode()).hexdigest()[:16]}" for p in prompts]
 
 
-def test_micro_stage_explanations_unchanged_without_cap(tmp_path):
-    """run_explain on a micro store: with no cap, the ngram (stage) and llm/contrastive (function)
-    explanations equal those computed from the rows the stage used to load; a cap still explains."""
-    small = {"corpus": {"n_calib": 2, "n_eval": 2}, "transcoder": {"num_latents": 16, "k": 4}}
+def test_micro_stage_explanations_unchanged_without_cap(small_upstream, tmp_path):
+    """run_explain on a micro store (the session's small one, copied): with no cap, the ngram (stage) and
+    llm/contrastive (function) explanations equal those computed from the rows the stage used to load; a
+    cap still explains."""
+    from conftest import SMALL, copy_run
+
+    small = SMALL
     cfg = load_config("micro", overrides=small)
     keys = stages.plan(cfg)
-    store = Store(str(tmp_path / "store"))
-    for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder, stages.run_activations):
-        run(store, cfg, keys)
-    stages.run_explain(store, cfg, keys)
+    assert keys == small_upstream[1]
+    store = Store(copy_run(small_upstream[0], str(tmp_path / "store")))
+    stages.run_explain(store, cfg, keys)  # done by the fixture: found by its manifest
     got = stages._table(store, "explain", keys["explain"], "explanations")
 
     num_latents = stages._num_latents(store, keys)

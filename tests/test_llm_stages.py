@@ -27,10 +27,13 @@ def test_llm_sections_keep_default_keys_and_validate():
         load_config("micro", overrides={"simulate": {"method": "llm", "llm": {"model": "m", "bogus": 1}}})
 
 
-def test_micro_stages_with_tiny_llama(tmp_path, prefect_server):
+def test_micro_stages_with_tiny_llama(small_upstream, tmp_path, prefect_server):
+    """On a copy of the session's small micro store (corpus..explain by the stage functions)."""
+    from conftest import SMALL, copy_run
+
     model = str(build_tiny_llama(tmp_path / "tiny-llama"))
     llm = {"backend": "transformers", "model": model, "device": "cpu", "max_new_tokens": 8, "batch_size": 64}
-    small = {"corpus": {"n_calib": 2, "n_eval": 2}, "transcoder": {"num_latents": 16, "k": 4}}
+    small = SMALL
     yaml_file = tmp_path / "llm.yaml"
     yaml_file.write_text(json.dumps({**small, "explain": {"method": "ngram"}, "score": {"method": "detection", "llm": llm},
                                      "simulate": {"method": "llm", "llm": {**llm, "top_logprobs": 400}}}))
@@ -39,9 +42,11 @@ def test_micro_stages_with_tiny_llama(tmp_path, prefect_server):
                                                                         "window": 16, "max_retries": 0}})
     keys, keys_e = stages.plan(cfg), stages.plan(cfg_explain)
     assert keys["activations"] == keys_e["activations"] and keys["explain"] != keys_e["explain"]
-    store = Store(str(tmp_path / "store"))
+    store = Store(copy_run(small_upstream[0], str(tmp_path / "store")))
     for run in (stages.run_corpus, stages.run_subject, stages.run_transcoder, stages.run_activations):
-        run(store, cfg, keys)
+        run(store, cfg, keys)  # the fixture's: found by their manifests
+    assert {s: keys[s] for s in ("corpus", "subject", "transcoder", "activations")} == {
+        s: small_upstream[1][s] for s in ("corpus", "subject", "transcoder", "activations")}
 
     stages.run_explain(store, cfg_explain, keys_e)
     m = store.read_manifest("explain", keys_e["explain"])

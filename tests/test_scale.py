@@ -206,6 +206,7 @@ def test_micro_run_compact_shards_and_streaming_calibration(micro_run):
         assert np.array_equal(got[:, live], want)
 
 
+@pytest.mark.slow
 def test_stage_memory_bounded_as_contexts_double(tmp_path):
     """Peak RSS of simulate and calibrate (each in its own process, benchmarks/scale.py): what
     doubling the contexts adds is one shard's worth (contexts x 512 shard latents), the same

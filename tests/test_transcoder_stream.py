@@ -100,6 +100,7 @@ def peak_rss(n_tokens: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_rss_does_not_grow_with_the_token_budget() -> None:
     """800K vs 160K training tokens (d=64): holding their MLP inputs and outputs would cost 8 bytes x 64
     per token more (~310 MB); streaming stays within a few MB (the 4-byte token ids)."""
