@@ -106,7 +106,8 @@ def copy_artifacts(src: str, dst: str, keys: dict[str, str], stage_names: tuple[
     """Copy the artifacts of `stage_names` (at `keys`) from the local store `src` into the local store
     `dst`: a test starts from the micro run's upstream stages instead of recomputing them."""
     for stage in stage_names:
-        shutil.copytree(os.path.join(src, "artifacts", stage, keys[stage]), os.path.join(dst, "artifacts", stage, keys[stage]))
+        rel = os.path.join("artifacts", stage, keys[stage])
+        shutil.copytree(os.path.join(src, rel), os.path.join(dst, rel))
 
 
 def copy_run(src: str, dst: str) -> str:

@@ -151,8 +151,7 @@ def test_micro_stage_explanations_unchanged_without_cap(small_upstream, tmp_path
     cap still explains."""
     from conftest import SMALL, copy_run
 
-    small = SMALL
-    cfg = load_config("micro", overrides=small)
+    cfg = load_config("micro", overrides=SMALL)
     keys = stages.plan(cfg)
     assert keys == small_upstream[1]
     store = Store(copy_run(small_upstream[0], str(tmp_path / "store")))
@@ -183,7 +182,7 @@ def test_micro_stage_explanations_unchanged_without_cap(small_upstream, tmp_path
         want = explain_lib.llm_explanations(*args(old, llm_cfg), EchoLLM(), neighbors=nb)
         assert explain_lib.llm_explanations(*args(new, llm_cfg), EchoLLM(), neighbors=nb).equals(want)
 
-    capped = load_config("micro", overrides={**small, "explain": {"max_candidates": 3}})
+    capped = load_config("micro", overrides={**SMALL, "explain": {"max_candidates": 3}})
     keys_c = stages.plan(capped)
     assert keys_c["activations"] == keys["activations"] and keys_c["explain"] != keys["explain"]
     stages.run_explain(store, capped, keys_c)
