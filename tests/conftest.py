@@ -1,4 +1,6 @@
-"""Shared fixtures: one Prefect test server for the session, and one finished micro run."""
+"""Shared fixtures: one Prefect test server for the session, one finished micro run, and the upstream
+stages of a smaller micro config. Session fixtures are read only: a test that changes or damages
+artifacts works on a copy (copy_run, copy_artifacts)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import contextlib  # noqa: E402
+import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
@@ -74,3 +77,38 @@ def micro_run(prefect_server, tmp_path_factory):
     result = rewrite(preset="micro", storage=storage, run_id="micro-test")
     result["torch_threads"] = torch.get_num_threads()  # runs compared byte for byte with it must use the same
     return storage, result
+
+
+SMALL = {"corpus": {"n_calib": 2, "n_eval": 2}, "transcoder": {"num_latents": 16, "k": 4}}
+"""Overrides of the micro preset for stage-level tests that run costly methods (LLMs, embeddings) on
+every latent: 16 latents, 2 calib and 2 eval sequences."""
+
+
+@pytest.fixture(scope="session")
+def small_upstream(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """Corpus, subject, transcoder, activations and (ngram) explain of micro + SMALL, computed once for
+    the session with the stage functions: (storage dir, stage keys). Copy it before writing to it."""
+    from nlrewrite_core import stages
+    from nlrewrite_core.config import load_config
+    from nlrewrite_core.storage import Store
+
+    cfg = load_config("micro", overrides=SMALL)
+    keys = stages.plan(cfg)
+    storage = str(tmp_path_factory.mktemp("small") / "store")
+    store = Store(storage)
+    stages.run_all(store, cfg, keys, until="explain")
+    return storage, keys
+
+
+def copy_artifacts(src: str, dst: str, keys: dict[str, str], stage_names: tuple[str, ...]) -> None:
+    """Copy the artifacts of `stage_names` (at `keys`) from the local store `src` into the local store
+    `dst`: a test starts from the micro run's upstream stages instead of recomputing them."""
+    for stage in stage_names:
+        rel = os.path.join("artifacts", stage, keys[stage])
+        shutil.copytree(os.path.join(src, rel), os.path.join(dst, rel))
+
+
+def copy_run(src: str, dst: str) -> str:
+    """A private copy of a finished local store (`src`), free to change or damage; returns `dst`."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache"))
+    return dst

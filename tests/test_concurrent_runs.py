@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import moto_s3
 from nlrewrite_core import manifest
 from nlrewrite_core.storage import MANIFEST, STAGING, Store
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """

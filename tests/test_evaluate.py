@@ -421,20 +421,22 @@ def test_eval_positions_last_needs_last_positions():
     assert "eval_positions" not in load_config("micro").model_dump()["simulate"]  # default keeps stage keys
 
 
-def test_micro_run_eval_positions_last(micro_run):
-    """simulate.eval_positions 'last' on the micro run's storage (corpus..explain reused): one simulated
+@pytest.mark.slow
+def test_micro_run_eval_positions_last(micro_run, tmp_path):
+    """simulate.eval_positions 'last' on a copy of the micro run's storage (corpus..explain reused): one simulated
     eval context per sentence (its last scored position), patched there alone; CE reported at the last
     position only; the transcoder condition differs from clean only at that position; the oracle with no
     errors equals the transcoder; the sample-size ablation at all calib equals the main sweep."""
     import pandas as pd
 
+    from conftest import copy_run
     from flows.rewrite import rewrite
     from nlrewrite_core import artifacts, stages
     from nlrewrite_core.config import load_config
     from nlrewrite_core.query import query
     from nlrewrite_core.storage import Store
 
-    storage, _ = micro_run
+    storage = copy_run(micro_run[0], str(tmp_path / "store"))
     overrides = {"simulate": {"eval_positions": "last"}, "evaluate": {"positions": "last"}}
     rewrite(preset="micro", storage=storage, run_id="micro-last", overrides=overrides)
     cfg = load_config("micro", overrides=overrides)

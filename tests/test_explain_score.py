@@ -58,22 +58,25 @@ def test_score_latents_null_without_positives():
     assert t[1]["latent"] == 9 and t[1]["score"] is None and t[1]["n_pos"] == 0
 
 
-def test_embedding_scores_by_latent_block_equal_one_block(micro_run, tmp_path, monkeypatch):
+def test_embedding_scores_by_latent_block_equal_one_block(small_upstream, tmp_path, monkeypatch):
     """The embedding scorer works a block of latents at a time (bounded memory): scores computed in
-    blocks of 7 latents equal those computed in one block, latent for latent."""
+    blocks of 7 latents equal those computed in one block, latent for latent (on a copy of the
+    session's small micro store: 16 latents, few contexts to embed)."""
     import shutil
+    from pathlib import Path
+
+    from conftest import SMALL, copy_run
 
     from nlrewrite_core import artifacts, stages
     from nlrewrite_core.config import load_config
     from nlrewrite_core.stages import score as score_stage
     from nlrewrite_core.storage import Store
 
-    storage, _ = micro_run
-    cfg = load_config("micro", overrides={"score": {"method": "embedding"}})
+    cfg = load_config("micro", overrides={**SMALL, "score": {"method": "embedding"}})
     keys = stages.plan(cfg)
     assert "embed" in stages.stage_configs(cfg)["score"][1]
-    copy = tmp_path / "store"
-    shutil.copytree(storage, copy)
+    assert keys["explain"] == small_upstream[1]["explain"]
+    copy = Path(copy_run(small_upstream[0], str(tmp_path / "store")))
     store = Store(str(copy))
     stages.run("embed", store, cfg, keys)  # the embedding scorer's embed stage also embeds the explain split
     tables = []

@@ -146,15 +146,17 @@ class EchoLLM:
         return [f"[EXPLANATION]: p{hashlib.sha256(repr(p).encode()).hexdigest()[:16]}" for p in prompts]
 
 
-def test_micro_stage_explanations_unchanged_without_cap(tmp_path):
-    """run_explain on a micro store: with no cap, the ngram (stage) and llm/contrastive (function)
-    explanations equal those computed from the rows the stage used to load; a cap still explains."""
-    small = {"corpus": {"n_calib": 2, "n_eval": 2}, "transcoder": {"num_latents": 16, "k": 4}}
-    cfg = load_config("micro", overrides=small)
+def test_micro_stage_explanations_unchanged_without_cap(small_upstream, tmp_path):
+    """run_explain on a micro store (the session's small one, copied): with no cap, the ngram (stage) and
+    llm/contrastive (function) explanations equal those computed from the rows the stage used to load; a
+    cap still explains."""
+    from conftest import SMALL, copy_run
+
+    cfg = load_config("micro", overrides=SMALL)
     keys = stages.plan(cfg)
-    store = Store(str(tmp_path / "store"))
-    stages.run_all(store, cfg, keys, until="activations")
-    stages.run("explain", store, cfg, keys)
+    assert keys == small_upstream[1]
+    store = Store(copy_run(small_upstream[0], str(tmp_path / "store")))
+    stages.run("explain", store, cfg, keys)  # done by the fixture: found by its manifest
     got = artifacts.read_table(store, "explain", keys["explain"], "explanations")
 
     num_latents = artifacts.num_latents(store, keys)
@@ -181,7 +183,7 @@ def test_micro_stage_explanations_unchanged_without_cap(tmp_path):
         want = explain_lib.llm_explanations(*args(old, llm_cfg), EchoLLM(), neighbors=nb)
         assert explain_lib.llm_explanations(*args(new, llm_cfg), EchoLLM(), neighbors=nb).equals(want)
 
-    capped = load_config("micro", overrides={**small, "explain": {"max_candidates": 3}})
+    capped = load_config("micro", overrides={**SMALL, "explain": {"max_candidates": 3}})
     keys_c = stages.plan(capped)
     assert keys_c["activations"] == keys["activations"] and keys_c["explain"] != keys["explain"]
     stages.run("explain", store, capped, keys_c)

@@ -63,13 +63,17 @@ def leftovers(root: str) -> list[str]:
     return [p.as_posix() for p in Path(root).rglob("*") if ".tmp-" in p.name or p.name.startswith(STAGING)]
 
 
-def test_tampered_scores_are_found_on_reuse_even_when_prefect_cached(prefect_server, run_copy):
+def test_tampered_or_deleted_artifacts_are_redone_even_when_prefect_cached(prefect_server, run_copy):
     """A valid Parquet file with other scores (what `copy ... to` could write before): the next run,
-    all Prefect cache hits, names it in one warning and recomputes it byte-identical."""
+    all Prefect cache hits, names it in one warning and recomputes it byte-identical. The manifest is
+    the source of truth: a Prefect cache hit on a stage whose manifest was deleted (calibrate, in the
+    patch-evaluate subflow) reruns it too."""
     from flows.rewrite import rewrite
 
     root, result = run_copy
     rewrite(preset="micro", storage=root, run_id="micro-test")  # Prefect cache records for this root
+    calibration = artifact(root, result, "calibrate", "calibration.parquet").read_bytes()
+    artifact(root, result, "calibrate", MANIFEST).unlink()
     scores = artifact(root, result, "score", "scores.parquet")
     original = scores.read_bytes()
     t = pq.read_table(scores)
@@ -82,6 +86,8 @@ def test_tampered_scores_are_found_on_reuse_even_when_prefect_cached(prefect_ser
         again = rewrite(preset="micro", storage=root, run_id="micro-test")
     assert len(warned) == 1 and "scores.parquet" in warned[0] and "recomputing" in warned[0], warned
     assert scores.read_bytes() == original
+    assert Store(root).has_manifest("calibrate", result["keys"]["calibrate"])
+    assert artifact(root, result, "calibrate", "calibration.parquet").read_bytes() == calibration
     assert again["ce"] == result["ce"]
     assert leftovers(root) == []
 

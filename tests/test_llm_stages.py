@@ -27,20 +27,24 @@ def test_llm_sections_keep_default_keys_and_validate():
         load_config("micro", overrides={"simulate": {"method": "llm", "llm": {"model": "m", "bogus": 1}}})
 
 
-def test_micro_stages_with_tiny_llama(tmp_path, prefect_server):
+def test_micro_stages_with_tiny_llama(small_upstream, tmp_path, prefect_server):
+    """On a copy of the session's small micro store (corpus..explain by the stage functions)."""
+    from conftest import SMALL, copy_run
+
     model = str(build_tiny_llama(tmp_path / "tiny-llama"))
     llm = {"backend": "transformers", "model": model, "device": "cpu", "max_new_tokens": 8, "batch_size": 64}
-    small = {"corpus": {"n_calib": 2, "n_eval": 2}, "transcoder": {"num_latents": 16, "k": 4}}
     yaml_file = tmp_path / "llm.yaml"
-    yaml_file.write_text(json.dumps({**small, "explain": {"method": "ngram"}, "score": {"method": "detection", "llm": llm},
+    yaml_file.write_text(json.dumps({**SMALL, "explain": {"method": "ngram"}, "score": {"method": "detection", "llm": llm},
                                      "simulate": {"method": "llm", "llm": {**llm, "top_logprobs": 400}}}))
     cfg = load_config("micro", config_file=yaml_file)  # JSON is YAML
-    cfg_explain = load_config("micro", overrides={**small, "explain": {"method": "llm", "llm": llm, "n_examples": 4,
+    cfg_explain = load_config("micro", overrides={**SMALL, "explain": {"method": "llm", "llm": llm, "n_examples": 4,
                                                                         "window": 16, "max_retries": 0}})
     keys, keys_e = stages.plan(cfg), stages.plan(cfg_explain)
     assert keys["activations"] == keys_e["activations"] and keys["explain"] != keys_e["explain"]
-    store = Store(str(tmp_path / "store"))
-    stages.run_all(store, cfg, keys, until="activations")
+    store = Store(copy_run(small_upstream[0], str(tmp_path / "store")))
+    stages.run_all(store, cfg, keys, until="activations")  # the fixture's: found by their manifests
+    assert {s: keys[s] for s in ("corpus", "subject", "transcoder", "activations")} == {
+        s: small_upstream[1][s] for s in ("corpus", "subject", "transcoder", "activations")}
 
     stages.run("explain", store, cfg_explain, keys_e)
     m = store.read_manifest("explain", keys_e["explain"])
@@ -49,7 +53,7 @@ def test_micro_stages_with_tiny_llama(tmp_path, prefect_server):
     e = store.read_parquet(f"{store.artifact_dir('explain', keys_e['explain'])}/explanations.parquet").to_pylist()
     assert all(r["reason"] for r in e if r["status"] == "unexplained")
 
-    cfg_c = load_config("micro", overrides={**small, "explain": {"method": "contrastive", "llm": llm, "n_examples": 4,
+    cfg_c = load_config("micro", overrides={**SMALL, "explain": {"method": "contrastive", "llm": llm, "n_examples": 4,
                                                                   "window": 16, "max_retries": 0, "n_contrast": 2}})
     keys_c = stages.plan(cfg_c)
     stages.run("explain", store, cfg_c, keys_c)

@@ -12,6 +12,8 @@ from nlrewrite_core.stages import multilayer
 from nlrewrite_core.config import ConfigError, load_config
 from nlrewrite_core.storage import Store
 
+from conftest import copy_run
+
 EXTRA = {"multilayer": {"layers": [1]}}
 
 
@@ -54,12 +56,32 @@ def test_extra_layers_add_only_the_multilayer_stage():
         "multilayer"] != keys["multilayer"]
 
 
-def test_micro_two_layers(tmp_path, one_torch_thread):
-    """Layer 0 (main) and layer 1 of the micro subject: CE with 1 and 2 layers rewritten."""
+@pytest.fixture(scope="module")
+def multi_run(micro_run, tmp_path_factory) -> tuple[str, dict, dict]:
+    """The rewrite flow with an extra layer (layer 1) on a copy of the micro run's store, run once for
+    this module: (storage, the micro run's result, this run's result). The main layer's stages are cache
+    hits; layer 1's pipeline (Prefect tasks) and the multilayer stage (patch-evaluate subflow) run."""
+    from flows.rewrite import rewrite
+
+    storage, first = micro_run
+    copy = copy_run(storage, str(tmp_path_factory.mktemp("multi") / "store"))
+    return copy, first, rewrite(preset="micro", storage=copy, run_id="micro-multi", overrides=EXTRA)
+
+
+def test_micro_two_layers(multi_run, tmp_path):
+    """Layer 0 (main) and layer 1 of the micro subject: CE with 1 and 2 layers rewritten. The library
+    stage on a copy of the flow's store without layer 1's simulate and calibrate nor the multilayer
+    artifact: run_multilayer redoes them (its own layer pipeline) and gives the flow's table."""
+    import shutil
+
     cfg = load_config("micro", overrides=EXTRA)
     keys = stages.plan(cfg)
-    store = Store(str(tmp_path / "store"))
-    stages.run_all(store, cfg, keys, until="subject")
+    per = multilayer.layer_keys(cfg)
+    copy = copy_run(multi_run[0], str(tmp_path / "store"))
+    for stage, key in (("simulate", per[1]["simulate"]), ("calibrate", per[1]["calibrate"]),
+                       ("multilayer", keys["multilayer"])):
+        shutil.rmtree(Path(copy, "artifacts", stage, key))
+    store = Store(copy)
     ref = stages.run("multilayer", store, cfg, keys)
     assert store.has_manifest("multilayer", keys["multilayer"])
     t = artifacts.read_table(store, "multilayer", keys["multilayer"], "multilayer").to_pylist()
@@ -81,37 +103,39 @@ def test_micro_two_layers(tmp_path, one_torch_thread):
     # rewriting a second layer on top of the first changes CE
     assert by[(2, "zero_ablation", "", "all")]["ce_mean"] != by[(1, "zero_ablation", "", "all")]["ce_mean"]
     # the extra layer's stages are ordinary, content-addressed artifacts
-    per = multilayer.layer_keys(cfg)
     for stage in ("transcoder", "activations", "score", "calibrate"):
         assert store.has_manifest(stage, per[1][stage])
     assert ref.key == keys["multilayer"]
+    # the library stage and the flow agree, row for row
+    flow = artifacts.read_table(Store(multi_run[0]), "multilayer", keys["multilayer"], "multilayer").to_pylist()
+    assert len(flow) == len(t)
+    for a, b in zip(t, flow):
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9, nan_ok=True), k
+            else:
+                assert a[k] == b[k], k
     # a second call finds the manifest
     assert stages.run("multilayer", store, cfg, keys).key == ref.key
 
 
-def test_flow_runs_multilayer_only_when_configured(micro_run, tmp_path, capsys):
-    """The rewrite flow with an extra layer: the main layer's stages are cache hits (a copy of the
-    micro run's store), layer 1's pipeline and the multilayer stage run, and `query` sees the table."""
-    import shutil
-
-    from flows.rewrite import rewrite
+def test_flow_runs_multilayer_only_when_configured(multi_run, tmp_path, capsys):
+    """The rewrite flow with an extra layer (the module's run): the main layer's keys are the micro
+    run's, the multilayer stage's artifact is there, and `query` sees the table."""
+    from flows.cli import main
     from nlrewrite_core.query import query
+    from nlrewrite_core.storage import MANIFEST
 
-    storage, first = micro_run
+    storage, first, result = multi_run
     assert "multilayer" not in first and "multilayer" not in first["keys"]
-    copy = str(tmp_path / "store")
-    shutil.copytree(storage, copy)
-    result = rewrite(preset="micro", storage=copy, run_id="micro-multi", overrides=EXTRA)
     assert {k: result["keys"][k] for k in first["keys"]} == first["keys"]
-    assert Store(copy).has_manifest("multilayer", result["keys"]["multilayer"])
+    assert Store(storage).has_manifest("multilayer", result["keys"]["multilayer"])
     assert {(r["n_layers"], r["layers"]) for r in result["multilayer"]} == {(1, "0"), (2, "0,1")}
-    _, rows = query(Store(copy), "micro-multi",
+    _, rows = query(Store(storage), "micro-multi",
                     "select count(*) from multilayer where condition = 'zero_ablation' and delta_zero_mean = 0")
     assert rows[0][0] == 2 * 2  # two subsets x two position sets
     # patch-evaluate on this run needs layer 1's upstream too: without its simulation it refuses, naming it
-    from flows.cli import main
-    from nlrewrite_core.storage import MANIFEST
-
+    copy = copy_run(storage, str(tmp_path / "store"))
     layer1 = multilayer.layer_keys(load_config("micro", overrides=EXTRA))[1]
     Path(Store(copy).artifact_dir("simulate", layer1["simulate"]), MANIFEST).unlink()
     capsys.readouterr()

@@ -73,52 +73,6 @@ def test_streaming_matches_in_memory_training() -> None:
     torch.testing.assert_close(fresh.b_dec, Y.reshape(200, SEQ, -1)[train].reshape(-1, 16).mean(0), atol=1e-5, rtol=0)
 
 
-CHILD = """
-import json, os, signal, sys
-import numpy as np, torch
-torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
-from test_transcoder_stream import CFG, tiny_subject, tokens
-from nlrewrite_core import transcoder_train
-from nlrewrite_core.storage import Store
-
-class DieAfter(transcoder_train.Checkpoints):
-    def save(self, sae, opt, state):
-        super().save(sae, opt, state)
-        if state.step >= {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-st = Store({store!r})
-ck = DieAfter(st, st.path("ckpt"), "layers.1.mlp")
-transcoder_train.train_streaming(tiny_subject(), 1, tokens(), CFG, 8, "cpu", ck)
-"""
-
-
-def test_resume_after_sigkill_is_exact(tmp_path) -> None:
-    code = CHILD.format(tests=str(ROOT / "tests"), kill_at=20, store=str(tmp_path / "store"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    store = Store(str(tmp_path / "store"))
-    ck = transcoder_train.Checkpoints(store, store.path("ckpt"), "layers.1.mlp")
-    root = tmp_path / "store" / "ckpt"
-    assert ck.latest() == 20 and json.loads((root / "latest.json").read_text()) == {"step": 20}
-    # sparsify's layout; the step-10 checkpoint was replaced by step 20's
-    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-20"]
-    assert sorted(p.name for p in (root / "step-20").iterdir()) == ["layers.1.mlp", "optimizer_0.pt",
-                                                                    "rank_0_state.pt", "state.pt"]
-    assert sorted(p.name for p in (root / "step-20" / "layers.1.mlp").iterdir()) == ["cfg.json", "sae.safetensors"]
-    mid = transcoder.load_transcoder(root / "step-20" / "layers.1.mlp")
-    assert mid.cfg.transcode and mid.num_latents == CFG.num_latents
-    # resume: the result equals an uninterrupted run's, bit for bit
-    resumed, m = transcoder_train.train_streaming(tiny_subject(), 1, tokens(), CFG, 8, "cpu", ck)
-    whole, m2 = transcoder_train.train_streaming(tiny_subject(), 1, tokens(), CFG, 8, "cpu")
-    assert m["resumed_from"] == 20 and m2["resumed_from"] == 0
-    for k, v in whole.state_dict().items():
-        assert torch.equal(v, resumed.state_dict()[k]), k
-    assert m["fvu"] == m2["fvu"] and m["train_fvu"] == m2["train_fvu"]
-
-
 RSS_CHILD = """
 import json, resource, sys
 import numpy as np, torch
@@ -146,6 +100,7 @@ def peak_rss(n_tokens: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_rss_does_not_grow_with_the_token_budget() -> None:
     """800K vs 160K training tokens (d=64): holding their MLP inputs and outputs would cost 8 bytes x 64
     per token more (~310 MB); streaming stays within a few MB (the 4-byte token ids)."""
@@ -169,42 +124,60 @@ from nlrewrite_core.storage import Store
 class DieAfter(transcoder_train.Checkpoints):
     def save(self, sae, opt, state):
         super().save(sae, opt, state)
-        os.kill(os.getpid(), signal.SIGKILL)
+        if state.step >= {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
 
-transcoder_train.Checkpoints = DieAfter  # the stage's own checkpoints: killed right after the first one
+transcoder_train.Checkpoints = DieAfter  # the stage's own checkpoints: killed right after the one at step kill_at
 cfg = load_config("micro", overrides={overrides!r})
 stages.run("transcoder", Store({store!r}), cfg, stages.plan(cfg))
 """
 
 
-def test_stage_resumes_from_its_checkpoint(tmp_path) -> None:
-    """run_transcoder killed after its first checkpoint: the rerun resumes there (the checkpoint survives
-    the stage writer's clean-up of a manifest-less directory) and removes the checkpoints when done."""
+def test_stage_resumes_from_its_checkpoint(micro_run, tmp_path) -> None:
+    """The library-layer crash-resume test: run_transcoder SIGKILLed after its second checkpoint (step 40,
+    which replaced step 20's) leaves sparsify's layout; the rerun resumes there (the checkpoint survives the
+    stage writer's clean-up of a manifest-less directory), removes the checkpoints when done, and gives the
+    transcoder of an uninterrupted run bit for bit. Corpus and subject are the micro run's (same keys)."""
     from nlrewrite_core import stages
     from nlrewrite_core.config import load_config
 
-    overrides = {"transcoder": {"checkpoint_every": 30}}
+    from conftest import copy_artifacts
+
+    overrides = {"transcoder": {"checkpoint_every": 20}}
     cfg, store = load_config("micro", overrides=overrides), Store(str(tmp_path / "store"))
     keys = stages.plan(cfg)
-    stages.run("corpus", store, cfg, keys)
-    stages.run("subject", store, cfg, keys)
+    copy_artifacts(micro_run[0], str(tmp_path / "store"), keys, ("corpus", "subject"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    code = STAGE_CHILD.format(overrides=overrides, store=str(tmp_path / "store"))
+    code = STAGE_CHILD.format(overrides=overrides, store=str(tmp_path / "store"), kill_at=40)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpt = store.artifact_dir("transcoder", keys["transcoder"], "checkpoints")
-    assert not store.has_manifest("transcoder", keys["transcoder"]) and store.listdir(ckpt) == ["latest.json", "step-30"]
+    hookpoint = f"layers.{cfg.transcoder.layer}.mlp"
+    assert not store.has_manifest("transcoder", keys["transcoder"])
+    # sparsify's layout; the step-20 checkpoint was replaced by step 40's
+    assert store.listdir(ckpt) == ["latest.json", "step-40"]
+    assert transcoder_train.Checkpoints(store, ckpt, hookpoint).latest() == 40
+    assert json.loads(store.read_bytes(f"{ckpt}/latest.json")) == {"step": 40}
+    assert store.listdir(f"{ckpt}/step-40") == [hookpoint, "optimizer_0.pt", "rank_0_state.pt", "state.pt"]
+    assert store.listdir(f"{ckpt}/step-40/{hookpoint}") == ["cfg.json", "sae.safetensors"]
+    mid = transcoder.load_transcoder(Path(ckpt) / "step-40" / hookpoint)
+    assert mid.cfg.transcode and mid.num_latents == cfg.transcoder.num_latents
+
     stages.run("transcoder", store, cfg, keys)
     m = store.read_manifest("transcoder", keys["transcoder"])["metrics"]
-    assert m["resumed_from"] == 30 and m["steps"] == cfg.transcoder.steps and np.isfinite(m["eval_fvu"])
+    assert m["resumed_from"] == 40 and m["steps"] == cfg.transcoder.steps and np.isfinite(m["eval_fvu"])
     assert "checkpoints" not in store.listdir(store.artifact_dir("transcoder", keys["transcoder"]))
-    # the same transcoder, byte for byte, as an uninterrupted run's
+    # the same transcoder, byte for byte, and the same fit, as an uninterrupted run's
     other = Store(str(tmp_path / "other"))
-    stages.run_all(other, cfg, keys, until="transcoder")
+    copy_artifacts(micro_run[0], str(tmp_path / "other"), keys, ("corpus", "subject"))
+    stages.run("transcoder", other, cfg, keys)
 
     def sae_sha(st: Store) -> str:
         files = st.read_manifest("transcoder", keys["transcoder"])["files"]
         return next(f["sha256"] for f in files if f["name"] == "sae/sae.safetensors")
 
     assert sae_sha(store) == sae_sha(other)
-    assert other.read_manifest("transcoder", keys["transcoder"])["metrics"]["resumed_from"] == 0
+    m2 = other.read_manifest("transcoder", keys["transcoder"])["metrics"]
+    assert m2["resumed_from"] == 0
+    for k in ("fvu", "train_fvu", "eval_fvu", "ce_transcoder", "train_tokens"):
+        assert m[k] == m2[k], k
