@@ -54,7 +54,7 @@ def test_kill_9_of_nlrewrite_run_takes_its_server_along(tmp_path):
         deadline, server = time.time() + 180, None
         while time.time() < deadline and run.poll() is None:  # until the run has its server and is running stages
             server = next((p for p in _children(run.pid) if "uvicorn" in _cmdline(p)), server)
-            if server and b"Beginning flow run" in (tmp_path / "run.log").read_bytes():
+            if server and b"  corpus       running" in (tmp_path / "run.log").read_bytes():  # the first stage line
                 break
             time.sleep(0.5)
         assert run.poll() is None and server is not None, (tmp_path / "run.log").read_text()
