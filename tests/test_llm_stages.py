@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from nlrewrite_core import artifacts, stages
 from nlrewrite_core.config import ConfigError, load_config

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nlrewrite_core.figures import ALL_FIGURES, FIG1, FIG3, FIG4, aggregate_ce, baselines
+from nlrewrite_core.figures import ALL_FIGURES, FIG3, aggregate_ce, baselines
 from nlrewrite_core.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
