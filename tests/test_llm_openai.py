@@ -241,23 +241,34 @@ def test_scrub_before_cut_and_bearer_values():
     assert scrub("an ordinary error", [KEY]) == "an ordinary error"
 
 
-@pytest.mark.parametrize("status", [400, 500])
-def test_key_echoed_in_error_body_never_surfaces(server, monkeypatch, caplog, capfd, status):
+@pytest.fixture
+def echoing_llm(server, monkeypatch):
+    """(an openai-backend LLM with 2 retries on a server that echoes the key in its error bodies, a
+    console: the library's log lines as any handler gets them; Prefect's own may not propagate)."""
     import io
 
-    console = io.StringIO()  # the library's log lines as any handler gets them (Prefect's own may not propagate)
+    console = io.StringIO()
     handler = logging.StreamHandler(console)
-    logging.getLogger("nlrewrite_core").addHandler(handler)
-    monkeypatch.setattr(logging.getLogger("nlrewrite_core"), "level", logging.INFO)
-    llm = _llm(server, monkeypatch, max_retries=2)
+    logger = logging.getLogger("nlrewrite_core")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
     server.echo_auth = True
+    try:
+        yield _llm(server, monkeypatch, max_retries=2), console
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_key_echoed_in_error_body_never_surfaces(server, echoing_llm, caplog, capfd, status):
+    llm, console = echoing_llm
     server.fail = {"p": [status] * 3}
     with pytest.raises(LLMError, match=f"HTTP {status}") as e:
         llm.generate(["p"])
     assert "invalid request" in str(e.value)  # the body's useful part is kept
     assert e.value.retryable is (status == 500)
     out, err = capfd.readouterr()
-    for text in (str(e.value), repr(e.value), caplog.text, out, err):
+    for text in (str(e.value), repr(e.value), caplog.text, out, err, console.getvalue()):
         assert leaks(text) == [], text
 
 
@@ -298,7 +309,7 @@ def test_unreachable_endpoint_one_line_per_failure_kind(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("status", [400, 500])
-def test_key_never_reaches_the_prefect_database(prefect_server, server, monkeypatch, status):
+def test_key_never_reaches_the_prefect_database(prefect_server, server, echoing_llm, status):
     """A flow whose task calls an endpoint that echoes the key in its error bodies (a 400; a 500, retried
     by the backend and by Prefect, then failed): the remote text reaches the console, the flow/task
     states, logs and events of the Prefect database, and no piece of the key does."""
@@ -310,14 +321,7 @@ def test_key_never_reaches_the_prefect_database(prefect_server, server, monkeypa
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
-    import io
-
-    console = io.StringIO()  # the library's log lines as any handler gets them (Prefect's own may not propagate)
-    handler = logging.StreamHandler(console)
-    logging.getLogger("nlrewrite_core").addHandler(handler)
-    monkeypatch.setattr(logging.getLogger("nlrewrite_core"), "level", logging.INFO)
-    llm = _llm(server, monkeypatch, max_retries=2)
-    server.echo_auth = True
+    llm, console = echoing_llm
     server.fail = {"leak-probe": [status] * 10}
 
     @task(name="leaky_llm_call", retries=1, retry_delay_seconds=0)
@@ -328,10 +332,7 @@ def test_key_never_reaches_the_prefect_database(prefect_server, server, monkeypa
     def probe() -> list[str]:
         return call()
 
-    try:
-        state = probe(return_state=True)
-    finally:
-        logging.getLogger("nlrewrite_core").removeHandler(handler)
+    state = probe(return_state=True)
     assert state.is_failed() and leaks(state.message or "") == []
     APILogWorker.instance().drain()  # send the buffered logs and events to the server now
     EventsWorker.drain_all()
