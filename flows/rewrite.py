@@ -24,12 +24,13 @@ from nlrewrite_core.config import RewriteConfig, load_config
 from nlrewrite_core.manifest import ArtifactRef
 from nlrewrite_core.storage import DEFAULT_ROOT, MANIFEST, Store, check_name
 from tasks.context import RunContext
-from tasks.stages import ensure, shard_sub
+from tasks.stages import ensure
 
 
 def missing_shards(run: RunContext, store: Store, n_shards: int) -> list[int]:
     """Shards without a manifest (the manifest, not Prefect's state, says a shard is done)."""
-    return [i for i in range(n_shards) if not store.has_manifest("simulate", run.stage_keys["simulate"], shard_sub(i))]
+    key = run.stage_keys["simulate"]
+    return [i for i in range(n_shards) if not store.has_manifest("simulate", key, stages.shard_sub(i))]
 
 
 def count_done_shards(run: RunContext, store: Store) -> int:
@@ -137,7 +138,7 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress: UUID) -> Non
                     continue
                 del active[idx]
                 left = [s for s in ranges[idx]
-                        if not store.has_manifest("simulate", run.stage_keys["simulate"], shard_sub(s))]
+                        if not store.has_manifest("simulate", run.stage_keys["simulate"], stages.shard_sub(s))]
                 if state.is_completed() and not left:
                     continue
                 why = f"{state.name}" + (f", shards {left} missing" if left else "")

@@ -23,7 +23,6 @@ from .storage import Store
 
 log = logging.getLogger("nlrewrite")
 
-PATCH_STAGES = stages.PATCH_STAGES
 
 PATCH_SECTIONS = ("calibrate", "evaluate", "report", "multilayer", "execution")
 """Config sections an override may change: those of the patch stages, and `execution` (where the work
@@ -57,13 +56,13 @@ def upstream_artifacts(cfg: RewriteConfig, keys: dict[str, str]) -> list[tuple[s
     """(stage, key, layer) of every artifact the patch stages read and never compute: the run's stages
     before calibrate, and with `multilayer.layers` each extra layer's transcoder (and, with
     `multilayer.simulate`, its activations ... simulate). `layer` is None for the run's own stages."""
-    out: list[tuple[str, str, int | None]] = [(s, k, None) for s, k in keys.items() if s not in PATCH_STAGES]
+    out: list[tuple[str, str, int | None]] = [(s, k, None) for s, k in keys.items() if s not in stages.PATCH_STAGES]
     if cfg.multilayer.layers:
         from .stages import multilayer
 
         per_layer = multilayer.layer_keys(cfg)
         for layer in cfg.multilayer.layers:
-            wanted = [s for s in multilayer.LAYER_STAGES if s not in PATCH_STAGES] \
+            wanted = [s for s in multilayer.LAYER_STAGES if s not in stages.PATCH_STAGES] \
                 if cfg.multilayer.simulate else ["transcoder"]
             out += [(s, per_layer[layer][s], layer) for s in wanted if s in per_layer[layer]]
     return out

@@ -474,7 +474,7 @@ def test_patch_evaluate_deployment_on_a_finished_s3_run(cluster, full_run, keys)
     """`prefect deployment run patch-evaluate/default` on the finished run of s3://e2e/full: new fractions and
     one more calibration method; no upstream object is written (each keeps its one version), only the patch
     stages run, and the new run shares the upstream keys. An upstream override fails the run with its reason."""
-    from nlrewrite_core.patch import PATCH_STAGES
+    from nlrewrite_core.stages import PATCH_STAGES
 
     c = cluster
     micro = load_config("micro")

@@ -12,7 +12,8 @@ import yaml
 
 from flows.cli import main
 from nlrewrite_core.config import ConfigError, load_config
-from nlrewrite_core.patch import PATCH_STAGES, patch_config, rerun_command
+from nlrewrite_core.patch import patch_config, rerun_command
+from nlrewrite_core.stages import PATCH_STAGES
 from nlrewrite_core.query import query
 from nlrewrite_core.storage import MANIFEST, Store
 
