@@ -203,6 +203,17 @@ class Cluster:
                 return "\n".join(out)
             offset += 200
 
+    def wait_for_logs(self, fr_ids: list[str], *needles: str, timeout: float = 60) -> str:
+        """The runs' logs once they hold every needle. A flow run's last lines reach the API after its
+        state does (the log handler flushes in batches, and on exit), so a check made the moment the
+        state is final can miss them; stop the workers only after this returns."""
+        t0 = time.time()
+        while True:
+            text = self.logs_text(fr_ids)
+            if all(n in text for n in needles) or time.time() - t0 > timeout:
+                return text
+            time.sleep(1)
+
     def objects(self, prefix: str) -> dict[str, list[dict]]:
         """{key: [versions]} of every object under a prefix."""
         out: dict[str, list[dict]] = {}
@@ -360,7 +371,8 @@ def test_deployment_run_on_s3_with_fanout(cluster, full_run, keys, capsys, monke
     report_uri = f"s3://{BUCKET}/full/artifacts/report/{keys['report']}/html/report.html"
     assert report_uri in arts["rewrite-report"]["data"]
     assert arts["rewrite-summary"]["type"] == "markdown"
-    logs = c.logs_text([fr_id] + [ch["id"] for ch in children])
+    logs = c.wait_for_logs([fr_id] + [ch["id"] for ch in children], "simulate: 4 / 4 shards done",
+                           "simulate-shard: 2 / 2 shards of this run done")
     assert "simulate: 4 / 4 shards done" in logs and "simulate-shard: 2 / 2 shards of this run done" in logs
 
 
@@ -502,9 +514,11 @@ def test_patch_evaluate_deployment_on_a_finished_s3_run(cluster, full_run, keys)
     assert fr["deployment_id"] == dep["id"] and dep["work_pool_name"] == "cpu"
     bad = launch({"simulate": {"window": 4}}, "e2e-pe-bad")
     bad_fr = c.wait(bad)
+    needle = "'simulate' is an upstream section of run 'e2e-full'"
+    bad_logs = c.wait_for_logs([bad], needle)
     c.stop_workers()
     assert bad_fr["state"]["type"] == "FAILED"
-    assert "'simulate' is an upstream section of run 'e2e-full'" in c.logs_text([bad])
+    assert needle in bad_logs
 
     assert upstream() == before  # nothing upstream written, not even rewritten in place
     new_keys = run_keys(c, "full", "e2e-pe")
