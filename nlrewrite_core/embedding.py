@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,16 +43,24 @@ def load_model(name: str):  # -> SentenceTransformer
     return SentenceTransformer(str(model_path(name)), device="cpu")
 
 
-def embed_texts(texts: list[str], cfg: EmbeddingConfig) -> np.ndarray:
-    """Unit-norm float32 embeddings [len(texts), dim], in input order."""
+def embed_texts(texts: list[str], cfg: EmbeddingConfig, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Unit-norm float32 embeddings [len(texts), dim], in input order. `on_batch(n)` is called after
+    each forward batch with its number of texts (for a progress bar); it is a forward hook on the
+    model, so the batches and the numbers are exactly those of a call without it."""
     model = load_model(cfg.model)
     if not texts:
         return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    hook = None if on_batch is None else model.register_forward_hook(
+        lambda _module, _inputs, out: on_batch(len(out["sentence_embedding"])))
     t0 = time.perf_counter()
-    with ctx, torch.inference_mode():
-        emb = model.encode(texts, batch_size=cfg.batch_size, convert_to_numpy=True,
-                           normalize_embeddings=True, show_progress_bar=False)
+    try:
+        with ctx, torch.inference_mode():
+            emb = model.encode(texts, batch_size=cfg.batch_size, convert_to_numpy=True,
+                               normalize_embeddings=True, show_progress_bar=False)
+    finally:
+        if hook is not None:
+            hook.remove()
     dt = time.perf_counter() - t0
     log.info("embedded %d texts in %.1fs (%.0f texts/s)", len(texts), dt, len(texts) / max(dt, 1e-9))
     return np.asarray(emb, dtype=np.float32)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .. import artifacts as art, embedding as emb_lib, simulate as sim_lib, stages
+from .. import artifacts as art, embedding as emb_lib, progress, simulate as sim_lib, stages
 from ..config import RewriteConfig
 from ..manifest import ArtifactRef
 from ..storage import Store
@@ -25,7 +25,8 @@ def embed_contexts(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         return ref
     w = stages.writer(store, "embed", cfg, keys)
     tokenizer = art.load_tokenizer(store, keys)
-    frames = []
+    vocab = tokenizer.get_vocab_size()
+    splits = []  # (split, context ids, target tokens, window texts)
     for split in stages.embed_splits(cfg):
         seq_ids, tokens = art.load_tokens(store, keys, (split,))
         if split == "explain":
@@ -34,18 +35,27 @@ def embed_contexts(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         cids, keep = art.simulated_contexts(cfg, split, seq_ids)
         windows = [w for w, k in zip(sim_lib.context_windows(tokens, cfg.simulate.window), keep) if k]
         texts = [tokenizer.decode(tokens[r, a:b].tolist()) for r, a, b in windows]
+        splits.append((split, cids, tokens.reshape(-1)[keep].astype(np.int32), texts))
+    total, done = sum(len(t) for *_, t in splits) + vocab, 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress.advance("embed", done, total, "texts")
+
+    frames = []
+    for split, cids, targets, texts in splits:
         t0 = time.perf_counter()
-        emb = emb_lib.embed_texts(texts, cfg.embedding)
+        emb = emb_lib.embed_texts(texts, cfg.embedding, on_batch=advance)
         log.info("embed: %s split, %d windows, %.0f windows/s", split, len(texts),
                  len(texts) / max(time.perf_counter() - t0, 1e-9))
         frames.append(pa.table({
             "context_id": pa.array(cids),
             "split": pa.array([split] * len(texts)),
-            "token": pa.array(tokens.reshape(-1)[keep].astype(np.int32)),
+            "token": pa.array(targets),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
         }))
-    vocab = tokenizer.get_vocab_size()
-    tok_emb = emb_lib.embed_texts([tokenizer.decode([t]) for t in range(vocab)], cfg.embedding)
+    tok_emb = emb_lib.embed_texts([tokenizer.decode([t]) for t in range(vocab)], cfg.embedding, on_batch=advance)
     w.table("contexts", pa.concat_tables(frames))
     w.table("token_embeddings", pa.table({
         "token": pa.array(np.arange(vocab, dtype=np.int32)),
