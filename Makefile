@@ -28,9 +28,14 @@ lint: install
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/mypy
 
+# The suite runs in two pytest-xdist workers, one test file per worker at a time (`--dist loadfile`:
+# a file's module fixtures, such as the end-to-end cluster, are set up once), each with one torch
+# thread (two workers of two threads on two cores would fight for them). Session fixtures (the
+# Prefect test server, the shared micro runs) are made once per worker. One file alone, in one
+# process: `.venv/bin/python -m pytest tests/test_flow.py`.
 test: install lint
 	@./.ci/ensure-test-deps.sh
-	$(BIN)/python -m pytest tests -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n 2 --dist loadfile --durations=15
 
 bench: install
 	$(BIN)/python benchmarks/pipeline_cache.py
