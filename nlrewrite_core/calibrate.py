@@ -316,7 +316,10 @@ def fit_calibration(
         return _make_maps(method, ids, np.zeros((0, 2)), np.zeros((0, 2)))
     # Blocks may need different knot counts (isotonic, quantile): pad each row with its last knot.
     width = max(x.shape[1] for x in xs)
-    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), mode="edge")  # noqa: E731
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.pad(a, ((0, 0), (0, width - a.shape[1])), mode="edge")
+
     cols = np.concatenate(order)
     return _make_maps(method, ids[cols], np.concatenate([pad(x) for x in xs]), np.concatenate([pad(y) for y in ys]))
 

@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -37,7 +47,7 @@ class _Extended(Section):
     _added: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
-    def _drop_unused_added(self, handler):  # noqa: ANN001
+    def _drop_unused_added(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
         if isinstance(data, dict):
             for name in self._added:
@@ -248,7 +258,7 @@ class LLMConfig(Section):
 
     @field_validator("base_url")
     @classmethod
-    def _base_url_for_openai(cls, v: str | None, info) -> str | None:  # noqa: ANN001
+    def _base_url_for_openai(cls, v: str | None, info: ValidationInfo) -> str | None:
         if info.data.get("backend") == "openai":
             if not v:
                 raise ValueError("required by the openai backend: set it to the API root, e.g. "

@@ -165,6 +165,14 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
     return n
 
 
+def filled(out: list[dict[str, float] | None]) -> list[dict[str, float]]:
+    """`out` once every prompt's slot holds its distribution (an empty one stays a bug, not a None)."""
+    missing = [i for i, o in enumerate(out) if o is None]
+    if missing:
+        raise RuntimeError(f"no distribution computed for prompts {missing[:5]} of {len(out)}")
+    return cast(list[dict[str, float]], out)
+
+
 class TransformersLLM(LLM):
     backend = "transformers"
 
@@ -330,14 +338,14 @@ class TransformersLLM(LLM):
                 out[i] = self._top(self._last_logits([ids], [len(ids)])[0], k)[0]
                 self.usage.add(tokens_in=len(ids), tokens_out=1)
             self.usage.add(calls=len(prompts), prompts=len(prompts), seconds=time.perf_counter() - t0)
-            return out  # type: ignore[return-value]
+            return filled(out)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
             groups[p.prefix].append(i)
         for prefix, pre, cache, row, pre_logits, kv in self._prefix_passes(list(groups)):
             self._suffixes(prompts, groups[prefix], pre, cache, row, pre_logits, kv, k, out)
         self.usage.add(prompts=len(prompts), seconds=time.perf_counter() - t0)
-        return out  # type: ignore[return-value]
+        return filled(out)
 
     def _suffixes(self, prompts: list[Prompt], members: list[int], pre: list[int], cache, row: int,
                   pre_logits: torch.Tensor | None, kv: list | None, k: int, out: list) -> None:

@@ -28,6 +28,7 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,7 +165,7 @@ class OpenAILLM(LLM):
             log.info("openai: %s: all %d requests answered after %s", self.url, len(bodies), batch.summary(False))
         return out
 
-    def _call(self, prompts: list[Prompt], **params: Any) -> list[dict]:
+    def _call(self, prompts: Sequence[Prompt | SlotPrompt], **params: Any) -> list[dict]:
         t0 = time.perf_counter()
         bodies = [{"model": self.cfg.model, "prompt": p.text, **params} for p in prompts]
         results = _run(self._all(bodies))
@@ -211,7 +212,7 @@ class OpenAILLM(LLM):
         return d
 
     def _slot_logprobs(self, prompts: list[SlotPrompt], k: int) -> list[list[dict[str, float] | None]]:
-        results = self._call(prompts, max_tokens=1, temperature=0.0, logprobs=k, echo=True)  # type: ignore[arg-type]
+        results = self._call(prompts, max_tokens=1, temperature=0.0, logprobs=k, echo=True)
         out = []
         for p, r in zip(prompts, results):
             lp = self._choice(r).get("logprobs") or {}

@@ -117,10 +117,9 @@ def parse_detection(answer: str | None, n: int) -> tuple[list[int] | None, str |
         items = []
     if len(items) != n:
         return None, f"list of {len(items)} values, expected {n}"
-    vals = [words.get(x) for x in items]
-    if any(v is None for v in vals):
+    if any(x not in words for x in items):
         return None, "a value that is not 0/1"
-    return vals, None  # type: ignore[return-value]
+    return [words[x] for x in items], None
 
 
 # ---- simulator ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ computed whole.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from . import LLM, LLMError, Prompt, SlotPrompt, merge_logprob, slot_token_ids
 
@@ -34,7 +35,7 @@ class VLLMLLM(LLM):
                                gpu_memory_utilization=cfg.gpu_memory_utilization,
                                max_logprobs=max(cfg.top_logprobs, 20))
 
-    def _run(self, prompts: list[Prompt], params, inputs: list | None = None) -> list:
+    def _run(self, prompts: Sequence[Prompt | SlotPrompt], params, inputs: list | None = None) -> list:
         """Run `prompts` (or `inputs`, the engine's inputs for them, e.g. token ids) sorted by text."""
         t0 = time.perf_counter()
         order = sorted(range(len(prompts)), key=lambda i: prompts[i].text)
@@ -79,7 +80,7 @@ class VLLMLLM(LLM):
         inputs = [{"prompt_token_ids": pre + suf} for pre, suf, _ in parts]
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, prompt_logprobs=k)
         out = []
-        for (pre, suf, cols), o in zip(parts, self._run(prompts, params, inputs)):  # type: ignore[arg-type]
+        for (pre, suf, cols), o in zip(parts, self._run(prompts, params, inputs)):
             n, plp = len(pre) + len(suf), o.prompt_logprobs or []
             gen = (o.outputs[0].logprobs or [None])[0]
             out.append([self._as_dict(plp[len(pre) + c + 1] if len(pre) + c + 1 < n else gen, k) for c in cols])

@@ -63,7 +63,10 @@ def calibrate_predictions(store: Store, cfg: RewriteConfig, keys: dict[str, str]
     del sample
     rows, sha, _ = writer.close()
     w.files.append({"name": "calibrated", "file": "calibrated.parquet", "rows": rows, "sha256": sha})
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     latents, excluded, with_failures = cat(res.latents), cat(res.excluded), cat(res.with_failures)
     if len(excluded):
         # Too many failed predictions to simulate the latent faithfully: left out of calibration (so

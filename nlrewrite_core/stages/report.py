@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow.compute as pc
 
 from .. import artifacts as art, report as report_lib, stages
@@ -59,7 +60,10 @@ def write_report(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Arti
     if ref := stages.reuse(store, "report", keys):
         return ref
     w = stages.writer(store, "report", cfg, keys)
-    ev_table = lambda name: art.read_table(store, "evaluate", keys["evaluate"], name).to_pandas()  # noqa: E731
+
+    def ev_table(name: str) -> pd.DataFrame:
+        return art.read_table(store, "evaluate", keys["evaluate"], name).to_pandas()
+
     ce, lm = ev_table("ce"), ev_table("latent_metrics")
     oracle, sizes, relation = ev_table("oracle"), ev_table("sample_size"), ev_table("score_relation")
     ev_metrics = store.read_manifest("evaluate", keys["evaluate"])["metrics"]
