@@ -26,17 +26,15 @@ def embed_contexts(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
     w = stages.writer(store, "embed", cfg, keys)
     tokenizer = art.load_tokenizer(store, keys)
     vocab = tokenizer.get_vocab_size()
-    splits = []  # (split, context ids, target tokens, window texts)
+    splits = []  # (split, its token rows, which of their contexts are simulated, their context ids)
     for split in stages.embed_splits(cfg):
         seq_ids, tokens = art.load_tokens(store, keys, (split,))
         if split == "explain":
             keep = np.isin(seq_ids, art.explain_halves(seq_ids)[1])
             seq_ids, tokens = seq_ids[keep], tokens[keep]
         cids, keep = art.simulated_contexts(cfg, split, seq_ids)
-        windows = [w for w, k in zip(sim_lib.context_windows(tokens, cfg.simulate.window), keep) if k]
-        texts = [tokenizer.decode(tokens[r, a:b].tolist()) for r, a, b in windows]
-        splits.append((split, cids, tokens.reshape(-1)[keep].astype(np.int32), texts))
-    total, done = sum(len(t) for *_, t in splits) + vocab, 0
+        splits.append((split, tokens, keep, cids))
+    total, done = sum(len(cids) for *_, cids in splits) + vocab, 0  # every window, then every token
 
     def advance(n: int) -> None:
         nonlocal done
@@ -44,7 +42,9 @@ def embed_contexts(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         progress.advance("embed", done, total, "texts")
 
     frames = []
-    for split, cids, targets, texts in splits:
+    for split, tokens, keep, cids in splits:
+        windows = [w for w, k in zip(sim_lib.context_windows(tokens, cfg.simulate.window), keep) if k]
+        texts = [tokenizer.decode(tokens[r, a:b].tolist()) for r, a, b in windows]
         t0 = time.perf_counter()
         emb = emb_lib.embed_texts(texts, cfg.embedding, on_batch=advance)
         log.info("embed: %s split, %d windows, %.0f windows/s", split, len(texts),
@@ -52,7 +52,7 @@ def embed_contexts(store: Store, cfg: RewriteConfig, keys: dict[str, str]) -> Ar
         frames.append(pa.table({
             "context_id": pa.array(cids),
             "split": pa.array([split] * len(texts)),
-            "token": pa.array(targets),
+            "token": pa.array(tokens.reshape(-1)[keep].astype(np.int32)),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
         }))
     tok_emb = emb_lib.embed_texts([tokenizer.decode([t]) for t in range(vocab)], cfg.embedding, on_batch=advance)
