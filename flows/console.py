@@ -133,7 +133,7 @@ class Console(logging.Handler):
         tenths = min(10, 10 * s.done // max(1, s.total))
         if tenths > line.tenths_shown:
             line.tenths_shown = tenths
-            self.write(self.text(s.stage, f"{10 * tenths}%", "", f"{s.done} / {s.total} {s.unit}"))
+            self.write(self.text(s.stage, f"{100 * s.done // max(1, s.total)}%", "", f"{s.done} / {s.total} {s.unit}"))
 
     def message(self, record: logging.LogRecord) -> None:
         text = record.getMessage().strip().splitlines()
@@ -168,8 +168,9 @@ class Console(logging.Handler):
         if line.step is not None:
             s = line.step
             fill = BAR_WIDTH * min(s.done, s.total) // max(1, s.total)
+            counted = s.unit == f"{line.unit}s"  # a bar over the stage's own parts: their count once
             more = f"[{'#' * fill}{'.' * (BAR_WIDTH - fill)}] {s.done} / {s.total} {s.unit}" + (
-                f"  {more}" if more else "")
+                f"  {more}" if more and not counted else "")
         self.live = self.text(line.stage, "running", seconds(now - line.t0), more)
         self.stream.write("\r\x1b[K" + self.live)
 

@@ -22,6 +22,7 @@ from flows.prefect_sync import flow_run_id, sync
 from nlrewrite_core import runtime, stages
 from nlrewrite_core.config import RewriteConfig, load_config
 from nlrewrite_core.manifest import ArtifactRef
+from nlrewrite_core.progress import advance
 from nlrewrite_core.storage import DEFAULT_ROOT, MANIFEST, Store, check_name
 from tasks.context import RunContext
 from tasks.stages import ensure
@@ -47,16 +48,22 @@ def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
     (`execution.fanout: local`) or as `simulate-shard` deployment runs (`deployment`)."""
     logger = get_run_logger()
     n_shards = stages.n_shards(store, run.config, run.stage_keys)
-    done = n_shards - len(missing_shards(run, store, n_shards))
+    todo = missing_shards(run, store, n_shards)
+    done = n_shards - len(todo)
     progress = sync(create_progress_artifact(100.0 * done / n_shards, key="simulate-shards",
                                              description=f"simulate: shards done / {n_shards}"))
+    if todo:  # the console's bar starts at the shards already done (none to show when all are)
+        advance("simulate", done, n_shards, "shards")
     if run.config.execution.fanout == "deployment":
         fan_out(run, store, n_shards, progress)
     else:
         for i in range(n_shards):
             ensure("simulate", run, store, shard=i)
-            update_progress_artifact(progress, 100.0 * (i + 1) / n_shards)
-            logger.info("simulate: %d / %d shards done", i + 1, n_shards)
+            if i in todo:
+                done += 1
+                update_progress_artifact(progress, 100.0 * done / n_shards)
+                advance("simulate", done, n_shards, "shards")
+                logger.info("simulate: %d / %d shards done", done, n_shards)
     missing = missing_shards(run, store, n_shards)  # verify every shard before calibration
     if missing:
         raise RuntimeError(f"simulate: shards {missing} have no manifest after fan-out")
@@ -152,6 +159,7 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress: UUID) -> Non
             done = count_done_shards(run, store)
             if done != last_done:
                 update_progress_artifact(progress, 100.0 * done / n_shards)
+                advance("simulate", done, n_shards, "shards")
                 logger.info("simulate: %d / %d shards done (%.0fs)", done, n_shards, time.perf_counter() - t0)
                 last_done = done
     if failed:

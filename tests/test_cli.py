@@ -287,6 +287,7 @@ def test_run_shows_stages_and_the_table_and_logs_prefect_to_the_file(cli_run):
     assert stage_lines == ["corpus", "subject", "transcoder", "activations", "explain", "embed", "score", "simulate",
                            "calibrate", "evaluate", "report"]
     assert re.search(r"  simulate +done +\d+\.\d s  4 shards", err)  # one line for the shards, with a count
+    assert re.search(r"  simulate +100% +4 / 4 shards", err)  # and their progress, a line per tenth
     assert re.search(r"  subject +100% +60 / 60 steps", err)  # not a terminal: a line per tenth of the steps
     assert "Task run" not in err + out and "Finished in state" not in err + out  # Prefect's lines: the log file
     assert "CE (nats) on the eval split" in out and "oracle crossing specificity: " in out
@@ -305,6 +306,7 @@ def test_warm_verbose_run_shows_cached_stages_and_prefect_lines(cli_run):
     proc = cli_subprocess(["run", "--preset", "micro", "--storage", str(storage), "--verbose"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"  simulate +cached +4 shards", proc.stderr)
+    assert not re.search(r"  simulate +\d+%", proc.stderr)  # no progress to show when every shard is cached
     assert [ln.split()[0] for ln in proc.stderr.splitlines() if re.fullmatch(r"  \w+ +cached.*", ln)] == [
         "corpus", "subject", "transcoder", "activations", "explain", "embed", "score", "simulate", "calibrate",
         "evaluate", "report"]

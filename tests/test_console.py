@@ -176,3 +176,30 @@ def test_run_files_of_a_refused_run_are_removed(tmp_path):
     with pytest.raises(ValueError), RunFiles(store, "r3", "micro", []).recording(refused=(ValueError,)):
         raise ValueError("refused")  # a refused rerun puts back what the earlier run left
     assert (r3 / "invocation.json").read_text() == inv and (r3 / "log.txt").read_text() == log
+
+
+def test_shard_progress_is_a_bar_that_counts_them_once(console):
+    """The flow reports shards done of all (progress.advance): off a terminal a line per tenth, then the
+    one done line; on a terminal one bar with the count, not the count twice."""
+    def shards(done_from: int) -> None:
+        progress.advance("simulate", done_from, 4, "shards")
+        for i in range(done_from, 4):
+            progress.stage_event("simulate", "running", f"shard-{i:05d}")
+            progress.stage_event("simulate", "done", f"shard-{i:05d}", 1.0)
+            progress.advance("simulate", i + 1, 4, "shards")
+        progress.stage_event("simulate", "running")
+        progress.stage_event("simulate", "done", seconds=0.2)
+
+    out = io.StringIO()
+    c = console(out)
+    shards(1)
+    lines = out.getvalue().splitlines()
+    # a resumed stage starts at the shards already done; the percent is the true one, not its tenth
+    assert lines[:-1] == [f"  simulate     {f'{25 * i}%':<7}{' ' * 13}{i} / 4 shards" for i in range(1, 5)]
+    assert re.fullmatch(r"  simulate     done +\d+\.\d s  3 shards", lines[-1])
+    logging.getLogger(PROGRESS_LOGGER).removeHandler(c)
+    tty = Tty()
+    console(tty)
+    shards(0)
+    assert "] 4 / 4 shards" in tty.getvalue() and "4 shards  4 shards" not in tty.getvalue()
+    assert not re.search(r"shards +\d+ shards", tty.getvalue())
