@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from flows.tables import format_table, print_result
-from nlrewrite_core import manifest
+from nlrewrite_core import manifest, stages
 from nlrewrite_core.config import PRESETS, ConfigError, RewriteConfig, load_config
 from nlrewrite_core.llm import LLMError
-from nlrewrite_core.stages import NAMES
 from nlrewrite_core.storage import DEFAULT_ROOT
 
 PREFECT_DEFAULTS = {
@@ -87,10 +86,6 @@ def check_run_id(run_id: str | None) -> None:
             raise UsageError(str(e)) from None
 
 
-STAGES = NAMES
-"""The stages `--until` accepts, in DAG order (the stage registry's; importing it loads no torch)."""
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from nlrewrite_core.storage import UnsafeName, check_name
 
@@ -101,8 +96,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except UnsafeName as e:
         raise UsageError(str(e)) from None
     if args.until:
-        from nlrewrite_core import stages
-
         try:  # a stage this config has (embed: embedding methods; multilayer: layers given)
             stages.order(cfg, args.until)
         except ValueError as e:
@@ -121,7 +114,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.rewrite import rewrite  # imports Prefect: only after validation
     from flows.runs import RunFiles
     from flows.server import prefect_api
-    from nlrewrite_core import stages
     from nlrewrite_core.storage import Store
 
     store = Store(args.storage, endpoint_url=args.endpoint_url)
@@ -242,10 +234,10 @@ def _run_stages(store, run_id: str, stage: list[str] | None) -> tuple[dict[str, 
 
 def cmd_artifacts_ls(args: argparse.Namespace) -> int:
     store = open_store(args.storage, args.endpoint_url)
-    _, stages = _run_stages(store, args.run_id, args.stage)
+    _, chosen = _run_stages(store, args.run_id, args.stage)
     cols = ["stage", "key", "file", "size", "etag", "last_modified"] + (["url"] if args.presign else [])
     rows: list[list[Any]] = []
-    for stage, key in stages:
+    for stage, key in chosen:
         base = store.artifact_dir(stage, key)
         for o in store.list_objects(base):
             row = [stage, key, o["key"], o["size"], o["etag"], o["last_modified"]]
@@ -260,11 +252,11 @@ def cmd_artifacts_pull(args: argparse.Namespace) -> int:
     from nlrewrite_core.storage import Store
 
     store = open_store(args.storage, args.endpoint_url)
-    run, stages = _run_stages(store, args.run_id, args.stage)
+    run, chosen = _run_stages(store, args.run_id, args.stage)
     dest = Store(args.dest)  # the copy is itself a local storage root: `nlrewrite query ID --storage DEST`
     check_storage(args.dest)
     n = 0
-    for stage, key in stages:
+    for stage, key in chosen:
         got = store.download(store.artifact_dir(stage, key), dest.artifact_dir(stage, key))
         print(f"{stage}/{key}: {got} files", file=sys.stderr)
         n += got
@@ -281,11 +273,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import time
 
     store = open_store(args.storage, args.endpoint_url)
-    _, stages = _run_stages(store, args.run_id, args.stage)
+    _, chosen = _run_stages(store, args.run_id, args.stage)
     rows: list[list[Any]] = []
     damaged: list[tuple[str, str, str]] = []
     total_bytes, t0 = 0, time.perf_counter()
-    for stage, key in stages:
+    for stage, key in chosen:
         for sub in ["", *store.sub_artifacts(stage, key)]:
             t1 = time.perf_counter()
             problems = manifest.verify(store, stage, key, sub, rehash=True)
@@ -323,8 +315,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--storage", default=DEFAULT_ROOT, help="local directory or s3://bucket/prefix")
     r.add_argument("--run-id", help="name of the run (default: <preset>-<content key>)")
     r.add_argument("--endpoint-url", help="S3 endpoint for non-AWS S3")
-    r.add_argument("--until", choices=STAGES, metavar="STAGE",
-                   help=f"run the stages up to and including STAGE, then stop ({' '.join(STAGES)})")
+    r.add_argument("--until", choices=stages.NAMES, metavar="STAGE",  # the registry's order; loads no torch
+                   help=f"run the stages up to and including STAGE, then stop ({' '.join(stages.NAMES)})")
     r.add_argument("--verbose", action="store_true",
                    help="also show Prefect's and nlrewrite's log lines (always in <storage>/runs/<id>/log.txt)")
     r.set_defaults(func=cmd_run)
