@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
@@ -28,10 +29,10 @@ from tasks.context import RunContext
 from tasks.stages import ensure
 
 
-def missing_shards(run: RunContext, store: Store, n_shards: int) -> list[int]:
-    """Shards without a manifest (the manifest, not Prefect's state, says a shard is done)."""
+def missing_shards(run: RunContext, store: Store, shards: Iterable[int]) -> list[int]:
+    """The shards of `shards` without a manifest (the manifest, not Prefect's state, says a shard is done)."""
     key = run.stage_keys["simulate"]
-    return [i for i in range(n_shards) if not store.has_manifest("simulate", key, stages.shard_sub(i))]
+    return [i for i in shards if not store.has_manifest("simulate", key, stages.shard_sub(i))]
 
 
 def count_done_shards(run: RunContext, store: Store) -> int:
@@ -48,7 +49,7 @@ def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
     (`execution.fanout: local`) or as `simulate-shard` deployment runs (`deployment`)."""
     logger = get_run_logger()
     n_shards = stages.n_shards(store, run.config, run.stage_keys)
-    todo = missing_shards(run, store, n_shards)
+    todo = missing_shards(run, store, range(n_shards))
     done = n_shards - len(todo)
     progress = sync(create_progress_artifact(100.0 * done / n_shards, key="simulate-shards",
                                              description=f"simulate: shards done / {n_shards}"))
@@ -64,7 +65,7 @@ def simulate_all(run: RunContext, store: Store) -> ArtifactRef:
                 update_progress_artifact(progress, 100.0 * done / n_shards)
                 advance("simulate", done, n_shards, "shards")
                 logger.info("simulate: %d / %d shards done", done, n_shards)
-    missing = missing_shards(run, store, n_shards)  # verify every shard before calibration
+    missing = missing_shards(run, store, range(n_shards))  # verify every shard before calibration
     if missing:
         raise RuntimeError(f"simulate: shards {missing} have no manifest after fan-out")
     return ensure("simulate", run, store)
@@ -102,7 +103,7 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress: UUID) -> Non
     failed ranges (at most `execution.max_run_attempts` attempts each)."""
     logger = get_run_logger()
     ex = run.config.execution
-    todo = missing_shards(run, store, n_shards)
+    todo = missing_shards(run, store, range(n_shards))
     if not todo:
         update_progress_artifact(progress, 100.0)
         return
@@ -144,8 +145,7 @@ def fan_out(run: RunContext, store: Store, n_shards: int, progress: UUID) -> Non
                 if state is None or not state.is_final():
                     continue
                 del active[idx]
-                left = [s for s in ranges[idx]
-                        if not store.has_manifest("simulate", run.stage_keys["simulate"], stages.shard_sub(s))]
+                left = missing_shards(run, store, ranges[idx])
                 if state.is_completed() and not left:
                     continue
                 why = f"{state.name}" + (f", shards {left} missing" if left else "")
